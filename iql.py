@@ -1,0 +1,674 @@
+"""Implicit Q-Learning (IQL) on Minari datasets, in one file.
+
+Paper: Kostrikov, Nair & Levine, "Offline Reinforcement Learning with Implicit
+Q-Learning" (2021), https://arxiv.org/abs/2110.06169
+Official code: https://github.com/ikostrikov/implicit_q_learning
+
+    python iql.py --env-id mujoco/hopper/medium-v0 --expectile 0.7 --temperature 3
+    python iql.py --env-id D4RL/antmaze/umaze-v1 --expectile 0.9 --temperature 10
+    python iql.py --env-id D4RL/pen/human-v2 --expectile 0.7 --temperature 0.5 --actor-dropout 0.1
+    python iql.py --help
+
+Outputs go to runs/{run_name}/: args.json, dataset_overview.png,
+evaluations.jsonl, summary.json and (with --save-model) model.pt.
+"""
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional, Tuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    env_id: str = "mujoco/hopper/medium-v0"
+    """the Minari dataset id; the policy is evaluated in the dataset's own evaluation environment"""
+    seed: int = 1
+    """seed of the networks, the minibatches and the evaluation episodes (episode i uses seed + i)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, train on the GPU when one is available"""
+    track: bool = False
+    """if toggled, log the run to Weights & Biases"""
+    wandb_project_name: str = "offline-rl"
+    """the W&B project"""
+    wandb_entity: Optional[str] = None
+    """the W&B entity (team); None uses your default entity"""
+    capture_video: bool = False
+    """if toggled, record the first final-evaluation episode of each policy to runs/{run_name}/videos"""
+    save_model: bool = False
+    """if toggled, save every network, optimiser state, normalisation statistic and these args to model.pt"""
+    runs_dir: str = "runs"
+    """the folder under which each run writes runs/{run_name}/"""
+
+    # Algorithm (defaults: the paper's MuJoCo locomotion settings)
+    total_steps: int = 1_000_000
+    """the number of gradient steps on V and Q (and the concurrent actor)"""
+    batch_size: int = 256
+    """the minibatch size"""
+    discount: float = 0.99
+    """the discount factor gamma"""
+    tau: float = 0.005
+    """the Polyak rate of the target critics"""
+    expectile: float = 0.7
+    """the expectile of the value loss, in (0, 1); 0.5 is SARSA-like, towards 1 approaches the in-data max"""
+    temperature: float = 3.0
+    """the inverse temperature beta of the AWR actor loss (0 = behaviour cloning)"""
+    exp_adv_max: float = 100.0
+    """the cap on the AWR weight exp(beta * (Q - V))"""
+    actor_lr: float = 3e-4
+    """the learning rate of the actor"""
+    critic_lr: float = 3e-4
+    """the learning rate of the twin Q networks"""
+    value_lr: float = 3e-4
+    """the learning rate of the V network"""
+    hidden_dims: Tuple[int, ...] = (256, 256)
+    """the hidden layer sizes of every network"""
+    actor_dropout: float = 0.0
+    """the dropout rate after each hidden activation of the actor (the paper uses 0.1 on Kitchen and Adroit)"""
+    actor_lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """`cosine` decays the actor learning rate to 0 over its training steps, as the official code does"""
+    reward_normalization: Literal["auto", "none", "locomotion", "antmaze"] = "auto"
+    """`locomotion`: r / (max - min episode return) * 1000; `antmaze`: r - 1; `auto`: pick by dataset family, else `none`"""
+    state_dependent_std: bool = False
+    """if toggled, the actor's log-std is a function of the state (the paper learns one state-independent vector)"""
+    policy_extraction: Literal["concurrent", "posthoc", "both"] = "concurrent"
+    """`concurrent`: train the actor alongside V/Q (the paper); `posthoc`: train it afterwards against the frozen final V/Q"""
+    posthoc_steps: Optional[int] = None
+    """the gradient steps of the post-hoc actor; None means --total-steps"""
+
+    # Evaluation and logging
+    eval_freq: int = 50_000
+    """evaluate the policy every this many gradient steps (0 disables periodic evaluation)"""
+    eval_episodes: int = 10
+    """the number of episodes of each periodic evaluation"""
+    final_eval_episodes: int = 100
+    """the number of episodes of the final evaluation of each policy"""
+    log_freq: int = 5_000
+    """print and log training metrics every this many gradient steps"""
+
+
+# D4RL reference returns (random, expert) for datasets that carry no reference scores
+# (Minari's mujoco/*-v0 datasets); the scores of these environments then mean what they meant in D4RL.
+D4RL_REFERENCE_RETURNS = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "pen": (96.262799, 3076.833),
+    "hammer": (-274.856578, 12794.13),
+    "door": (-56.512833, 2880.569),
+    "relocate": (-6.425911, 4233.878),
+}
+# The official code clips dataset actions to [-1 + eps, 1 - eps].
+ACTION_CLIP_EPS = 1e-5
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+
+def validate_args(args: Args) -> None:
+    """Reject bad settings before any work is done."""
+    checks = [
+        (0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}"),
+        (args.temperature >= 0.0, f"--temperature must be >= 0, got {args.temperature}"),
+        (args.total_steps > 0, f"--total-steps must be positive, got {args.total_steps}"),
+        (args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}"),
+        (args.posthoc_steps is None or args.posthoc_steps > 0, f"--posthoc-steps must be positive, got {args.posthoc_steps}"),
+        (0.0 <= args.discount <= 1.0, f"--discount must be in [0, 1], got {args.discount}"),
+        (0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}"),
+        (args.exp_adv_max > 0.0, f"--exp-adv-max must be positive, got {args.exp_adv_max}"),
+        (min(args.actor_lr, args.critic_lr, args.value_lr) > 0.0, "learning rates must be positive"),
+        (len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0, f"--hidden-dims must be positive sizes, got {args.hidden_dims}"),
+        (0.0 <= args.actor_dropout < 1.0, f"--actor-dropout must be in [0, 1), got {args.actor_dropout}"),
+        (args.eval_freq >= 0, f"--eval-freq must be >= 0, got {args.eval_freq}"),
+        (min(args.eval_episodes, args.final_eval_episodes, args.log_freq) > 0, "--eval-episodes, --final-eval-episodes and --log-freq must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SystemExit(f"error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def load_minari_dataset(dataset_id: str):
+    """Load a Minari dataset, downloading it if it is not stored locally; one clear error if neither works."""
+    import minari
+
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as e:  # minari raises many types here: unknown id, no network, offline mode, bad id format
+        local = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SystemExit(
+            f"error: cannot load Minari dataset '{dataset_id}' ({type(e).__name__}: {reason}); "
+            f"it is neither in the local store ({local}) nor downloadable. List local datasets with `minari list local`."
+        ) from None
+
+
+def flatten_observation(obs, space: gym.Space) -> np.ndarray:
+    """Flatten a (batched) observation into (batch, dim) float32.
+
+    Dict observations (goal-conditioned datasets) are concatenated in the key order of the
+    `gym.spaces.Dict` (alphabetical, e.g. achieved_goal, desired_goal, observation), recursively,
+    each part flattened row-major: the same order as `gym.spaces.flatten`.
+    """
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([flatten_observation(obs[k], s) for k, s in space.spaces.items()], axis=1)
+    obs = np.asarray(obs, dtype=np.float32)
+    return obs.reshape(len(obs), -1)
+
+
+@dataclass
+class OfflineData:
+    """A Minari dataset flattened once into arrays. Every episode stores its T+1 observations
+    back to back, so s' of transition i is the row after s, and no observation is stored twice."""
+
+    observations: np.ndarray  # (N + E, obs_dim) float32
+    obs_rows: np.ndarray  # (N,) row of each transition's s in `observations`; s' is at obs_rows + 1
+    actions: np.ndarray  # (N, act_dim) float32, raw (as in the dataset)
+    rewards: np.ndarray  # (N,) float32, raw
+    terminations: np.ndarray  # (N,) bool
+    truncations: np.ndarray  # (N,) bool
+    episode_lengths: np.ndarray  # (E,) int64
+
+    @property
+    def episode_returns(self) -> np.ndarray:
+        starts = np.concatenate([[0], np.cumsum(self.episode_lengths)[:-1]])
+        return np.add.reduceat(self.rewards.astype(np.float64), starts)
+
+
+def flatten_dataset(dataset) -> OfflineData:
+    obs_space = dataset.observation_space
+    parts = {k: [] for k in ("observations", "actions", "rewards", "terminations", "truncations")}
+    lengths = []
+    for episode in dataset.iterate_episodes():
+        parts["observations"].append(flatten_observation(episode.observations, obs_space))
+        parts["actions"].append(np.asarray(episode.actions, dtype=np.float32).reshape(len(episode.rewards), -1))
+        parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
+        parts["terminations"].append(np.asarray(episode.terminations, dtype=bool))
+        parts["truncations"].append(np.asarray(episode.truncations, dtype=bool))
+        lengths.append(len(episode.rewards))
+    if not lengths:
+        raise SystemExit(f"error: Minari dataset '{dataset.spec.dataset_id}' has no episodes")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    # transition j of episode e sits at row (start of e) + e + j: each earlier episode has one extra row
+    episode_index = np.repeat(np.arange(len(lengths)), lengths)
+    obs_rows = np.arange(lengths.sum()) + episode_index
+    return OfflineData(
+        observations=np.concatenate(parts["observations"]),
+        obs_rows=obs_rows,
+        actions=np.concatenate(parts["actions"]),
+        rewards=np.concatenate(parts["rewards"]),
+        terminations=np.concatenate(parts["terminations"]),
+        truncations=np.concatenate(parts["truncations"]),
+        episode_lengths=lengths,
+    )
+
+
+def resolve_reward_normalization(mode: str, dataset_id: str) -> str:
+    """`auto` picks the paper's rule by dataset family."""
+    if mode != "auto":
+        return mode
+    if dataset_id.startswith("mujoco/"):
+        return "locomotion"
+    if "antmaze" in dataset_id:
+        return "antmaze"
+    return "none"
+
+
+def reward_transform(mode: str, episode_returns: np.ndarray) -> Tuple[float, float]:
+    """(scale, shift) such that the training reward is scale * r + shift."""
+    if mode == "locomotion":
+        return_range = float(episode_returns.max() - episode_returns.min())
+        if return_range <= 0.0:
+            raise SystemExit("error: every episode has the same return, so `locomotion` reward normalisation is undefined; use --reward-normalization none")
+        return 1000.0 / return_range, 0.0
+    if mode == "antmaze":
+        return 1.0, -1.0
+    return 1.0, 0.0
+
+
+def action_bounds(space: gym.Space) -> Tuple[np.ndarray, np.ndarray]:
+    if not isinstance(space, gym.spaces.Box):
+        raise SystemExit(f"error: IQL needs a continuous (Box) action space, the dataset has {space}")
+    low, high = space.low.astype(np.float32).ravel(), space.high.astype(np.float32).ravel()
+    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+        raise SystemExit(f"error: the action space must be bounded, the dataset has {space}")
+    return low, high
+
+
+def reference_scores(dataset, dataset_id: str) -> Tuple[Optional[float], Optional[float], str]:
+    """(ref_min, ref_max, source) of the normalised score; the dataset's own, else D4RL's."""
+    metadata = dataset.storage.metadata
+    if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
+        return float(metadata["ref_min_score"]), float(metadata["ref_max_score"]), "dataset metadata"
+    env_name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
+    if env_name in D4RL_REFERENCE_RETURNS:
+        return (*D4RL_REFERENCE_RETURNS[env_name], f"D4RL reference returns of {env_name}")
+    return None, None, "none (the dataset carries no reference scores)"
+
+
+def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None:
+    """Histograms of the raw data: what the dataset really holds, before any normalisation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    panels = [
+        (data.rewards, f"step rewards ({len(data.rewards):,} steps)", "tab:red"),
+        (data.episode_lengths, f"episode lengths ({len(data.episode_lengths):,} episodes)", "tab:green"),
+        (data.episode_returns, "episode returns", "tab:blue"),
+    ]
+    for ax, (values, title, color) in zip(axes.flat, panels):
+        ax.hist(values, bins=50, color=color)
+        ax.set_title(title)
+        ax.set_yscale("log")
+    ends = [int(data.terminations.sum()), int(data.truncations.sum())]
+    axes[1, 1].bar(["terminations", "truncations"], ends, color=["tab:orange", "tab:purple"])
+    axes[1, 1].set_title(f"episode ends: {ends[0]:,} terminations, {ends[1]:,} truncations")
+    fig.suptitle(dataset_id)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+def orthogonal_linear(in_dim: int, out_dim: int, gain: float) -> nn.Linear:
+    """The official code initialises every layer orthogonally with zero biases."""
+    layer = nn.Linear(in_dim, out_dim)
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def mlp(in_dim: int, hidden_dims, out_dim: Optional[int], dropout: float = 0.0) -> nn.Sequential:
+    """ReLU MLP; dropout after each hidden activation; no output layer when out_dim is None."""
+    layers, dim = [], in_dim
+    for h in hidden_dims:
+        layers += [orthogonal_linear(dim, h, math.sqrt(2)), nn.ReLU()]
+        if dropout > 0.0:
+            layers.append(nn.Dropout(dropout))
+        dim = h
+    if out_dim is not None:
+        layers.append(orthogonal_linear(dim, out_dim, math.sqrt(2)))
+    return nn.Sequential(*layers)
+
+
+class TwinQ(nn.Module):
+    """Both Q networks as one batched network: each layer is a (2, in, out) weight, so one
+    matmul per layer serves both critics. Returns Q of shape (2, batch)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims):
+        super().__init__()
+        dims = [obs_dim + act_dim, *hidden_dims, 1]
+        twins = [mlp(obs_dim + act_dim, hidden_dims, 1) for _ in range(2)]
+        linears = [[m for m in net if isinstance(m, nn.Linear)] for net in twins]
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.stack([net[i].weight.T for net in linears])) for i in range(len(dims) - 1)]
+        )
+        self.biases = nn.ParameterList(
+            [nn.Parameter(torch.stack([net[i].bias[None] for net in linears])) for i in range(len(dims) - 1)]
+        )
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, actions], dim=-1)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x.expand(2, *x.shape[-2:]), w)
+            if i < len(self.weights) - 1:
+                x = torch.relu(x)
+        return x.squeeze(-1)
+
+
+class Actor(nn.Module):
+    """Diagonal Gaussian with a tanh-squashed mean (the distribution itself is not squashed) and,
+    by default, a learned state-independent log-std clipped to [-5, 2], as in the official code."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims, dropout: float, state_dependent_std: bool):
+        super().__init__()
+        self.trunk = mlp(obs_dim, hidden_dims, None, dropout)
+        self.mean = orthogonal_linear(hidden_dims[-1], act_dim, 1.0)
+        if state_dependent_std:
+            self.log_std_layer = orthogonal_linear(hidden_dims[-1], act_dim, 1e-3)
+        else:
+            self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def forward(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(obs)
+        log_std = self.log_std_layer(h) if hasattr(self, "log_std_layer") else self.log_std.expand(len(obs), -1)
+        return torch.tanh(self.mean(h)), log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses: small pure functions, each checkable by hand
+# ---------------------------------------------------------------------------------------------
+def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
+    """mean(|expectile - 1(u < 0)| * u^2) of u = Q - V; at expectile 0.5 it is mean(0.5 * u^2)."""
+    weight = torch.where(diff < 0, 1.0 - expectile, expectile)
+    return (weight * diff.square()).mean()
+
+
+def critic_loss(q: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum over the twins of the mean squared TD error; q is (2, batch), target (batch,)."""
+    return (q - target).square().mean(dim=1).sum()
+
+
+def awr_weights(adv: torch.Tensor, temperature: float, exp_adv_max: float) -> torch.Tensor:
+    return torch.exp(temperature * adv).clamp(max=exp_adv_max)
+
+
+def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log N(actions; mean, exp(log_std)^2), summed over action dimensions."""
+    z = (actions - mean) * torch.exp(-log_std)
+    return (-0.5 * z.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def actor_loss(log_prob: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Advantage-weighted regression: -mean(w * log pi(a|s)); w carries no gradient."""
+    return -(weights.detach() * log_prob).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Update steps
+# ---------------------------------------------------------------------------------------------
+def make_optimizer(module: nn.Module, lr: float) -> torch.optim.Adam:
+    # foreach Adam updates all of a network's tensors in a few kernels, not one loop per tensor
+    return torch.optim.Adam(module.parameters(), lr=lr, foreach=True)
+
+
+def make_actor_optimizer(actor: Actor, args: Args, steps: int):
+    optimizer = make_optimizer(actor, args.actor_lr)
+    if args.actor_lr_schedule == "cosine":
+        # lr_t = lr * (1 + cos(pi * t / steps)) / 2, optax's cosine_decay_schedule as in the official code
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    return optimizer, None
+
+
+@dataclass
+class Batch:
+    obs: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    next_obs: torch.Tensor
+    masks: torch.Tensor  # 1 - termination: truncated steps still bootstrap
+
+
+class DeviceData:
+    """The training data on the training device; minibatches are drawn there, with no host round-trip."""
+
+    def __init__(self, data: OfflineData, rewards: np.ndarray, actions: np.ndarray, device: torch.device, seed: int):
+        self.observations = torch.as_tensor(data.observations, device=device)
+        self.obs_rows = torch.as_tensor(data.obs_rows, device=device)
+        self.actions = torch.as_tensor(actions, device=device)
+        self.rewards = torch.as_tensor(rewards, device=device)
+        self.masks = torch.as_tensor(1.0 - data.terminations.astype(np.float32), device=device)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def sample(self, batch_size: int) -> Batch:
+        i = torch.randint(len(self.obs_rows), (batch_size,), device=self.obs_rows.device, generator=self.generator)
+        rows = self.obs_rows[i]
+        return Batch(self.observations[rows], self.actions[i], self.rewards[i], self.observations[rows + 1], self.masks[i])
+
+
+def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+
+
+def update_value_and_critic(batch: Batch, value, critic, target_critic, value_opt, critic_opt, args: Args):
+    """V then Q, in the official order; returns metrics and the advantage Q_target - V_new for the actor."""
+    with torch.no_grad():
+        q_target = target_critic(batch.obs, batch.actions).min(dim=0).values
+    v = value(batch.obs).squeeze(-1)
+    v_loss = expectile_loss(q_target - v, args.expectile)
+    value_opt.zero_grad(set_to_none=True)
+    v_loss.backward()
+    value_opt.step()
+
+    # The actor and the Q target both use the freshly updated V, as the official code does.
+    with torch.no_grad():
+        v_new, v_next = value(torch.cat([batch.obs, batch.next_obs])).squeeze(-1).chunk(2)
+        td_target = batch.rewards + args.discount * batch.masks * v_next
+    q = critic(batch.obs, batch.actions)
+    q_loss = critic_loss(q, td_target)
+    critic_opt.zero_grad(set_to_none=True)
+    q_loss.backward()
+    critic_opt.step()
+    soft_update(target_critic, critic, args.tau)
+    metrics = torch.stack([v_loss.detach(), q_loss.detach(), v.detach().mean(), q.detach().mean()])
+    return metrics, q_target - v_new
+
+
+def update_actor(batch: Batch, adv: torch.Tensor, actor: Actor, optimizer, scheduler, args: Args):
+    weights = awr_weights(adv, args.temperature, args.exp_adv_max)
+    loss = actor_loss(gaussian_log_prob(*actor(batch.obs), batch.actions), weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return torch.stack([loss.detach(), adv.mean(), weights.mean()])
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(actor: Actor, make_env, num_episodes: int, seed: int, obs_space, low, high, device, video_dir=None):
+    """Undiscounted return of one episode per sub-environment (seeds seed + i), with the mean action.
+
+    Only unfinished sub-environments are stepped: a Gymnasium vector env would auto-reset finished
+    ones and keep simulating episodes we then throw away. The policy runs once per step for all.
+    """
+    envs = [make_env(render=video_dir is not None and i == 0) for i in range(num_episodes)]
+    if video_dir is not None:
+        envs[0] = gym.wrappers.RecordVideo(envs[0], video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
+    observations = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
+    returns = np.zeros(num_episodes)
+    active = list(range(num_episodes))
+    was_training = actor.training
+    actor.eval()
+    while active:
+        batch = [observations[i] for i in active]
+        if isinstance(obs_space, gym.spaces.Dict):
+            stacked = {k: np.stack([o[k] for o in batch]) for k in batch[0]}
+        else:
+            stacked = np.stack(batch)
+        obs = torch.as_tensor(flatten_observation(stacked, obs_space), device=device)
+        mean = actor(obs)[0].cpu().numpy()
+        actions = np.clip(low + (mean + 1.0) * 0.5 * (high - low), low, high)
+        still_active = []
+        for i, action in zip(active, actions):
+            observations[i], reward, terminated, truncated, _ = envs[i].step(action.reshape(envs[i].action_space.shape))
+            returns[i] += reward
+            if not (terminated or truncated):
+                still_active.append(i)
+        active = still_active
+    actor.train(was_training)
+    for env in envs:
+        env.close()
+    return returns
+
+
+def score_summary(returns: np.ndarray, ref_min: Optional[float], ref_max: Optional[float]) -> dict:
+    summary = {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "num_episodes": len(returns)}
+    if ref_min is None:
+        summary.update(score_mean=None, score_std=None)
+    else:
+        scores = 100.0 * (returns - ref_min) / (ref_max - ref_min)
+        summary.update(score_mean=float(scores.mean()), score_std=float(scores.std()))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    validate_args(args)
+    dataset = load_minari_dataset(args.env_id)
+    low, high = action_bounds(dataset.action_space)
+    data = flatten_dataset(dataset)
+    reward_mode = resolve_reward_normalization(args.reward_normalization, args.env_id)
+    reward_scale, reward_shift = reward_transform(reward_mode, data.episode_returns)
+    ref_min, ref_max, ref_source = reference_scores(dataset, args.env_id)
+    posthoc_steps = args.posthoc_steps or args.total_steps
+
+    # Everything is valid: only now does the run get a folder.
+    run_name = f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.runs_dir, run_name)
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    plot_dataset_overview(data, args.env_id, os.path.join(run_dir, "dataset_overview.png"))
+    print(
+        f"{args.env_id}: {len(data.rewards):,} transitions in {len(data.episode_lengths):,} episodes; "
+        f"reward normalisation '{reward_mode}' (r * {reward_scale:.4g} + {reward_shift:g}); score reference: {ref_source}"
+    )
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, dir=run_dir)
+        wandb.log({"charts/dataset_overview": wandb.Image(os.path.join(run_dir, "dataset_overview.png"))}, step=0)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Actions are mapped affinely to [-1, 1], the range of the tanh mean (identity for the usual [-1, 1] boxes).
+    train_actions = np.clip(2.0 * (data.actions - low) / (high - low) - 1.0, -1.0 + ACTION_CLIP_EPS, 1.0 - ACTION_CLIP_EPS)
+    train_rewards = (reward_scale * data.rewards + reward_shift).astype(np.float32)
+    buffer = DeviceData(data, train_rewards, train_actions, device, args.seed)
+    obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
+
+    value = mlp(obs_dim, args.hidden_dims, 1).to(device)
+    critic = TwinQ(obs_dim, act_dim, args.hidden_dims).to(device)
+    target_critic = TwinQ(obs_dim, act_dim, args.hidden_dims).to(device)
+    target_critic.load_state_dict(critic.state_dict())
+    target_critic.requires_grad_(False)
+    value_opt, critic_opt = make_optimizer(value, args.value_lr), make_optimizer(critic, args.critic_lr)
+    make_actor = lambda: Actor(obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std).to(device)
+    policies = ["concurrent", "posthoc"] if args.policy_extraction == "both" else [args.policy_extraction]
+    actors = {name: make_actor() for name in policies}
+    actor_opts = {"concurrent": make_actor_optimizer(actors["concurrent"], args, args.total_steps)} if "concurrent" in actors else {}
+
+    def make_env(render: bool = False):
+        return dataset.recover_environment(eval_env=True, **({"render_mode": "rgb_array"} if render else {}))
+
+    def run_evaluation(name: str, step: int, episodes: int, final: bool = False) -> dict:
+        video_dir = os.path.join(run_dir, "videos", name) if final and args.capture_video else None
+        returns = evaluate(actors[name], make_env, episodes, args.seed, dataset.observation_space, low, high, device, video_dir)
+        result = score_summary(returns, ref_min, ref_max)
+        with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:
+            f.write(json.dumps({"policy": name, "step": step, "final": final, **result}) + "\n")
+        score = "n/a" if result["score_mean"] is None else f"{result['score_mean']:.1f}"
+        print(f"eval {name} @ {step}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {score} ({episodes} episodes)")
+        if args.track:
+            prefix = f"eval/{name}_final/" if final else f"eval/{name}/"
+            wandb.log({prefix + k: v for k, v in result.items() if v is not None}, step=step)
+        return result
+
+    def log_progress(step: int, steps: int, phase_start: float, last, names, values):
+        now = time.time()
+        rate = (step - last[0]) / (now - last[1])
+        eta = (steps - step) * (now - phase_start) / step
+        metrics = dict(zip(names, values.tolist()))  # one host sync per log line
+        print(f"step {step:>8}/{steps} | {rate:7.0f} upd/s | ETA {eta / 60:5.1f} min | " + " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in metrics.items()))
+        if args.track:
+            wandb.log({**metrics, "charts/updates_per_second": rate}, step=step)
+        return step, now
+
+    value_names = ["losses/value_loss", "losses/critic_loss", "charts/v_mean", "charts/q_mean"]
+    actor_names = ["losses/actor_loss", "charts/advantage_mean", "charts/awr_weight_mean"]
+    start = time.time()
+    last = (0, start)
+    for step in range(1, args.total_steps + 1):
+        batch = buffer.sample(args.batch_size)
+        metrics, adv = update_value_and_critic(batch, value, critic, target_critic, value_opt, critic_opt, args)
+        if "concurrent" in actors:
+            metrics = torch.cat([metrics, update_actor(batch, adv, actors["concurrent"], *actor_opts["concurrent"], args)])
+        if step % args.log_freq == 0 or step == args.total_steps:
+            names = value_names + (actor_names if "concurrent" in actors else [])
+            last = log_progress(step, args.total_steps, start, last, names, metrics)
+        if "concurrent" in actors and args.eval_freq and step % args.eval_freq == 0 and step < args.total_steps:
+            run_evaluation("concurrent", step, args.eval_episodes)
+    train_time = time.time() - start
+    updates_per_second = args.total_steps / train_time
+
+    if "posthoc" in actors:
+        # A fresh actor extracted from the frozen final V and target Q; W&B steps continue after the V/Q run.
+        actor_opts["posthoc"] = make_actor_optimizer(actors["posthoc"], args, posthoc_steps)
+        phase_start, last = time.time(), (0, time.time())
+        for step in range(1, posthoc_steps + 1):
+            batch = buffer.sample(args.batch_size)
+            with torch.no_grad():
+                adv = target_critic(batch.obs, batch.actions).min(dim=0).values - value(batch.obs).squeeze(-1)
+            metrics = update_actor(batch, adv, actors["posthoc"], *actor_opts["posthoc"], args)
+            if step % args.log_freq == 0 or step == posthoc_steps:
+                names = [n.replace("/", "/posthoc_") for n in actor_names]
+                last = log_progress(step, posthoc_steps, phase_start, last, names, metrics)
+            if args.eval_freq and step % args.eval_freq == 0 and step < posthoc_steps:
+                run_evaluation("posthoc", args.total_steps + step, args.eval_episodes)
+
+    final_step = args.total_steps + (posthoc_steps if "posthoc" in actors else 0)
+    results = {name: run_evaluation(name, final_step, args.final_eval_episodes, final=True) for name in policies}
+    summary = {
+        "env_id": args.env_id,
+        "run_name": run_name,
+        "seed": args.seed,
+        "policies": results,
+        "score_reference": {"ref_min": ref_min, "ref_max": ref_max, "source": ref_source},
+        "reward_normalization": reward_mode,
+        "total_steps": args.total_steps,
+        "updates_per_second": updates_per_second,
+        "wall_time_s": time.time() - start,
+        "device": str(device),
+    }
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if args.save_model:
+        torch.save(
+            {
+                "args": asdict(args),
+                "value": value.state_dict(),
+                "critic": critic.state_dict(),
+                "target_critic": target_critic.state_dict(),
+                "actors": {name: actor.state_dict() for name, actor in actors.items()},
+                "optimizers": {
+                    "value": value_opt.state_dict(),
+                    "critic": critic_opt.state_dict(),
+                    **{f"actor_{name}": opt.state_dict() for name, (opt, _) in actor_opts.items()},
+                },
+                "normalization": {
+                    "reward_mode": reward_mode, "reward_scale": reward_scale, "reward_shift": reward_shift,
+                    "action_low": low, "action_high": high,
+                },
+                "obs_dim": obs_dim,
+                "act_dim": act_dim,
+            },
+            os.path.join(run_dir, "model.pt"),
+        )
+    if args.track:
+        wandb.summary.update({f"final/{name}/{k}": v for name, r in results.items() for k, v in r.items()})
+        wandb.finish()
+    print(f"done in {summary['wall_time_s']:.0f} s ({updates_per_second:.0f} updates/s); results in {run_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+# Tests never reach the network: a missing dataset must fail at once, not after download retries.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("MUJOCO_GL", "osmesa")
+
+
+@pytest.fixture(scope="session")
+def minari_store(tmp_path_factory):
+    """A temporary Minari store holding the tiny datasets, shared by the whole session."""
+    path = tmp_path_factory.mktemp("minari")
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(path)
+    from tests import datasets
+
+    datasets.make_hopper_dataset()
+    datasets.make_two_step_dataset("toy/twostep/fifty-v0", up_fraction=0.5)
+    yield path
+    if old is None:
+        del os.environ["MINARI_DATASETS_PATH"]
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = old

@@ -1,0 +1,246 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import minari
+import numpy as np
+import pytest
+import torch
+
+import iql
+from tests import datasets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(script, *flags, cwd):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *flags], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+# ------------------------------------------------------------------ data
+def test_flattening_keeps_transitions_aligned(minari_store):
+    dataset = minari.load_dataset("mujoco/hopper/tiny-v0")
+    data = iql.flatten_dataset(dataset)
+    episodes = list(dataset.iterate_episodes())
+    assert len(data.rewards) == dataset.total_steps == sum(len(e.rewards) for e in episodes)
+    assert data.observations.shape == (dataset.total_steps + len(episodes), 11)
+    assert data.observations.dtype == np.float32
+    t = 0
+    for episode in episodes:
+        for j in range(len(episode.rewards)):
+            row = data.obs_rows[t]
+            np.testing.assert_allclose(data.observations[row], episode.observations[j], rtol=1e-6)
+            np.testing.assert_allclose(data.observations[row + 1], episode.observations[j + 1], rtol=1e-6)
+            np.testing.assert_allclose(data.actions[t], episode.actions[j])
+            t += 1
+    # the final (T+1-th) observation of an episode is never the s of a transition
+    assert len(set(data.obs_rows.tolist())) == len(data.obs_rows)
+    np.testing.assert_allclose(data.episode_returns, [e.rewards.sum() for e in episodes], rtol=1e-5)
+
+    # truncated final steps are kept and bootstrap; terminal ones do not
+    buffer = iql.DeviceData(data, data.rewards, data.actions, torch.device("cpu"), seed=0)
+    assert data.truncations.sum() > 0 and data.terminations.sum() > 0
+    assert torch.all(buffer.masks[torch.as_tensor(data.truncations)] == 1.0)
+    assert torch.all(buffer.masks[torch.as_tensor(data.terminations)] == 0.0)
+    batch = buffer.sample(64)
+    rows = buffer.obs_rows  # every sampled (s, s') pair is a real consecutive pair of the dataset
+    pairs = {(tuple(data.observations[r]), tuple(data.observations[r + 1])) for r in rows.tolist()}
+    assert all((tuple(s.tolist()), tuple(s2.tolist())) in pairs for s, s2 in zip(batch.obs, batch.next_obs))
+
+
+def test_dict_observations_flatten_like_gymnasium():
+    space = gym.spaces.Dict(
+        {
+            "observation": gym.spaces.Box(-1, 1, (4,)),
+            "desired_goal": gym.spaces.Dict({"kettle": gym.spaces.Box(-1, 1, (2,)), "burner": gym.spaces.Box(-1, 1, (3,))}),
+            "achieved_goal": gym.spaces.Box(-1, 1, (2, 1)),
+        }
+    )
+    space.seed(0)
+    samples = [space.sample() for _ in range(5)]
+    batched = {
+        "observation": np.stack([s["observation"] for s in samples]),
+        "achieved_goal": np.stack([s["achieved_goal"] for s in samples]),
+        "desired_goal": {k: np.stack([s["desired_goal"][k] for s in samples]) for k in ("kettle", "burner")},
+    }
+    expected = np.stack([gym.spaces.flatten(space, s) for s in samples])
+    np.testing.assert_allclose(iql.flatten_observation(batched, space), expected)
+
+
+# ------------------------------------------------------------------ losses
+def test_expectile_loss_by_hand():
+    u = torch.tensor([2.0, -1.0, 0.5])
+    assert iql.expectile_loss(u, 0.5).item() == pytest.approx((0.5 * u**2).mean().item())
+    # u >= 0 weighs tau, u < 0 weighs 1 - tau
+    assert iql.expectile_loss(u, 0.9).item() == pytest.approx((0.9 * 4 + 0.1 * 1 + 0.9 * 0.25) / 3)
+    assert iql.expectile_loss(u, 0.1).item() == pytest.approx((0.1 * 4 + 0.9 * 1 + 0.1 * 0.25) / 3)
+
+
+def test_critic_loss_sums_the_twins():
+    q = torch.tensor([[1.0, 2.0], [0.0, 4.0]])
+    target = torch.tensor([1.0, 1.0])
+    assert iql.critic_loss(q, target).item() == pytest.approx((0 + 1) / 2 + (1 + 9) / 2)
+
+
+def test_actor_loss_by_hand():
+    mean = torch.tensor([[0.0, 0.5]])
+    log_std = torch.tensor([[0.0, math.log(2.0)]])
+    actions = torch.tensor([[1.0, -0.5]])
+    # N(1; 0, 1) and N(-0.5; 0.5, 2^2), summed over dimensions
+    expected_log_prob = (-0.5 - 0.5 * math.log(2 * math.pi)) + (-0.5 * 0.25 - math.log(2.0) - 0.5 * math.log(2 * math.pi))
+    log_prob = iql.gaussian_log_prob(mean, log_std, actions)
+    assert log_prob.item() == pytest.approx(expected_log_prob)
+
+    adv = torch.tensor([0.5, 10.0, -1.0])
+    weights = iql.awr_weights(adv, temperature=3.0, exp_adv_max=100.0)
+    np.testing.assert_allclose(weights.numpy(), [math.exp(1.5), 100.0, math.exp(-3.0)], rtol=1e-6)
+    log_probs = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
+    loss = iql.actor_loss(log_probs, weights)
+    assert loss.item() == pytest.approx((math.exp(1.5) * 1 + 100 * 2 + math.exp(-3.0) * 3) / 3, rel=1e-6)
+    loss.backward()
+    np.testing.assert_allclose(log_probs.grad.numpy(), -weights.numpy() / 3, rtol=1e-6)
+
+
+def test_actor_mean_is_squashed_and_log_std_clipped():
+    actor = iql.Actor(3, 2, (16,), dropout=0.0, state_dependent_std=False)
+    with torch.no_grad():
+        actor.mean.bias.fill_(100.0)
+        actor.log_std.copy_(torch.tensor([-10.0, 10.0]))
+    mean, log_std = actor(torch.randn(4, 3))
+    assert torch.all(mean <= 1.0) and torch.all(mean > 0.99)
+    assert log_std.tolist() == [[-5.0, 2.0]] * 4
+
+
+def test_reward_normalization_modes():
+    returns = np.array([10.0, 60.0, 35.0])
+    assert iql.reward_transform("locomotion", returns) == (pytest.approx(1000.0 / 50.0), 0.0)
+    assert iql.reward_transform("antmaze", returns) == (1.0, -1.0)
+    assert iql.reward_transform("none", returns) == (1.0, 0.0)
+    assert iql.resolve_reward_normalization("auto", "mujoco/hopper/medium-v0") == "locomotion"
+    assert iql.resolve_reward_normalization("auto", "D4RL/antmaze/umaze-v1") == "antmaze"
+    assert iql.resolve_reward_normalization("auto", "D4RL/pen/human-v2") == "none"
+    assert iql.resolve_reward_normalization("none", "mujoco/hopper/medium-v0") == "none"
+    with pytest.raises(SystemExit, match="same return"):
+        iql.reward_transform("locomotion", np.array([5.0, 5.0]))
+
+
+def test_twin_q_is_two_independent_networks():
+    critic = iql.TwinQ(3, 2, (8, 8))
+    obs, act = torch.randn(5, 3), torch.randn(5, 2)
+    q = critic(obs, act)
+    assert q.shape == (2, 5)
+    for k in range(2):  # twin k is a plain MLP with the k-th slice of each weight
+        x = torch.cat([obs, act], 1)
+        for i, (w, b) in enumerate(zip(critic.weights, critic.biases)):
+            x = x @ w[k] + b[k]
+            x = torch.relu(x) if i < len(critic.weights) - 1 else x
+        torch.testing.assert_close(q[k], x.squeeze(-1))
+
+
+# ------------------------------------------------------------------ the paper's central claim
+def train_toy(expectile, runs_dir):
+    summary = iql.main(
+        iql.Args(
+            env_id="toy/twostep/fifty-v0", expectile=expectile, temperature=3.0, total_steps=1500, batch_size=64,
+            hidden_dims=(64, 64), value_lr=1e-3, critic_lr=1e-3, actor_lr=1e-3, eval_freq=0,
+            final_eval_episodes=2, log_freq=500, save_model=True, runs_dir=str(runs_dir), cuda=False,
+        )
+    )
+    checkpoint = torch.load(os.path.join(runs_dir, summary["run_name"], "model.pt"), weights_only=False)
+    value = iql.mlp(3, (64, 64), 1)
+    value.load_state_dict(checkpoint["value"])
+    with torch.no_grad():
+        v = value(torch.eye(3)).squeeze(-1)
+    return summary["policies"]["concurrent"]["return_mean"], v
+
+
+def test_two_step_mdp_sarsa_goes_down_iql_goes_up(minari_store, tmp_path):
+    sarsa_return, sarsa_v = train_toy(0.5, tmp_path)
+    iql_return, iql_v = train_toy(0.9, tmp_path)
+    # V(s1) = 10 * (2 * tau - 1): 0 for SARSA, 8 for expectile 0.9; V(s2) = 1 either way
+    assert abs(sarsa_v[1].item()) < 1.0
+    assert iql_v[1].item() == pytest.approx(8.0, abs=1.0)
+    assert sarsa_v[2].item() == pytest.approx(1.0, abs=0.2) and iql_v[2].item() == pytest.approx(1.0, abs=0.2)
+    assert sarsa_return == 1.0  # down at s0, then +1
+    assert iql_return == 10.0  # up, up
+
+
+# ------------------------------------------------------------------ end to end
+def test_cli_runs_end_to_end_with_both_extractions(minari_store, tmp_path):
+    result = run_cli(
+        "iql.py", "--env-id", "mujoco/hopper/tiny-v0", "--total-steps", "60", "--batch-size", "32",
+        "--hidden-dims", "32", "32", "--policy-extraction", "both", "--posthoc-steps", "40", "--eval-freq", "30",
+        "--eval-episodes", "2", "--final-eval-episodes", "3", "--log-freq", "20", "--save-model", "--runs-dir", "runs",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["policies"]) == {"concurrent", "posthoc"}
+    for policy in summary["policies"].values():
+        assert policy["num_episodes"] == 3
+        # the tiny dataset carries no reference scores: the D4RL Hopper ones are used
+        ref_min, ref_max = iql.D4RL_REFERENCE_RETURNS["hopper"]
+        assert policy["score_mean"] == pytest.approx(100 * (policy["return_mean"] - ref_min) / (ref_max - ref_min))
+    assert summary["score_reference"]["source"].startswith("D4RL")
+    assert summary["updates_per_second"] > 0 and summary["wall_time_s"] > 0
+    assert (run_dir / "dataset_overview.png").stat().st_size > 0
+    assert json.loads((run_dir / "args.json").read_text())["posthoc_steps"] == 40
+    history = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+    assert [(h["policy"], h["step"]) for h in history] == [("concurrent", 30), ("posthoc", 90), ("concurrent", 100), ("posthoc", 100)]
+    checkpoint = torch.load(run_dir / "model.pt", weights_only=False)
+    assert set(checkpoint["actors"]) == {"concurrent", "posthoc"}
+    assert {"value", "critic", "target_critic", "optimizers", "normalization", "args"} <= set(checkpoint)
+    assert checkpoint["normalization"]["reward_mode"] == "locomotion"
+
+
+def test_help_documents_every_flag():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "iql.py"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for field in iql.Args.__dataclass_fields__:
+        assert "--" + field.replace("_", "-") in result.stdout
+    assert result.stdout.count("(default:") + result.stdout.count("(required)") >= len(iql.Args.__dataclass_fields__) - 2
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--expectile", "1.0"], "--expectile must be in (0, 1)"),
+        (["--expectile", "0"], "--expectile must be in (0, 1)"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--total-steps", "0"], "--total-steps must be positive"),
+        (["--batch-size", "-5"], "--batch-size must be positive"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(flags, message, tmp_path):
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+        iql.main(iql.Args(env_id="does/not/exist-v0", runs_dir=str(tmp_path / "runs"), **parse(flags)))
+    assert not (tmp_path / "runs").exists()
+
+
+def parse(flags):
+    import tyro
+
+    return {k: v for k, v in vars(tyro.cli(iql.Args, args=flags)).items() if k in {f.lstrip("-").replace("-", "_") for f in flags[::2]}}
+
+
+def test_unknown_dataset_is_one_clear_line_and_no_run_folder(minari_store, tmp_path):
+    result = run_cli("iql.py", "--env-id", "mujoco/nothing/here-v0", cwd=tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mujoco/nothing/here-v0" in lines[0] and "minari list local" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_non_box_action_space_is_rejected(minari_store, tmp_path):
+    env = gym.make("CartPole-v1", max_episode_steps=20)
+    episodes = datasets.record_episodes(env, lambda obs, rng: int(rng.integers(2)), 3, seed=0)
+    datasets.create("toy/cartpole/tiny-v0", env, episodes)
+    with pytest.raises(SystemExit, match="continuous \\(Box\\) action space"):
+        iql.main(iql.Args(env_id="toy/cartpole/tiny-v0", runs_dir=str(tmp_path / "runs")))
+    assert not (tmp_path / "runs").exists()

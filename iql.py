@@ -111,7 +111,6 @@ D4RL_REFERENCE_RETURNS = {
     "door": (-56.512833, 2880.569),
     "relocate": (-6.425911, 4233.878),
 }
-# The official code clips dataset actions to [-1 + eps, 1 - eps].
 ACTION_CLIP_EPS = 1e-5
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -246,6 +245,13 @@ def action_bounds(space: gym.Space) -> Tuple[np.ndarray, np.ndarray]:
     if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
         raise SystemExit(f"error: the action space must be bounded, the dataset has {space}")
     return low, high
+
+
+def to_unit_box(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Map dataset actions affinely to [-1, 1], the range of the tanh mean (identity for [-1, 1] boxes),
+    then clip to [-1 + eps, 1 - eps] as the official data loader does."""
+    unit = 2.0 * (actions - low) / (high - low) - 1.0
+    return np.clip(unit, -1.0 + ACTION_CLIP_EPS, 1.0 - ACTION_CLIP_EPS).astype(np.float32)
 
 
 def reference_scores(dataset, dataset_id: str) -> Tuple[Optional[float], Optional[float], str]:
@@ -550,8 +556,7 @@ def main(args: Args) -> dict:
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # Actions are mapped affinely to [-1, 1], the range of the tanh mean (identity for the usual [-1, 1] boxes).
-    train_actions = np.clip(2.0 * (data.actions - low) / (high - low) - 1.0, -1.0 + ACTION_CLIP_EPS, 1.0 - ACTION_CLIP_EPS)
+    train_actions = to_unit_box(data.actions, low, high)
     train_rewards = (reward_scale * data.rewards + reward_shift).astype(np.float32)
     buffer = DeviceData(data, train_rewards, train_actions, device, args.seed)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]

@@ -20,6 +20,8 @@ def minari_store(tmp_path_factory):
 
     datasets.make_hopper_dataset()
     datasets.make_two_step_dataset("toy/twostep/fifty-v0", up_fraction=0.5)
+    datasets.make_bandit_dataset("toy/bandit/fifty-v0", up_fraction=0.5)
+    datasets.make_cartpole_dataset("toy/cartpole/tiny-v0")  # a discrete action space, which both scripts reject
     yield path
     if old is None:
         del os.environ["MINARI_DATASETS_PATH"]

@@ -83,3 +83,8 @@ def make_bandit_dataset(dataset_id="toy/bandit/fifty-v0", up_fraction=0.5, num_e
     ))
     policy = lambda obs, rng: np.array([next(signs) * rng.uniform(0.2, 1.0)], np.float32)
     return create(dataset_id, env, record_episodes(env, policy, num_episodes, seed))
+
+
+def make_cartpole_dataset(dataset_id="toy/cartpole/tiny-v0", num_episodes=3, seed=0):
+    env = gym.make("CartPole-v1", max_episode_steps=20)
+    return create(dataset_id, env, record_episodes(env, lambda obs, rng: int(rng.integers(2)), num_episodes, seed))

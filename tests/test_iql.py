@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import iql
-from tests import datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -238,9 +237,6 @@ def test_unknown_dataset_is_one_clear_line_and_no_run_folder(minari_store, tmp_p
 
 
 def test_non_box_action_space_is_rejected(minari_store, tmp_path):
-    env = gym.make("CartPole-v1", max_episode_steps=20)
-    episodes = datasets.record_episodes(env, lambda obs, rng: int(rng.integers(2)), 3, seed=0)
-    datasets.create("toy/cartpole/tiny-v0", env, episodes)
     with pytest.raises(SystemExit, match="continuous \\(Box\\) action space"):
         iql.main(iql.Args(env_id="toy/cartpole/tiny-v0", runs_dir=str(tmp_path / "runs")))
     assert not (tmp_path / "runs").exists()

@@ -1,0 +1,190 @@
+import inspect
+import json
+import math
+
+import minari
+import numpy as np
+import pytest
+import torch
+
+import bc
+import iql
+from tests.test_iql import run_cli
+
+
+def synthetic_data(returns, lengths):
+    """An OfflineData whose episode e has the given length and return, with traceable values."""
+    lengths = np.asarray(lengths)
+    rewards = np.concatenate([np.full(n, r / n, np.float32) for r, n in zip(returns, lengths)])
+    episode_index = np.repeat(np.arange(len(lengths)), lengths)
+    n_rows = lengths.sum() + len(lengths)
+    # observation rows carry (episode, position) so a wrong row is visible
+    obs = np.concatenate([np.stack([np.full(n + 1, e), np.arange(n + 1)], 1) for e, n in enumerate(lengths)]).astype(np.float32)
+    assert len(obs) == n_rows
+    return bc.OfflineData(
+        observations=obs,
+        obs_rows=np.arange(lengths.sum()) + episode_index,
+        actions=np.repeat(np.arange(len(lengths), dtype=np.float32), lengths)[:, None],
+        rewards=rewards,
+        terminations=np.zeros(lengths.sum(), bool),
+        truncations=np.zeros(lengths.sum(), bool),
+        episode_lengths=lengths,
+    )
+
+
+@pytest.mark.parametrize(
+    "fraction, kept",
+    [
+        (1.0, [0, 1, 2, 3, 4]),
+        (0.4, [1, 2]),  # the two best returns, a tie at 10
+        (0.2, [1]),  # one of two tied episodes: the earlier one
+        (0.01, [1]),  # rounds to zero: at least one episode is kept
+        (0.5, [1, 2, 4]),  # ceil(2.5) = 3
+    ],
+)
+def test_top_episodes_keeps_the_right_ones(fraction, kept):
+    data = synthetic_data(returns=[5.0, 10.0, 10.0, 1.0, 7.0], lengths=[3, 2, 4, 1, 2])
+    subset, threshold = bc.top_episodes(data, fraction)
+    assert subset.actions[:, 0].tolist() == np.repeat(kept, data.episode_lengths[kept]).tolist()
+    assert subset.episode_lengths.tolist() == data.episode_lengths[kept].tolist()
+    assert threshold == pytest.approx(min(data.episode_returns[kept]))
+    np.testing.assert_allclose(subset.episode_returns, data.episode_returns[kept], rtol=1e-6)
+    # s and s' of every kept transition are consecutive rows of the same episode
+    s, s_next = subset.observations[subset.obs_rows], subset.observations[subset.obs_rows + 1]
+    assert np.all(s[:, 0] == subset.actions[:, 0]) and np.all(s_next[:, 0] == s[:, 0]) and np.all(s_next[:, 1] == s[:, 1] + 1)
+
+
+def test_top_fraction_counts_without_float_error():
+    data = synthetic_data(returns=np.arange(10.0), lengths=[1] * 10)
+    assert len(bc.top_episodes(data, 0.7)[0].episode_lengths) == 7  # 0.7 * 10 = 7.000000000000001 in floats
+    assert len(bc.top_episodes(data, 0.1)[0].episode_lengths) == 1
+
+
+def train_bc(env_id, top_fraction, runs_dir, steps=1500):
+    summary = bc.main(
+        bc.Args(
+            env_id=env_id, top_fraction=top_fraction, total_steps=steps, batch_size=64, hidden_dims=(32, 32),
+            lr=1e-3, eval_freq=0, final_eval_episodes=4, log_freq=500, save_model=True, runs_dir=str(runs_dir), cuda=False,
+        )
+    )
+    checkpoint = torch.load(runs_dir / summary["run_name"] / "model.pt", weights_only=False)
+    obs_dim = checkpoint["obs_dim"]
+    actor = bc.Actor(obs_dim, 1, (32, 32), 0.0, False)
+    actor.load_state_dict(checkpoint["actor"])
+    return summary, actor
+
+
+def policy_at(actor, obs):
+    """(mean action, P(a > 0)) of the learned Gaussian at obs."""
+    with torch.no_grad():
+        mean, log_std = actor(torch.as_tensor(obs, dtype=torch.float32)[None])
+    return mean.item(), 0.5 * (1 + math.erf(mean.item() / (math.exp(log_std.item()) * math.sqrt(2))))
+
+
+def prob_up(actor, obs):
+    return policy_at(actor, obs)[1]
+
+
+def takes_the_good_action(actor, obs):
+    """The evaluated (mean) action lies well inside the good arm's data, U(0.2, 1), and most mass is there."""
+    mean, p_up = policy_at(actor, obs)
+    return mean > 0.3 and p_up > 0.75
+
+
+def test_bandit_bc_imitates_the_mixture_top_bc_takes_the_good_arm(minari_store, tmp_path):
+    summary, actor = train_bc("toy/bandit/fifty-v0", 1.0, tmp_path)
+    assert prob_up(actor, [1.0]) == pytest.approx(0.5, abs=0.15)  # half the mass on each arm, like the data
+    assert summary["data_selection"]["episodes_kept"] == 100
+    summary, actor = train_bc("toy/bandit/fifty-v0", 0.1, tmp_path)
+    assert summary["data_selection"] == {"top_fraction": 0.1, "episodes_kept": 10, "steps_kept": 10, "return_threshold": 1.0}
+    assert takes_the_good_action(actor, [1.0])
+    assert summary["policies"]["bc"]["return_mean"] == 1.0
+
+
+def test_two_step_bc_imitates_the_mixture_top_bc_goes_up_twice(minari_store, tmp_path):
+    summary, actor = train_bc("toy/twostep/fifty-v0", 1.0, tmp_path)
+    for state in np.eye(3)[:2]:
+        assert prob_up(actor, state) == pytest.approx(0.5, abs=0.15)
+    summary, actor = train_bc("toy/twostep/fifty-v0", 0.1, tmp_path)
+    assert summary["data_selection"]["return_threshold"] == 10.0
+    assert takes_the_good_action(actor, np.eye(3)[0]) and takes_the_good_action(actor, np.eye(3)[1])
+    assert summary["policies"]["bc"]["return_mean"] == 10.0
+
+
+# ------------------------------------------------------------------ the two copies stay identical
+SHARED = [
+    "D4RL_REFERENCE_RETURNS", "ACTION_CLIP_EPS", "LOG_STD_MIN", "LOG_STD_MAX",
+    "load_minari_dataset", "flatten_observation", "OfflineData", "flatten_dataset", "action_bounds", "to_unit_box",
+    "reference_scores", "plot_dataset_overview", "orthogonal_linear", "mlp", "Actor", "gaussian_log_prob",
+    "evaluate", "score_summary",
+]
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_code_is_the_same_in_both_files(name):
+    a, b = getattr(iql, name), getattr(bc, name)
+    if callable(a) and not isinstance(a, dict):
+        assert inspect.getsource(a) == inspect.getsource(b), f"{name} differs between iql.py and bc.py"
+    else:
+        assert a == b
+
+
+def test_data_and_evaluation_identical_in_both_files(minari_store):
+    dataset = minari.load_dataset("mujoco/hopper/tiny-v0")
+    data_iql, data_bc = iql.flatten_dataset(dataset), bc.flatten_dataset(dataset)
+    for field in ("observations", "obs_rows", "actions", "rewards", "terminations", "truncations", "episode_lengths"):
+        np.testing.assert_array_equal(getattr(data_iql, field), getattr(data_bc, field))
+    low, high = iql.action_bounds(dataset.action_space)
+    np.testing.assert_array_equal(iql.to_unit_box(data_iql.actions, low, high), bc.to_unit_box(data_bc.actions, low, high))
+    assert iql.reference_scores(dataset, "mujoco/hopper/tiny-v0") == bc.reference_scores(dataset, "mujoco/hopper/tiny-v0")
+
+    torch.manual_seed(0)
+    actor_iql = iql.Actor(11, 3, (32, 32), 0.0, False)
+    actor_bc = bc.Actor(11, 3, (32, 32), 0.0, False)
+    actor_bc.load_state_dict(actor_iql.state_dict())
+    make_env = lambda render=False: dataset.recover_environment(eval_env=True)
+    args = (make_env, 3, 7, dataset.observation_space, low, high, torch.device("cpu"))
+    returns_iql, returns_bc = iql.evaluate(actor_iql, *args), bc.evaluate(actor_bc, *args)
+    np.testing.assert_array_equal(returns_iql, returns_bc)
+    ref = iql.reference_scores(dataset, "mujoco/hopper/tiny-v0")[:2]
+    assert iql.score_summary(returns_iql, *ref) == bc.score_summary(returns_bc, *ref)
+    # evaluation is reproducible: the same seed gives the same episodes
+    np.testing.assert_array_equal(iql.evaluate(actor_iql, *args), returns_iql)
+
+
+# ------------------------------------------------------------------ end to end and bad input
+def test_cli_runs_end_to_end(minari_store, tmp_path):
+    result = run_cli(
+        "bc.py", "--env-id", "mujoco/hopper/tiny-v0", "--top-fraction", "0.5", "--total-steps", "50", "--batch-size", "32",
+        "--hidden-dims", "32", "32", "--eval-freq", "25", "--eval-episodes", "2", "--final-eval-episodes", "3",
+        "--log-freq", "25", "--save-model", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert list(summary["policies"]) == ["bc"]
+    assert set(summary["policies"]["bc"]) == {"return_mean", "return_std", "score_mean", "score_std", "num_episodes"}
+    assert summary["policies"]["bc"]["num_episodes"] == 3
+    assert summary["data_selection"]["episodes_kept"] == 6
+    assert (run_dir / "dataset_overview.png").exists() and (run_dir / "model.pt").exists()
+    assert "keeps 6 episodes" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--top-fraction", "0"], "--top-fraction must be in (0, 1]"), (["--top-fraction", "1.5"], "--top-fraction must be in (0, 1]")],
+)
+def test_bad_top_fraction(flags, message, tmp_path):
+    result = run_cli("bc.py", *flags, "--env-id", "does/not/exist-v0", cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"error: {message}, got {float(flags[1])}"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("flags", [["--env-id", "mujoco/nothing/here-v0"], ["--total-steps", "0"], ["--batch-size", "0"], ["--env-id", "toy/cartpole/tiny-v0"]])
+def test_rejects_what_iql_rejects_the_same_way(flags, minari_store, tmp_path):
+    results = [run_cli(script, *flags, cwd=tmp_path) for script in ("iql.py", "bc.py")]
+    assert all(r.returncode != 0 for r in results)
+    messages = [r.stderr.strip().splitlines() for r in results]
+    assert len(messages[0]) == 1 and messages[0] == messages[1]
+    assert not (tmp_path / "runs").exists()

@@ -69,6 +69,10 @@ class Args:
     """`cosine` decays the learning rate to 0 over the run, as iql.py's actor does"""
     state_dependent_std: bool = False
     """if toggled, the policy's log-std is a function of the state (default: one learned vector, as in iql.py)"""
+    goal_terminal: bool = False
+    """mazes only: end each dataset episode at its first goal step, as a termination (D4RL's convention)"""
+    eval_terminate_at_goal: bool = False
+    """mazes only: evaluation episodes end at the goal (D4RL's convention) instead of running on (Minari's)"""
 
     # Evaluation and logging
     eval_freq: int = 50_000
@@ -107,6 +111,7 @@ def validate_args(args: Args) -> None:
         (0.0 <= args.dropout < 1.0, f"--dropout must be in [0, 1), got {args.dropout}"),
         (args.eval_freq >= 0, f"--eval-freq must be >= 0, got {args.eval_freq}"),
         (min(args.eval_episodes, args.final_eval_episodes, args.log_freq) > 0, "--eval-episodes, --final-eval-episodes and --log-freq must be positive"),
+        (dataset_family(args.env_id) == "maze" or not (args.goal_terminal or args.eval_terminate_at_goal), "--goal-terminal and --eval-terminate-at-goal apply to maze datasets (pointmaze, antmaze) only"),
     ]
     for ok, message in checks:
         if not ok:
@@ -191,6 +196,23 @@ def flatten_dataset(dataset) -> OfflineData:
     )
 
 
+def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray) -> OfflineData:
+    """The first lengths[i] steps of each of the given episodes, with the observation after each kept step."""
+    starts = np.concatenate([[0], np.cumsum(data.episode_lengths)[:-1]])
+    steps = np.concatenate([np.arange(starts[e], starts[e] + n) for e, n in zip(episodes, lengths)])
+    rows = np.concatenate([np.arange(starts[e] + e, starts[e] + e + n + 1) for e, n in zip(episodes, lengths)])
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return OfflineData(
+        observations=data.observations[rows],
+        obs_rows=np.arange(lengths.sum()) + np.repeat(np.arange(len(lengths)), lengths),
+        actions=data.actions[steps],
+        rewards=data.rewards[steps],
+        terminations=data.terminations[steps].copy(),
+        truncations=data.truncations[steps].copy(),
+        episode_lengths=lengths,
+    )
+
+
 def top_episodes(data: OfflineData, fraction: float) -> Tuple[OfflineData, float]:
     """The best ceil(fraction * episodes) episodes by undiscounted return (at least one), and the
     lowest kept return. Ties go to the earlier episode; kept episodes stay in dataset order."""
@@ -198,20 +220,7 @@ def top_episodes(data: OfflineData, fraction: float) -> Tuple[OfflineData, float
     # round() first so that e.g. 0.7 * 10 = 7.000000000000001 keeps 7 episodes, not 8
     count = max(1, math.ceil(round(fraction * len(returns), 9)))
     kept = np.sort(np.argsort(-returns, kind="stable")[:count])
-    starts = np.concatenate([[0], np.cumsum(data.episode_lengths)[:-1]])
-    steps = np.concatenate([np.arange(starts[e], starts[e] + data.episode_lengths[e]) for e in kept])
-    rows = np.concatenate([np.arange(starts[e] + e, starts[e] + e + data.episode_lengths[e] + 1) for e in kept])
-    lengths = data.episode_lengths[kept]
-    episode_index = np.repeat(np.arange(len(kept)), lengths)
-    subset = OfflineData(
-        observations=data.observations[rows],
-        obs_rows=np.arange(lengths.sum()) + episode_index,
-        actions=data.actions[steps],
-        rewards=data.rewards[steps],
-        terminations=data.terminations[steps],
-        truncations=data.truncations[steps],
-        episode_lengths=lengths,
-    )
+    subset = subset_episodes(data, kept, data.episode_lengths[kept])
     return subset, float(returns[kept].min())
 
 
@@ -231,15 +240,59 @@ def to_unit_box(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.nd
     return np.clip(unit, -1.0 + ACTION_CLIP_EPS, 1.0 - ACTION_CLIP_EPS).astype(np.float32)
 
 
-def reference_scores(dataset, dataset_id: str) -> Tuple[Optional[float], Optional[float], str]:
-    """(ref_min, ref_max, source) of the normalised score; the dataset's own, else D4RL's."""
+def dataset_family(dataset_id: str) -> str:
+    """`maze` (PointMaze, AntMaze), `kitchen`, or `return` for everything scored by normalised return."""
+    if "antmaze" in dataset_id or "pointmaze" in dataset_id:
+        return "maze"
+    return "kitchen" if "kitchen" in dataset_id else "return"
+
+
+def scoring_rule(dataset, dataset_id: str) -> dict:
+    """How an episode is scored, as the paper does per family: success x100 for mazes, completed
+    tasks / number of the dataset's tasks x100 for Kitchen, else the normalised return with the
+    dataset's reference scores or, when it has none, D4RL's."""
+    family = dataset_family(dataset_id)
+    if family == "maze":
+        return {"kind": "success", "source": "success rate x100: the env's info['success'] at any step"}
+    if family == "kitchen":
+        num_tasks = len(dataset.env_spec.kwargs["tasks_to_complete"])
+        return {"kind": "tasks", "num_tasks": num_tasks, "source": f"completed tasks / {num_tasks} x100"}
     metadata = dataset.storage.metadata
     if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
-        return float(metadata["ref_min_score"]), float(metadata["ref_max_score"]), "dataset metadata"
-    env_name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
-    if env_name in D4RL_REFERENCE_RETURNS:
-        return (*D4RL_REFERENCE_RETURNS[env_name], f"D4RL reference returns of {env_name}")
-    return None, None, "none (the dataset carries no reference scores)"
+        ref, source = (float(metadata["ref_min_score"]), float(metadata["ref_max_score"])), "dataset metadata"
+    else:
+        env_name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
+        if env_name not in D4RL_REFERENCE_RETURNS:
+            return {"kind": "none", "source": "none (the dataset carries no reference scores)"}
+        ref, source = D4RL_REFERENCE_RETURNS[env_name], f"D4RL reference returns of {env_name}"
+    return {"kind": "return", "ref_min": ref[0], "ref_max": ref[1], "source": f"normalised return, {source}"}
+
+
+def eval_env_kwargs(dataset_id: str, terminate_at_goal: bool) -> dict:
+    """Overrides of the dataset's evaluation environment spec."""
+    kwargs = {}
+    if dataset_id.split("/")[1:2] == ["pen"]:
+        # D4RL's pen reference scores are returns of 100-step episodes; Minari's spec says 200
+        kwargs["max_episode_steps"] = 100
+    if terminate_at_goal:
+        kwargs["continuing_task"] = False  # D4RL's mazes: the episode ends at the goal
+    return kwargs
+
+
+def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
+    """D4RL's maze convention: each episode ends, as a termination, at its first goal step (sparse
+    reward 1); the steps after it, spent at or around the goal, are dropped."""
+    starts = np.concatenate([[0], np.cumsum(data.episode_lengths)[:-1]])
+    lengths, reached = data.episode_lengths.copy(), np.zeros(len(starts), bool)
+    for e, (start, length) in enumerate(zip(starts, data.episode_lengths)):
+        goal_steps = np.flatnonzero(data.rewards[start : start + length] >= 1.0)
+        if len(goal_steps):
+            lengths[e], reached[e] = goal_steps[0] + 1, True
+    cut = subset_episodes(data, np.arange(len(lengths)), lengths)
+    ends = np.cumsum(lengths) - 1
+    cut.terminations[ends[reached]] = True
+    cut.truncations[ends[reached]] = False
+    return cut
 
 
 def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None:
@@ -329,7 +382,8 @@ def bc_loss(log_prob: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(actor: Actor, make_env, num_episodes: int, seed: int, obs_space, low, high, device, video_dir=None):
-    """Undiscounted return of one episode per sub-environment (seeds seed + i), with the mean action.
+    """One episode per sub-environment (seeds seed + i), with the mean action. Returns, per episode,
+    the undiscounted return, whether info['success'] was ever true, and the most tasks completed.
 
     Only unfinished sub-environments are stepped: a Gymnasium vector env would auto-reset finished
     ones and keep simulating episodes we then throw away. The policy runs once per step for all.
@@ -338,7 +392,7 @@ def evaluate(actor: Actor, make_env, num_episodes: int, seed: int, obs_space, lo
     if video_dir is not None:
         envs[0] = gym.wrappers.RecordVideo(envs[0], video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
     observations = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
-    returns = np.zeros(num_episodes)
+    returns, successes, tasks = np.zeros(num_episodes), np.zeros(num_episodes, bool), np.zeros(num_episodes, int)
     active = list(range(num_episodes))
     was_training = actor.training
     actor.eval()
@@ -353,25 +407,32 @@ def evaluate(actor: Actor, make_env, num_episodes: int, seed: int, obs_space, lo
         actions = np.clip(low + (mean + 1.0) * 0.5 * (high - low), low, high)
         still_active = []
         for i, action in zip(active, actions):
-            observations[i], reward, terminated, truncated, _ = envs[i].step(action.reshape(envs[i].action_space.shape))
+            observations[i], reward, terminated, truncated, info = envs[i].step(action.reshape(envs[i].action_space.shape))
             returns[i] += reward
+            successes[i] |= bool(info.get("success", False))
+            tasks[i] = max(tasks[i], len(info.get("episode_task_completions", ())))
             if not (terminated or truncated):
                 still_active.append(i)
         active = still_active
     actor.train(was_training)
     for env in envs:
         env.close()
-    return returns
+    return returns, successes, tasks
 
 
-def score_summary(returns: np.ndarray, ref_min: Optional[float], ref_max: Optional[float]) -> dict:
+def score_summary(episodes, rule: dict) -> dict:
+    """Return and score statistics over episodes, scored by the family's rule (see scoring_rule)."""
+    returns, successes, tasks = episodes
     summary = {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "num_episodes": len(returns)}
-    if ref_min is None:
-        summary.update(score_mean=None, score_std=None)
+    if rule["kind"] == "success":
+        scores = 100.0 * successes
+    elif rule["kind"] == "tasks":
+        scores = 100.0 * tasks / rule["num_tasks"]
+    elif rule["kind"] == "return":
+        scores = 100.0 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"])
     else:
-        scores = 100.0 * (returns - ref_min) / (ref_max - ref_min)
-        summary.update(score_mean=float(scores.mean()), score_std=float(scores.std()))
-    return summary
+        return {**summary, "score_mean": None, "score_std": None}
+    return {**summary, "score_mean": float(scores.mean()), "score_std": float(scores.std())}
 
 
 
@@ -383,8 +444,10 @@ def main(args: Args) -> dict:
     dataset = load_minari_dataset(args.env_id)
     low, high = action_bounds(dataset.action_space)
     data = flatten_dataset(dataset)
+    if args.goal_terminal:
+        data = cut_episodes_at_goal(data)
     kept, return_threshold = top_episodes(data, args.top_fraction)
-    ref_min, ref_max, ref_source = reference_scores(dataset, args.env_id)
+    rule = scoring_rule(dataset, args.env_id)
 
     # Everything is valid: only now does the run get a folder.
     run_name = f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -402,7 +465,7 @@ def main(args: Args) -> dict:
     print(
         f"{args.env_id}: {len(data.rewards):,} transitions in {len(data.episode_lengths):,} episodes; "
         f"top {args.top_fraction:g} keeps {selection['episodes_kept']:,} episodes ({selection['steps_kept']:,} steps) "
-        f"with return >= {return_threshold:.4g}; score reference: {ref_source}"
+        f"with return >= {return_threshold:.4g}; score: {rule['source']}"
     )
     if args.track:
         import wandb
@@ -430,12 +493,13 @@ def main(args: Args) -> dict:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps) if args.lr_schedule == "cosine" else None
 
     def make_env(render: bool = False):
-        return dataset.recover_environment(eval_env=True, **({"render_mode": "rgb_array"} if render else {}))
+        kwargs = eval_env_kwargs(args.env_id, args.eval_terminate_at_goal)
+        return dataset.recover_environment(eval_env=True, **kwargs, **({"render_mode": "rgb_array"} if render else {}))
 
     def run_evaluation(step: int, episodes: int, final: bool = False) -> dict:
         video_dir = os.path.join(run_dir, "videos", "bc") if final and args.capture_video else None
-        returns = evaluate(actor, make_env, episodes, args.seed, dataset.observation_space, low, high, device, video_dir)
-        result = score_summary(returns, ref_min, ref_max)
+        episode_stats = evaluate(actor, make_env, episodes, args.seed, dataset.observation_space, low, high, device, video_dir)
+        result = score_summary(episode_stats, rule)
         with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:
             f.write(json.dumps({"policy": "bc", "step": step, "final": final, **result}) + "\n")
         score = "n/a" if result["score_mean"] is None else f"{result['score_mean']:.1f}"
@@ -474,7 +538,7 @@ def main(args: Args) -> dict:
         "run_name": run_name,
         "seed": args.seed,
         "policies": {"bc": result},
-        "score_reference": {"ref_min": ref_min, "ref_max": ref_max, "source": ref_source},
+        "scoring": rule,
         "data_selection": selection,
         "total_steps": args.total_steps,
         "updates_per_second": args.total_steps / train_time,

@@ -115,7 +115,7 @@ def test_two_step_bc_imitates_the_mixture_top_bc_goes_up_twice(minari_store, tmp
 SHARED = [
     "D4RL_REFERENCE_RETURNS", "ACTION_CLIP_EPS", "LOG_STD_MIN", "LOG_STD_MAX",
     "load_minari_dataset", "flatten_observation", "OfflineData", "flatten_dataset", "action_bounds", "to_unit_box",
-    "reference_scores", "plot_dataset_overview", "orthogonal_linear", "mlp", "Actor", "gaussian_log_prob",
+    "subset_episodes", "dataset_family", "scoring_rule", "eval_env_kwargs", "cut_episodes_at_goal", "plot_dataset_overview", "orthogonal_linear", "mlp", "Actor", "gaussian_log_prob",
     "evaluate", "score_summary",
 ]
 
@@ -136,7 +136,8 @@ def test_data_and_evaluation_identical_in_both_files(minari_store):
         np.testing.assert_array_equal(getattr(data_iql, field), getattr(data_bc, field))
     low, high = iql.action_bounds(dataset.action_space)
     np.testing.assert_array_equal(iql.to_unit_box(data_iql.actions, low, high), bc.to_unit_box(data_bc.actions, low, high))
-    assert iql.reference_scores(dataset, "mujoco/hopper/tiny-v0") == bc.reference_scores(dataset, "mujoco/hopper/tiny-v0")
+    rule = iql.scoring_rule(dataset, "mujoco/hopper/tiny-v0")
+    assert rule == bc.scoring_rule(dataset, "mujoco/hopper/tiny-v0")
 
     torch.manual_seed(0)
     actor_iql = iql.Actor(11, 3, (32, 32), 0.0, False)
@@ -144,12 +145,12 @@ def test_data_and_evaluation_identical_in_both_files(minari_store):
     actor_bc.load_state_dict(actor_iql.state_dict())
     make_env = lambda render=False: dataset.recover_environment(eval_env=True)
     args = (make_env, 3, 7, dataset.observation_space, low, high, torch.device("cpu"))
-    returns_iql, returns_bc = iql.evaluate(actor_iql, *args), bc.evaluate(actor_bc, *args)
-    np.testing.assert_array_equal(returns_iql, returns_bc)
-    ref = iql.reference_scores(dataset, "mujoco/hopper/tiny-v0")[:2]
-    assert iql.score_summary(returns_iql, *ref) == bc.score_summary(returns_bc, *ref)
+    episodes_iql, episodes_bc = iql.evaluate(actor_iql, *args), bc.evaluate(actor_bc, *args)
+    for a, b in zip(episodes_iql, episodes_bc):
+        np.testing.assert_array_equal(a, b)
+    assert iql.score_summary(episodes_iql, rule) == bc.score_summary(episodes_bc, rule)
     # evaluation is reproducible: the same seed gives the same episodes
-    np.testing.assert_array_equal(iql.evaluate(actor_iql, *args), returns_iql)
+    np.testing.assert_array_equal(iql.evaluate(actor_iql, *args)[0], episodes_iql[0])
 
 
 # ------------------------------------------------------------------ end to end and bad input

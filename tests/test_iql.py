@@ -185,7 +185,7 @@ def test_cli_runs_end_to_end_with_both_extractions(minari_store, tmp_path):
         # the tiny dataset carries no reference scores: the D4RL Hopper ones are used
         ref_min, ref_max = iql.D4RL_REFERENCE_RETURNS["hopper"]
         assert policy["score_mean"] == pytest.approx(100 * (policy["return_mean"] - ref_min) / (ref_max - ref_min))
-    assert summary["score_reference"]["source"].startswith("D4RL")
+    assert summary["scoring"]["kind"] == "return" and "D4RL reference returns of hopper" in summary["scoring"]["source"]
     assert summary["updates_per_second"] > 0 and summary["wall_time_s"] > 0
     assert (run_dir / "dataset_overview.png").stat().st_size > 0
     assert json.loads((run_dir / "args.json").read_text())["posthoc_steps"] == 40

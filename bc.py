@@ -149,6 +149,13 @@ def flatten_observation(obs, space: gym.Space) -> np.ndarray:
     return obs.reshape(len(obs), -1)
 
 
+def stack_observations(observations: list):
+    """A list of (possibly nested dict) observations as one batch: an array, or a dict of batches."""
+    if isinstance(observations[0], dict):
+        return {k: stack_observations([o[k] for o in observations]) for k in observations[0]}
+    return np.stack(observations)
+
+
 @dataclass
 class OfflineData:
     """A Minari dataset flattened once into arrays. Every episode stores its T+1 observations
@@ -397,12 +404,7 @@ def evaluate(actor: Actor, make_env, num_episodes: int, seed: int, obs_space, lo
     was_training = actor.training
     actor.eval()
     while active:
-        batch = [observations[i] for i in active]
-        if isinstance(obs_space, gym.spaces.Dict):
-            stacked = {k: np.stack([o[k] for o in batch]) for k in batch[0]}
-        else:
-            stacked = np.stack(batch)
-        obs = torch.as_tensor(flatten_observation(stacked, obs_space), device=device)
+        obs = torch.as_tensor(flatten_observation(stack_observations([observations[i] for i in active]), obs_space), device=device)
         mean = actor(obs)[0].cpu().numpy()
         actions = np.clip(low + (mean + 1.0) * 0.5 * (high - low), low, high)
         still_active = []

@@ -22,6 +22,10 @@ def minari_store(tmp_path_factory):
     datasets.make_two_step_dataset("toy/twostep/fifty-v0", up_fraction=0.5)
     datasets.make_bandit_dataset("toy/bandit/fifty-v0", up_fraction=0.5)
     datasets.make_cartpole_dataset("toy/cartpole/tiny-v0")  # a discrete action space, which both scripts reject
+    datasets.make_pointmaze_dataset()
+    datasets.make_antmaze_dataset()
+    datasets.make_kitchen_dataset()
+    datasets.make_pen_dataset()
     yield path
     if old is None:
         del os.environ["MINARI_DATASETS_PATH"]

@@ -1,11 +1,15 @@
 """Tiny Minari datasets built from real environments, for offline tests."""
 
 import gymnasium as gym
+import gymnasium_robotics
 import minari
 import numpy as np
 from minari.data_collector import EpisodeBuffer
 
 import tests.toy_envs  # noqa: F401  (registers the toy environments)
+from iql import stack_observations
+
+gym.register_envs(gymnasium_robotics)
 
 
 def record_episodes(env: gym.Env, policy, num_episodes: int, seed: int):
@@ -27,16 +31,16 @@ def record_episodes(env: gym.Env, policy, num_episodes: int, seed: int):
             done = terminated or truncated
         episodes.append(
             EpisodeBuffer(
-                id=e, observations=observations, actions=actions, rewards=rewards,
+                id=e, observations=stack_observations(observations), actions=actions, rewards=rewards,
                 terminations=terminations, truncations=truncations, infos={},
             )
         )
     return episodes
 
 
-def create(dataset_id: str, env: gym.Env, episodes, **metadata):
+def create(dataset_id: str, env: gym.Env, episodes, eval_env=None, **metadata):
     return minari.create_dataset_from_buffers(
-        dataset_id, episodes, env=env.spec, eval_env=env.spec, algorithm_name="test", author="tests",
+        dataset_id, episodes, env=env.spec, eval_env=(eval_env or env).spec, algorithm_name="test", author="tests",
         author_email="tests@localhost", code_permalink="tests/datasets.py", description="a tiny test dataset",
         **metadata,
     )
@@ -88,3 +92,35 @@ def make_bandit_dataset(dataset_id="toy/bandit/fifty-v0", up_fraction=0.5, num_e
 def make_cartpole_dataset(dataset_id="toy/cartpole/tiny-v0", num_episodes=3, seed=0):
     env = gym.make("CartPole-v1", max_episode_steps=20)
     return create(dataset_id, env, record_episodes(env, lambda obs, rng: int(rng.integers(2)), num_episodes, seed))
+
+
+def make_pointmaze_dataset(dataset_id="D4RL/pointmaze/open-tiny-v0", num_episodes=4, seed=0):
+    """Random actions in the real open PointMaze (sparse reward, continuing task, Dict observations);
+    evaluation episodes are 150 steps, enough for a controller to reach any goal."""
+    env = gym.make("PointMaze_Open-v3", max_episode_steps=30)
+    eval_env = gym.make("PointMaze_Open-v3", max_episode_steps=150)
+    episodes = record_episodes(env, lambda obs, rng: rng.uniform(-1, 1, 2).astype(np.float32), num_episodes, seed)
+    return create(dataset_id, env, episodes, eval_env=eval_env)
+
+
+def make_antmaze_dataset(dataset_id="D4RL/antmaze/umaze-tiny-v0", num_episodes=3, seed=0):
+    env = gym.make("AntMaze_UMaze-v5", max_episode_steps=25)
+    episodes = record_episodes(env, lambda obs, rng: rng.uniform(-1, 1, 8).astype(np.float32), num_episodes, seed)
+    return create(dataset_id, env, episodes)
+
+
+KITCHEN_TASKS = ["microwave", "kettle", "light switch", "slide cabinet"]
+
+
+def make_kitchen_dataset(dataset_id="D4RL/kitchen/tiny-v0", num_episodes=2, seed=0):
+    env = gym.make("FrankaKitchen-v1", tasks_to_complete=KITCHEN_TASKS, max_episode_steps=15)
+    episodes = record_episodes(env, lambda obs, rng: rng.uniform(-1, 1, 9).astype(np.float32) * 0.1, num_episodes, seed)
+    return create(dataset_id, env, episodes)
+
+
+def make_pen_dataset(dataset_id="D4RL/pen/tiny-v0", num_episodes=3, seed=0):
+    """Adroit pen, carrying reference scores as Minari's D4RL/pen datasets do (values of D4RL's pen)."""
+    env = gym.make("AdroitHandPen-v1", max_episode_steps=20)
+    episodes = record_episodes(env, lambda obs, rng: rng.uniform(-1, 1, 24).astype(np.float32), num_episodes, seed)
+    eval_env = gym.make("AdroitHandPen-v1")  # Minari's spec: 200-step episodes
+    return create(dataset_id, env, episodes, eval_env=eval_env, ref_min_score=96.262799, ref_max_score=3076.833)

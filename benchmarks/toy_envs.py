@@ -44,5 +44,5 @@ class BanditEnv(gym.Env):
         return np.ones(1, np.float32), 1.0 if up else 0.0, True, False, {}
 
 
-gym.register("ToyTwoStep-v0", entry_point="tests.toy_envs:TwoStepEnv")
-gym.register("ToyBandit-v0", entry_point="tests.toy_envs:BanditEnv")
+gym.register("ToyTwoStep-v0", entry_point="benchmarks.toy_envs:TwoStepEnv")
+gym.register("ToyBandit-v0", entry_point="benchmarks.toy_envs:BanditEnv")

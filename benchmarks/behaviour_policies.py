@@ -1,0 +1,76 @@
+"""Train the behaviour policies of the D4RL-style MuJoCo benchmark datasets with stable-baselines3 SAC.
+
+One online SAC run per environment, as D4RL and Minari made theirs. Every --eval-every steps the
+policy is evaluated (deterministic, --eval-episodes episodes) and saved as step_{N}.zip, its mean
+return appended to progress.jsonl, and the replay buffer so far saved as replay.npz (episode
+structure kept: terminations and time-limit truncations), so a run can be stopped at any time. make_datasets.py then picks
+the `medium` checkpoint (return about a third of the best), the replay prefix up to it
+(`medium-replay`) and the last checkpoint (`expert` half of `medium-expert`).
+
+    python benchmarks/behaviour_policies.py --env Hopper-v5 --total-steps 200000 --out logs/behaviour/hopper
+
+stable-baselines3 is a dependency of this benchmark tooling only (benchmarks/requirements.txt).
+"""
+
+import argparse
+import json
+import os
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+from stable_baselines3 import SAC
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.evaluation import evaluate_policy
+
+
+class Checkpoints(BaseCallback):
+    def __init__(self, out: str, every: int, episodes: int, env_id: str, seed: int):
+        super().__init__()
+        self.out, self.every, self.episodes = out, every, episodes
+        self.eval_env = gym.make(env_id)
+        self.eval_env.reset(seed=seed + 10_000)
+        self.start = time.time()
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps % self.every == 0:
+            returns, _ = evaluate_policy(self.model, self.eval_env, n_eval_episodes=self.episodes, deterministic=True, return_episode_rewards=True)
+            self.model.save(os.path.join(self.out, f"step_{self.num_timesteps}.zip"))
+            record = {"step": self.num_timesteps, "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)), "wall_s": time.time() - self.start}
+            with open(os.path.join(self.out, "progress.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(record, flush=True)
+            save_replay(self.model, os.path.join(self.out, "replay.npz"))
+        return True
+
+
+def save_replay(model, path: str) -> None:
+    """The replay buffer so far, so that a run stopped early still leaves its data behind."""
+    buffer, n = model.replay_buffer, model.replay_buffer.size()
+    np.savez(
+        path + ".tmp.npz",
+        observations=buffer.observations[:n, 0], next_observations=buffer.next_observations[:n, 0],
+        actions=buffer.actions[:n, 0], rewards=buffer.rewards[:n, 0], dones=buffer.dones[:n, 0], timeouts=buffer.timeouts[:n, 0],
+    )
+    os.replace(path + ".tmp.npz", path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", default="Hopper-v5")
+    parser.add_argument("--total-steps", type=int, default=300_000)
+    parser.add_argument("--eval-every", type=int, default=10_000)
+    parser.add_argument("--eval-episodes", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    os.makedirs(args.out, exist_ok=True)
+    env = gym.make(args.env)
+    model = SAC("MlpPolicy", env, buffer_size=args.total_steps, seed=args.seed, verbose=0)
+    model.learn(args.total_steps, callback=Checkpoints(args.out, args.eval_every, args.eval_episodes, args.env, args.seed))
+
+
+if __name__ == "__main__":
+    main()

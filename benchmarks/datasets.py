@@ -1,0 +1,235 @@
+"""Build the offline benchmark datasets locally, in Minari format, with the recipes D4RL and Minari used.
+
+    python benchmarks/datasets.py toy                    # bandit and two-step MDPs (50/50, 10/90)
+    python benchmarks/datasets.py pointmaze              # PointMaze UMaze and Medium, waypoint controller
+    python benchmarks/datasets.py hopper --behaviour logs/behaviour/hopper   # medium, medium-replay, medium-expert
+
+Datasets go to $MINARI_DATASETS_PATH (default ~/.minari/datasets) under the `local/` namespace,
+e.g. local/hopper/medium-v0, and a line per dataset (size, return distribution, reference scores)
+is appended to $MINARI_DATASETS_PATH/local_datasets.jsonl.
+"""
+
+import argparse
+import collections
+import json
+import os
+
+import gymnasium as gym
+import gymnasium_robotics
+import minari
+import numpy as np
+from minari.data_collector import EpisodeBuffer
+
+import benchmarks.toy_envs  # noqa: F401  (registers the toy environments)
+from iql import stack_observations
+
+gym.register_envs(gymnasium_robotics)
+
+
+def record_episodes(env: gym.Env, policy, num_episodes: int, seed: int, max_steps: int = None):
+    """Roll `policy(obs, rng)` out for whole episodes (or until max_steps steps in all) as Minari episode buffers."""
+    rng = np.random.default_rng(seed)
+    episodes, steps = [], 0
+    for e in range(num_episodes):
+        obs, _ = env.reset(seed=seed + e)
+        observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
+        done = False
+        while not done:
+            action = policy(obs, rng)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            observations.append(obs)
+            actions.append(action)
+            rewards.append(reward)
+            terminations.append(terminated)
+            truncations.append(truncated)
+            done = terminated or truncated
+        episodes.append(
+            EpisodeBuffer(
+                id=e, observations=stack_observations(observations), actions=actions, rewards=rewards,
+                terminations=terminations, truncations=truncations, infos={},
+            )
+        )
+        steps += len(rewards)
+        if max_steps is not None and steps >= max_steps:
+            break
+    return episodes
+
+
+def create(dataset_id: str, env: gym.Env, episodes, eval_env=None, description="a locally built dataset", **metadata):
+    return minari.create_dataset_from_buffers(
+        dataset_id, episodes, env=env.spec, eval_env=(eval_env or env).spec, algorithm_name="see benchmarks/datasets.py",
+        author="offline-rl benchmarks", author_email="benchmarks@localhost", code_permalink="benchmarks/datasets.py",
+        description=description, **metadata,
+    )
+
+
+def record_summary(dataset, **extra) -> dict:
+    """Size and return distribution of a dataset, appended to local_datasets.jsonl beside the store."""
+    returns = np.array([e.rewards.sum() for e in dataset.iterate_episodes()])
+    metadata = dataset.storage.metadata
+    line = {
+        "dataset_id": dataset.spec.dataset_id, "episodes": dataset.total_episodes, "steps": dataset.total_steps,
+        "return_min": float(returns.min()), "return_mean": float(returns.mean()), "return_max": float(returns.max()),
+        "return_quartiles": [float(q) for q in np.percentile(returns, [25, 50, 75])],
+        "ref_min_score": metadata.get("ref_min_score"), "ref_max_score": metadata.get("ref_max_score"), **extra,
+    }
+    store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
+    os.makedirs(store, exist_ok=True)
+    with open(os.path.join(store, "local_datasets.jsonl"), "a") as f:
+        f.write(json.dumps(line) + "\n")
+    print(line)
+    return line
+
+
+# ---------------------------------------------------------------------------------------------
+# The blog post's toy problems
+# ---------------------------------------------------------------------------------------------
+def make_two_step_dataset(dataset_id="toy/twostep/fifty-v0", up_fraction=0.5, num_episodes=200, seed=0):
+    """The two-step MDP with exactly `up_fraction` up actions at s0, and again among the episodes
+    that reach s1 and among those that reach s2; action magnitudes uniform in [0.2, 1]."""
+    env = gym.make("ToyTwoStep-v0")
+    rng = np.random.default_rng(seed)
+
+    def mixture(n):  # exactly round(up_fraction * n) up choices among n, shuffled
+        n_up = int(round(up_fraction * n))
+        return rng.permutation(np.r_[np.ones(n_up), -np.ones(n - n_up)])
+
+    first = mixture(num_episodes)
+    second = np.empty(num_episodes)
+    for branch in (first > 0, first < 0):
+        second[branch] = mixture(int(branch.sum()))
+    plan = iter(np.stack([first, second], 1))
+    steps = []
+
+    def policy(obs, rng):
+        if obs[0] == 1.0:  # at s0: take the next episode's two choices
+            steps.clear()
+            steps.extend(next(plan))
+        return np.array([steps.pop(0) * rng.uniform(0.2, 1.0)], np.float32)
+
+    return create(dataset_id, env, record_episodes(env, policy, num_episodes, seed), description=f"two-step MDP, {up_fraction:.0%} up")
+
+
+def make_bandit_dataset(dataset_id="toy/bandit/fifty-v0", up_fraction=0.5, num_episodes=100, seed=0):
+    env = gym.make("ToyBandit-v0")
+    n_up = int(round(up_fraction * num_episodes))
+    signs = iter(np.random.default_rng(seed).permutation(np.r_[np.ones(n_up), -np.ones(num_episodes - n_up)]))
+    policy = lambda obs, rng: np.array([next(signs) * rng.uniform(0.2, 1.0)], np.float32)
+    return create(dataset_id, env, record_episodes(env, policy, num_episodes, seed), description=f"one-state bandit, {up_fraction:.0%} good arm")
+
+
+# ---------------------------------------------------------------------------------------------
+# PointMaze, the way D4RL built its maze datasets
+# ---------------------------------------------------------------------------------------------
+class WaypointController:
+    """D4RL's maze data policy: shortest path over maze cells to the current goal, a PD controller
+    towards the next cell's centre (the goal itself in the goal's cell), plus Gaussian action noise."""
+
+    def __init__(self, maze, noise: float, p_gain: float = 10.0, d_gain: float = -1.0):
+        self.maze, self.noise, self.p_gain, self.d_gain = maze, noise, p_gain, d_gain
+        self.free = {(r, c) for r in range(maze.map_length) for c in range(maze.map_width) if maze.maze_map[r][c] != 1}
+        self.next_cell, self.goal_cell = {}, None
+
+    def _plan(self, goal_cell):
+        """Breadth-first search from the goal: for every free cell, its neighbour one step closer."""
+        self.goal_cell, self.next_cell = goal_cell, {goal_cell: goal_cell}
+        queue = collections.deque([goal_cell])
+        while queue:
+            r, c = queue.popleft()
+            for nb in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                if nb in self.free and nb not in self.next_cell:
+                    self.next_cell[nb] = (r, c)
+                    queue.append(nb)
+
+    def __call__(self, obs, rng):
+        position, velocity, goal = obs["observation"][:2], obs["observation"][2:], obs["desired_goal"]
+        goal_cell = tuple(self.maze.cell_xy_to_rowcol(goal))
+        if goal_cell != self.goal_cell:
+            self._plan(goal_cell)
+        cell = tuple(self.maze.cell_xy_to_rowcol(position))
+        target = goal if cell == goal_cell else self.maze.cell_rowcol_to_xy(np.array(self.next_cell.get(cell, goal_cell)))
+        action = self.p_gain * (target - position) + self.d_gain * velocity + self.noise * rng.standard_normal(2)
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+
+def make_pointmaze_dataset(maze: str, total_steps: int, episode_steps: int, seed=0, noise=0.5):
+    """Long noisy goal-reaching trajectories whose goal is resampled on arrival (continuing task,
+    sparse reward), cut into episodes of `episode_steps`; evaluated on one goal per episode."""
+    env = gym.make(f"PointMaze_{maze}-v3", continuing_task=True, reset_target=True, max_episode_steps=episode_steps)
+    eval_env = gym.make(f"PointMaze_{maze}-v3", continuing_task=True, reset_target=False, max_episode_steps=episode_steps)
+    controller = WaypointController(env.unwrapped.maze, noise)
+    episodes = record_episodes(env, controller, num_episodes=total_steps // episode_steps, seed=seed)
+    dataset_id = f"local/pointmaze/{maze.lower()}-v0"
+    return create(dataset_id, env, episodes, eval_env=eval_env, description=f"PointMaze {maze}, waypoint controller, noise {noise}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hopper, D4RL-style, from the SAC behaviour policies of behaviour_policies.py
+# ---------------------------------------------------------------------------------------------
+def replay_episodes(path: str, steps: int):
+    """The first `steps` transitions of an SB3 replay buffer (n_envs=1), as episode buffers."""
+    replay = np.load(path)
+    ends = np.flatnonzero(replay["dones"][:steps] > 0)
+    episodes, start = [], 0
+    for end in ends:
+        sl = slice(start, end + 1)
+        truncated = replay["timeouts"][end] > 0
+        episodes.append(
+            EpisodeBuffer(
+                id=len(episodes),
+                observations=np.concatenate([replay["observations"][sl], replay["next_observations"][end][None]]),
+                actions=replay["actions"][sl], rewards=replay["rewards"][sl],
+                terminations=np.r_[np.zeros(end - start, bool), [not truncated]],
+                truncations=np.r_[np.zeros(end - start, bool), [truncated]], infos={},
+            )
+        )
+        start = end + 1
+    return episodes
+
+
+def make_hopper_datasets(behaviour_dir: str, steps: int, env_id="Hopper-v5", name="hopper", seed=0):
+    from stable_baselines3 import SAC
+
+    progress = [json.loads(line) for line in open(os.path.join(behaviour_dir, "progress.jsonl"))]
+    best = max(progress, key=lambda p: p["return_mean"])
+    # D4RL's "medium": a policy trained until it reaches about a third of the best return
+    medium = min(progress, key=lambda p: abs(p["return_mean"] - best["return_mean"] / 3))
+    env = gym.make(env_id)
+    random_policy = lambda obs, rng: rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
+    random_returns = [sum(ep.rewards) for ep in record_episodes(env, random_policy, 20, seed + 999)]
+    refs = {"ref_min_score": float(np.mean(random_returns)), "ref_max_score": float(best["return_mean"])}
+    policies = {}
+    for tag, checkpoint in (("medium", medium), ("expert", best)):
+        model = SAC.load(os.path.join(behaviour_dir, f"step_{checkpoint['step']}.zip"), device="cpu")
+        policy = lambda obs, rng, model=model: model.predict(obs, deterministic=False)[0].astype(np.float32)
+        policies[tag] = record_episodes(env, policy, num_episodes=10**9, seed=seed + (0 if tag == "medium" else 50_000), max_steps=steps)
+    behaviour = {"medium_policy": medium, "expert_policy": best, "random_return": refs["ref_min_score"]}
+    made = [
+        create(f"local/{name}/medium-v0", env, policies["medium"], description=f"{name} medium: SAC at step {medium['step']}", **refs),
+        create(f"local/{name}/medium-replay-v0", env, replay_episodes(os.path.join(behaviour_dir, "replay.npz"), medium["step"]),
+               description=f"{name} medium-replay: the SAC replay buffer up to step {medium['step']}", **refs),
+        create(f"local/{name}/medium-expert-v0", env, policies["medium"] + policies["expert"],
+               description=f"{name} medium-expert: medium plus SAC at step {best['step']}", **refs),
+    ]
+    return [record_summary(d, behaviour=behaviour) for d in made]
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Build the local benchmark datasets (see the module docstring).")
+    parser.add_argument("which", choices=["toy", "pointmaze", "hopper"])
+    parser.add_argument("--behaviour", default="logs/behaviour/hopper", help="hopper: the folder of behaviour_policies.py")
+    parser.add_argument("--steps", type=int, default=100_000, help="hopper: steps per policy's rollouts")
+    args = parser.parse_args()
+    if args.which == "toy":
+        for fraction, tag in ((0.5, "fifty"), (0.1, "ten")):
+            record_summary(make_two_step_dataset(f"toy/twostep/{tag}-v0", up_fraction=fraction, num_episodes=400))
+            record_summary(make_bandit_dataset(f"toy/bandit/{tag}-v0", up_fraction=fraction, num_episodes=200))
+    elif args.which == "pointmaze":
+        record_summary(make_pointmaze_dataset("UMaze", total_steps=100_000, episode_steps=300))
+        record_summary(make_pointmaze_dataset("Medium", total_steps=200_000, episode_steps=600))
+    else:
+        make_hopper_datasets(args.behaviour, args.steps)
+
+
+if __name__ == "__main__":
+    main()

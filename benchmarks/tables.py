@@ -1,0 +1,173 @@
+"""Turn the runs' summary.json files into the Markdown tables of benchmarks.md, and draw learning curves.
+
+    python benchmarks/tables.py --runs-dir logs/bench_runs --write benchmarks.md --curves benchmarks/curves
+
+The score of a run is its final evaluation (the last one, as CORL's "last" column; never the best of
+several); a cell is the mean +- std of that score over seeds, with the number of seeds. The
+tables replace the text between `<!-- tables:start -->` and `<!-- tables:end -->` of --write.
+"""
+
+import argparse
+import collections
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+COLUMNS = ["BC", "10% BC", "IQL", "IQL post-hoc"]
+
+
+def load_runs(runs_dir: str) -> list:
+    runs = []
+    for path in sorted(glob.glob(os.path.join(runs_dir, "*", "summary.json"))):
+        run_dir = os.path.dirname(path)
+        summary = json.load(open(path))
+        args = json.load(open(os.path.join(run_dir, "args.json")))
+        runs.append({"dir": run_dir, "summary": summary, "args": args})
+    return runs
+
+
+def label(run: dict, policy: str) -> str:
+    if policy == "bc":
+        fraction = run["summary"]["data_selection"]["top_fraction"]
+        return "BC" if fraction == 1.0 else f"{fraction:.0%} BC"
+    return {"concurrent": "IQL", "posthoc": "IQL post-hoc"}[policy]
+
+
+def cell(values) -> str:
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f} ({len(values)})" if values else "–"
+
+
+def score_table(runs: list) -> str:
+    """Datasets x methods, mean +- std over seeds of the final score, and the average row."""
+    scores = collections.defaultdict(list)
+    for run in runs:
+        if run["summary"]["env_id"].startswith("toy/"):
+            continue
+        for policy, result in run["summary"]["policies"].items():
+            if result["score_mean"] is not None:
+                scores[run["summary"]["env_id"], label(run, policy)].append(result["score_mean"])
+    datasets = sorted({d for d, _ in scores})
+    columns = [c for c in COLUMNS if any((d, c) in scores for d in datasets)]
+    lines = ["| dataset | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for d in datasets:
+        lines.append(f"| {d} | " + " | ".join(cell(scores.get((d, c), [])) for c in columns) + " |")
+    complete = [d for d in datasets if all((d, c) in scores for c in columns)]
+    if complete:
+        averages = [np.mean([np.mean(scores[d, c]) for d in complete]) for c in columns]
+        lines.append(f"| **average** ({len(complete)} datasets) | " + " | ".join(f"**{a:.1f}**" for a in averages) + " |")
+    return "\n".join(lines)
+
+
+def analytic_v_s1(up_fraction: float, expectile: float) -> float:
+    """argmin_v p tau (10 - v)^2 + (1 - p)(1 - tau)(-10 - v)^2, the blog's arithmetic."""
+    w_up, w_down = up_fraction * expectile, (1 - up_fraction) * (1 - expectile)
+    return (10 * w_up - 10 * w_down) / (w_up + w_down)
+
+
+def toy_table(runs: list) -> str:
+    """Two-step MDP: expectile vs the learned and analytic V(s1), and the return of the policy."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import iql
+
+    rows = collections.defaultdict(lambda: {"v": [], "ret": []})
+    fractions = {}
+    for run in runs:
+        env_id, args = run["summary"]["env_id"], run["args"]
+        if not env_id.startswith("toy/twostep/") or "concurrent" not in run["summary"]["policies"]:
+            continue
+        checkpoint = os.path.join(run["dir"], "model.pt")
+        if not os.path.exists(checkpoint):
+            continue
+        value = iql.mlp(3, tuple(args["hidden_dims"]), 1)
+        value.load_state_dict(torch.load(checkpoint, weights_only=False)["value"])
+        with torch.no_grad():
+            v_s1 = value(torch.eye(3)[1:2]).item()
+        key = (env_id, args["expectile"])
+        rows[key]["v"].append(v_s1)
+        rows[key]["ret"].append(run["summary"]["policies"]["concurrent"]["return_mean"])
+        fractions[env_id] = 0.1 if "ten" in env_id else 0.5
+    lines = ["| dataset | expectile | V(s1) analytic | V(s1) learned | return (best 10) |", "|---|---|---|---|---|"]
+    for env_id, expectile in sorted(rows):
+        r = rows[env_id, expectile]
+        lines.append(
+            f"| {env_id} | {expectile} | {analytic_v_s1(fractions[env_id], expectile):.2f} | "
+            f"{np.mean(r['v']):.2f} ± {np.std(r['v']):.2f} | {np.mean(r['ret']):.1f} ({len(r['ret'])} seeds) |"
+        )
+    return "\n".join(lines)
+
+
+def learning_curves(runs: list, out_dir: str) -> list:
+    """One PNG per dataset: score against gradient step, mean with a +-std band over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = collections.defaultdict(lambda: collections.defaultdict(list))  # dataset -> label -> [(steps, scores)]
+    for run in runs:
+        path = os.path.join(run["dir"], "evaluations.jsonl")
+        if run["summary"]["env_id"].startswith("toy/") or not os.path.exists(path):
+            continue
+        history = [json.loads(line) for line in open(path)]
+        for policy in run["summary"]["policies"]:
+            points = [(h["step"], h["score_mean"]) for h in history if h["policy"] == policy and h["score_mean"] is not None]
+            if points:
+                curves[run["summary"]["env_id"]][label(run, policy)].append(points)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for dataset, by_label in sorted(curves.items()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, seeds in sorted(by_label.items()):
+            steps = sorted(set.intersection(*(set(s for s, _ in points) for points in seeds)))
+            values = np.array([[dict(points)[s] for s in steps] for points in seeds])
+            mean, std = values.mean(0), values.std(0)
+            ax.plot(steps, mean, label=f"{name} ({len(seeds)} seeds)")
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        ax.set_xlabel("gradient step (IQL post-hoc: after the V/Q steps)")
+        ax.set_ylabel("score")
+        ax.set_title(dataset)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out_dir, dataset.replace("/", "__") + ".png")
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written.append((dataset, path))
+    return written
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs-dir", default="logs/bench_runs")
+    parser.add_argument("--write", help="a Markdown file whose tables block to replace; default: print")
+    parser.add_argument("--curves", default="benchmarks/curves", help="folder for the learning-curve PNGs")
+    args = parser.parse_args()
+    runs = load_runs(args.runs_dir)
+    curves = learning_curves(runs, args.curves)
+    base = os.path.dirname(os.path.abspath(args.write)) if args.write else os.getcwd()
+    block = "\n\n".join(
+        [
+            "### Scores (final evaluation, mean ± std over seeds, number of seeds)",
+            score_table(runs),
+            "### Toy two-step MDP: V(s1) against the expectile",
+            toy_table(runs),
+            "### Learning curves",
+            "\n".join(f"- [{d}]({os.path.relpath(p, base)})" for d, p in curves) or "–",
+        ]
+    )
+    if not args.write:
+        print(block)
+        return
+    text = open(args.write).read()
+    start, end = "<!-- tables:start -->", "<!-- tables:end -->"
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    open(args.write, "w").write(f"{head}{start}\n{block}\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    main()

@@ -39,6 +39,8 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, train on the GPU when one is available"""
+    torch_threads: Optional[int] = None
+    """CPU threads of torch (None: torch's default, all cores); use 1 per run when several runs share a machine"""
     track: bool = False
     """if toggled, log the run to Weights & Biases"""
     wandb_project_name: str = "offline-rl"
@@ -109,6 +111,7 @@ def validate_args(args: Args) -> None:
         (args.lr > 0.0, "learning rates must be positive"),
         (len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0, f"--hidden-dims must be positive sizes, got {args.hidden_dims}"),
         (0.0 <= args.dropout < 1.0, f"--dropout must be in [0, 1), got {args.dropout}"),
+        (args.torch_threads is None or args.torch_threads > 0, f"--torch-threads must be positive, got {args.torch_threads}"),
         (args.eval_freq >= 0, f"--eval-freq must be >= 0, got {args.eval_freq}"),
         (min(args.eval_episodes, args.final_eval_episodes, args.log_freq) > 0, "--eval-episodes, --final-eval-episodes and --log-freq must be positive"),
         (dataset_family(args.env_id) == "maze" or not (args.goal_terminal or args.eval_terminate_at_goal), "--goal-terminal and --eval-terminate-at-goal apply to maze datasets (pointmaze, antmaze) only"),
@@ -480,6 +483,8 @@ def main(args: Args) -> dict:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Only s and a are needed: the minibatches are drawn on the device, with no host round-trip.
@@ -490,7 +495,7 @@ def main(args: Args) -> dict:
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
 
     actor = Actor(obs_dim, act_dim, args.hidden_dims, args.dropout, args.state_dependent_std).to(device)
-    optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr, foreach=True)
+    optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr, fused=True)
     # lr_t = lr * (1 + cos(pi * t / steps)) / 2, like iql.py's actor
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps) if args.lr_schedule == "cosine" else None
 

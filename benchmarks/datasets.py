@@ -13,6 +13,7 @@ import argparse
 import collections
 import json
 import os
+import sys
 
 import gymnasium as gym
 import gymnasium_robotics
@@ -20,6 +21,7 @@ import minari
 import numpy as np
 from minari.data_collector import EpisodeBuffer
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, when run as a script
 import benchmarks.toy_envs  # noqa: F401  (registers the toy environments)
 from iql import stack_observations
 

@@ -45,16 +45,13 @@ def iql_flags(dataset_id: str) -> list:
     return []
 
 
-def commands(dataset_id: str, seed: int, steps: int, runs_dir: str, extra: list, expectiles: list) -> list:
-    common = ["--env-id", dataset_id, "--seed", str(seed), "--total-steps", str(steps), "--runs-dir", runs_dir, *extra]
+def commands(dataset_id: str, seed: int, steps: int, runs_dir: str, extra: list, expectiles: list, algos: list) -> list:
+    common = ["--env-id", dataset_id, "--seed", str(seed), "--total-steps", str(steps), "--runs-dir", runs_dir]
     iql_runs = [["iql.py", *common, *iql_flags(dataset_id), "--policy-extraction", "both"]]
-    if expectiles:  # an expectile scan, e.g. on the toy MDPs; argparse-style: the last --expectile wins
+    if expectiles:  # an expectile scan, e.g. on the toy MDPs
         iql_runs = [[*iql_runs[0], "--expectile", str(e)] for e in expectiles]
-    return [
-        *iql_runs,
-        ["bc.py", *common, "--exp-name", "bc"],
-        ["bc.py", *common, "--exp-name", "bc10", "--top-fraction", "0.1"],
-    ]
+    runs = {"iql": iql_runs, "bc": [["bc.py", *common, "--exp-name", "bc"]], "bc10": [["bc.py", *common, "--exp-name", "bc10", "--top-fraction", "0.1"]]}
+    return [run + extra for algo in algos for run in runs[algo]]  # the user's flags come last, so they override the defaults
 
 
 def main():
@@ -64,6 +61,7 @@ def main():
     parser.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=None, help="gradient steps per run (default: 1M with --paper)")
     parser.add_argument("--runs-dir", default="logs/bench_runs")
+    parser.add_argument("--algos", nargs="*", choices=["iql", "bc", "bc10"], default=["iql", "bc", "bc10"])
     parser.add_argument("--expectiles", nargs="*", type=float, default=[], help="run IQL once per expectile")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args, extra = parser.parse_known_args()  # anything else goes to every run, e.g. --eval-freq 5000
@@ -71,7 +69,7 @@ def main():
     steps = args.steps or 1_000_000
     for dataset_id in datasets:
         for seed in args.seeds:
-            for command in commands(dataset_id, seed, steps, args.runs_dir, extra, args.expectiles):
+            for command in commands(dataset_id, seed, steps, args.runs_dir, extra, args.expectiles, args.algos):
                 print(" ".join(["python", *command]), flush=True)
                 if not args.dry_run:
                     subprocess.run([sys.executable, os.path.join(REPO, command[0]), *command[1:]], check=True)

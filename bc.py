@@ -90,13 +90,8 @@ class Args:
 # D4RL reference returns (random, expert) for datasets that carry no reference scores
 # (Minari's mujoco/*-v0 datasets); the scores of these environments then mean what they meant in D4RL.
 D4RL_REFERENCE_RETURNS = {
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-    "pen": (96.262799, 3076.833),
-    "hammer": (-274.856578, 12794.13),
-    "door": (-56.512833, 2880.569),
-    "relocate": (-6.425911, 4233.878),
+    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
+    "pen": (96.262799, 3076.833), "hammer": (-274.856578, 12794.13), "door": (-56.512833, 2880.569), "relocate": (-6.425911, 4233.878),
 }
 ACTION_CLIP_EPS = 1e-5
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
@@ -165,12 +160,17 @@ class OfflineData:
     back to back, so s' of transition i is the row after s, and no observation is stored twice."""
 
     observations: np.ndarray  # (N + E, obs_dim) float32
-    obs_rows: np.ndarray  # (N,) row of each transition's s in `observations`; s' is at obs_rows + 1
     actions: np.ndarray  # (N, act_dim) float32, raw (as in the dataset)
     rewards: np.ndarray  # (N,) float32, raw
     terminations: np.ndarray  # (N,) bool
     truncations: np.ndarray  # (N,) bool
     episode_lengths: np.ndarray  # (E,) int64
+
+    @property
+    def obs_rows(self) -> np.ndarray:
+        """(N,) row of each transition's s in `observations`; s' is the next row. Transition j of
+        episode e sits at row (start of e) + e + j: each earlier episode has one extra row."""
+        return np.arange(self.episode_lengths.sum()) + np.repeat(np.arange(len(self.episode_lengths)), self.episode_lengths)
 
     @property
     def episode_returns(self) -> np.ndarray:
@@ -191,19 +191,7 @@ def flatten_dataset(dataset) -> OfflineData:
         lengths.append(len(episode.rewards))
     if not lengths:
         raise SystemExit(f"error: Minari dataset '{dataset.spec.dataset_id}' has no episodes")
-    lengths = np.asarray(lengths, dtype=np.int64)
-    # transition j of episode e sits at row (start of e) + e + j: each earlier episode has one extra row
-    episode_index = np.repeat(np.arange(len(lengths)), lengths)
-    obs_rows = np.arange(lengths.sum()) + episode_index
-    return OfflineData(
-        observations=np.concatenate(parts["observations"]),
-        obs_rows=obs_rows,
-        actions=np.concatenate(parts["actions"]),
-        rewards=np.concatenate(parts["rewards"]),
-        terminations=np.concatenate(parts["terminations"]),
-        truncations=np.concatenate(parts["truncations"]),
-        episode_lengths=lengths,
-    )
+    return OfflineData(**{k: np.concatenate(v) for k, v in parts.items()}, episode_lengths=np.asarray(lengths, dtype=np.int64))
 
 
 def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray) -> OfflineData:
@@ -211,15 +199,9 @@ def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray
     starts = np.concatenate([[0], np.cumsum(data.episode_lengths)[:-1]])
     steps = np.concatenate([np.arange(starts[e], starts[e] + n) for e, n in zip(episodes, lengths)])
     rows = np.concatenate([np.arange(starts[e] + e, starts[e] + e + n + 1) for e, n in zip(episodes, lengths)])
-    lengths = np.asarray(lengths, dtype=np.int64)
     return OfflineData(
-        observations=data.observations[rows],
-        obs_rows=np.arange(lengths.sum()) + np.repeat(np.arange(len(lengths)), lengths),
-        actions=data.actions[steps],
-        rewards=data.rewards[steps],
-        terminations=data.terminations[steps].copy(),
-        truncations=data.truncations[steps].copy(),
-        episode_lengths=lengths,
+        observations=data.observations[rows], actions=data.actions[steps], rewards=data.rewards[steps],
+        terminations=data.terminations[steps], truncations=data.truncations[steps], episode_lengths=np.asarray(lengths, dtype=np.int64),
     )
 
 
@@ -541,32 +523,18 @@ def main(args: Args) -> dict:
 
     result = run_evaluation(args.total_steps, args.final_eval_episodes, final=True)
     summary = {
-        "env_id": args.env_id,
-        "run_name": run_name,
-        "seed": args.seed,
-        "policies": {"bc": result},
-        "scoring": rule,
-        "data_selection": selection,
-        "total_steps": args.total_steps,
-        "updates_per_second": args.total_steps / train_time,
-        "wall_time_s": time.time() - start,
-        "device": str(device),
+        "env_id": args.env_id, "run_name": run_name, "seed": args.seed, "policies": {"bc": result}, "scoring": rule,
+        "data_selection": selection, "total_steps": args.total_steps,
+        "updates_per_second": args.total_steps / train_time, "wall_time_s": time.time() - start, "device": str(device),
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if args.save_model:
-        torch.save(
-            {
-                "args": asdict(args),
-                "actor": actor.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "normalization": {"action_low": low, "action_high": high},
-                "data_selection": selection,
-                "obs_dim": obs_dim,
-                "act_dim": act_dim,
-            },
-            os.path.join(run_dir, "model.pt"),
-        )
+        checkpoint = {
+            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "actor": actor.state_dict(), "optimizer": optimizer.state_dict(),
+            "normalization": {"action_low": low, "action_high": high}, "data_selection": selection,
+        }
+        torch.save(checkpoint, os.path.join(run_dir, "model.pt"))
     if args.track:
         wandb.summary.update({f"final/bc/{k}": v for k, v in result.items()})
         wandb.finish()

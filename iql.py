@@ -109,13 +109,8 @@ class Args:
 # D4RL reference returns (random, expert) for datasets that carry no reference scores
 # (Minari's mujoco/*-v0 datasets); the scores of these environments then mean what they meant in D4RL.
 D4RL_REFERENCE_RETURNS = {
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-    "pen": (96.262799, 3076.833),
-    "hammer": (-274.856578, 12794.13),
-    "door": (-56.512833, 2880.569),
-    "relocate": (-6.425911, 4233.878),
+    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
+    "pen": (96.262799, 3076.833), "hammer": (-274.856578, 12794.13), "door": (-56.512833, 2880.569), "relocate": (-6.425911, 4233.878),
 }
 ACTION_CLIP_EPS = 1e-5
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
@@ -189,12 +184,17 @@ class OfflineData:
     back to back, so s' of transition i is the row after s, and no observation is stored twice."""
 
     observations: np.ndarray  # (N + E, obs_dim) float32
-    obs_rows: np.ndarray  # (N,) row of each transition's s in `observations`; s' is at obs_rows + 1
     actions: np.ndarray  # (N, act_dim) float32, raw (as in the dataset)
     rewards: np.ndarray  # (N,) float32, raw
     terminations: np.ndarray  # (N,) bool
     truncations: np.ndarray  # (N,) bool
     episode_lengths: np.ndarray  # (E,) int64
+
+    @property
+    def obs_rows(self) -> np.ndarray:
+        """(N,) row of each transition's s in `observations`; s' is the next row. Transition j of
+        episode e sits at row (start of e) + e + j: each earlier episode has one extra row."""
+        return np.arange(self.episode_lengths.sum()) + np.repeat(np.arange(len(self.episode_lengths)), self.episode_lengths)
 
     @property
     def episode_returns(self) -> np.ndarray:
@@ -215,19 +215,7 @@ def flatten_dataset(dataset) -> OfflineData:
         lengths.append(len(episode.rewards))
     if not lengths:
         raise SystemExit(f"error: Minari dataset '{dataset.spec.dataset_id}' has no episodes")
-    lengths = np.asarray(lengths, dtype=np.int64)
-    # transition j of episode e sits at row (start of e) + e + j: each earlier episode has one extra row
-    episode_index = np.repeat(np.arange(len(lengths)), lengths)
-    obs_rows = np.arange(lengths.sum()) + episode_index
-    return OfflineData(
-        observations=np.concatenate(parts["observations"]),
-        obs_rows=obs_rows,
-        actions=np.concatenate(parts["actions"]),
-        rewards=np.concatenate(parts["rewards"]),
-        terminations=np.concatenate(parts["terminations"]),
-        truncations=np.concatenate(parts["truncations"]),
-        episode_lengths=lengths,
-    )
+    return OfflineData(**{k: np.concatenate(v) for k, v in parts.items()}, episode_lengths=np.asarray(lengths, dtype=np.int64))
 
 
 def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray) -> OfflineData:
@@ -235,15 +223,9 @@ def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray
     starts = np.concatenate([[0], np.cumsum(data.episode_lengths)[:-1]])
     steps = np.concatenate([np.arange(starts[e], starts[e] + n) for e, n in zip(episodes, lengths)])
     rows = np.concatenate([np.arange(starts[e] + e, starts[e] + e + n + 1) for e, n in zip(episodes, lengths)])
-    lengths = np.asarray(lengths, dtype=np.int64)
     return OfflineData(
-        observations=data.observations[rows],
-        obs_rows=np.arange(lengths.sum()) + np.repeat(np.arange(len(lengths)), lengths),
-        actions=data.actions[steps],
-        rewards=data.rewards[steps],
-        terminations=data.terminations[steps].copy(),
-        truncations=data.truncations[steps].copy(),
-        episode_lengths=lengths,
+        observations=data.observations[rows], actions=data.actions[steps], rewards=data.rewards[steps],
+        terminations=data.terminations[steps], truncations=data.truncations[steps], episode_lengths=np.asarray(lengths, dtype=np.int64),
     )
 
 
@@ -672,14 +654,14 @@ def main(args: Args) -> dict:
             wandb.log({prefix + k: v for k, v in result.items() if v is not None}, step=step)
         return result
 
-    def log_progress(step: int, steps: int, phase_start: float, last, names, values):
+    def log_progress(step: int, steps: int, phase_start: float, last, names, values, step_offset: int = 0):
         now = time.time()
         rate = (step - last[0]) / (now - last[1])
         eta = (steps - step) * (now - phase_start) / step
         metrics = dict(zip(names, values.tolist()))  # one host sync per log line
         print(f"step {step:>8}/{steps} | {rate:7.0f} upd/s | ETA {eta / 60:5.1f} min | " + " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in metrics.items()))
         if args.track:
-            wandb.log({**metrics, "charts/updates_per_second": rate}, step=step)
+            wandb.log({**metrics, "charts/updates_per_second": rate}, step=step_offset + step)
         return step, now
 
     value_names = ["losses/value_loss", "losses/critic_loss", "charts/v_mean", "charts/q_mean"]
@@ -710,48 +692,29 @@ def main(args: Args) -> dict:
             metrics = update_actor(batch, adv, actors["posthoc"], *actor_opts["posthoc"], args)
             if step % args.log_freq == 0 or step == posthoc_steps:
                 names = [n.replace("/", "/posthoc_") for n in actor_names]
-                last = log_progress(step, posthoc_steps, phase_start, last, names, metrics)
+                last = log_progress(step, posthoc_steps, phase_start, last, names, metrics, step_offset=args.total_steps)
             if args.eval_freq and step % args.eval_freq == 0 and step < posthoc_steps:
                 run_evaluation("posthoc", args.total_steps + step, args.eval_episodes)
 
     final_step = args.total_steps + (posthoc_steps if "posthoc" in actors else 0)
     results = {name: run_evaluation(name, final_step, args.final_eval_episodes, final=True) for name in policies}
     summary = {
-        "env_id": args.env_id,
-        "run_name": run_name,
-        "seed": args.seed,
-        "policies": results,
-        "scoring": rule,
-        "reward_normalization": reward_mode,
-        "total_steps": args.total_steps,
-        "updates_per_second": updates_per_second,
-        "wall_time_s": time.time() - start,
-        "device": str(device),
+        "env_id": args.env_id, "run_name": run_name, "seed": args.seed, "policies": results, "scoring": rule,
+        "reward_normalization": reward_mode, "total_steps": args.total_steps,
+        "updates_per_second": updates_per_second, "wall_time_s": time.time() - start, "device": str(device),
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if args.save_model:
-        torch.save(
-            {
-                "args": asdict(args),
-                "value": value.state_dict(),
-                "critic": critic.state_dict(),
-                "target_critic": target_critic.state_dict(),
-                "actors": {name: actor.state_dict() for name, actor in actors.items()},
-                "optimizers": {
-                    "value": value_opt.state_dict(),
-                    "critic": critic_opt.state_dict(),
-                    **{f"actor_{name}": opt.state_dict() for name, (opt, _) in actor_opts.items()},
-                },
-                "normalization": {
-                    "reward_mode": reward_mode, "reward_scale": reward_scale, "reward_shift": reward_shift,
-                    "action_low": low, "action_high": high,
-                },
-                "obs_dim": obs_dim,
-                "act_dim": act_dim,
-            },
-            os.path.join(run_dir, "model.pt"),
-        )
+        optimizers = {"value": value_opt, "critic": critic_opt, **{f"actor_{name}": opt for name, (opt, _) in actor_opts.items()}}
+        checkpoint = {
+            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim,
+            "value": value.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
+            "actors": {name: actor.state_dict() for name, actor in actors.items()},
+            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+            "normalization": {"reward_mode": reward_mode, "reward_scale": reward_scale, "reward_shift": reward_shift, "action_low": low, "action_high": high},
+        }
+        torch.save(checkpoint, os.path.join(run_dir, "model.pt"))
     if args.track:
         wandb.summary.update({f"final/{name}/{k}": v for name, r in results.items() for k, v in r.items()})
         wandb.finish()

@@ -16,14 +16,12 @@ def synthetic_data(returns, lengths):
     """An OfflineData whose episode e has the given length and return, with traceable values."""
     lengths = np.asarray(lengths)
     rewards = np.concatenate([np.full(n, r / n, np.float32) for r, n in zip(returns, lengths)])
-    episode_index = np.repeat(np.arange(len(lengths)), lengths)
     n_rows = lengths.sum() + len(lengths)
     # observation rows carry (episode, position) so a wrong row is visible
     obs = np.concatenate([np.stack([np.full(n + 1, e), np.arange(n + 1)], 1) for e, n in enumerate(lengths)]).astype(np.float32)
     assert len(obs) == n_rows
     return bc.OfflineData(
         observations=obs,
-        obs_rows=np.arange(lengths.sum()) + episode_index,
         actions=np.repeat(np.arange(len(lengths), dtype=np.float32), lengths)[:, None],
         rewards=rewards,
         terminations=np.zeros(lengths.sum(), bool),

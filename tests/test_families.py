@@ -140,7 +140,6 @@ def test_both_scripts_run_on_every_family(script, dataset_id, minari_store, tmp_
 def test_goal_terminal_cuts_episodes_at_the_first_goal_step():
     data = iql.OfflineData(
         observations=np.arange(11, dtype=np.float32)[:, None],
-        obs_rows=np.array([0, 1, 2, 3, 4, 6, 7, 8, 9]),
         actions=np.zeros((9, 1), np.float32),
         rewards=np.array([0, 0, 1, 1, 0, 0, 0, 0, 1], np.float32),
         terminations=np.zeros(9, bool),

@@ -22,7 +22,6 @@ def random_batches(dtype):
     truncations[79] = True
     data = iql.OfflineData(
         observations=rng.standard_normal((n + len(lengths), OBS_DIM)).astype(np.float32),
-        obs_rows=np.arange(n) + np.repeat(np.arange(len(lengths)), lengths),
         actions=rng.uniform(-0.99, 0.99, (n, ACT_DIM)).astype(np.float32),
         rewards=rng.standard_normal(n).astype(np.float32),
         terminations=terminations, truncations=truncations, episode_lengths=lengths,

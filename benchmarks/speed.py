@@ -103,7 +103,6 @@ def random_buffer(n_episodes, episode_len, obs_dim, act_dim, device, seed=0) -> 
     n = int(lengths.sum())
     data = iql.OfflineData(
         observations=rng.standard_normal((n + n_episodes, obs_dim), dtype=np.float32),
-        obs_rows=np.arange(n) + np.repeat(np.arange(n_episodes), lengths),
         actions=rng.uniform(-0.99, 0.99, (n, act_dim)).astype(np.float32),
         rewards=rng.standard_normal(n, dtype=np.float32),
         terminations=rng.random(n) < 0.001, truncations=np.zeros(n, bool), episode_lengths=lengths,
@@ -275,7 +274,7 @@ def dataset_worker(cfg) -> dict:
         result["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device) - base
     n, obs_dim, act_dim = len(data.rewards), data.observations.shape[1], data.actions.shape[1]
     result["raw_float32_bytes"] = 4 * n * (2 * obs_dim + act_dim + 1 + 1)  # s, s', a, r, terminal
-    result["flat_bytes"] = sum(x.nbytes for x in (data.observations, data.obs_rows, data.actions, data.rewards, data.terminations, data.truncations))
+    result["flat_bytes"] = sum(x.nbytes for x in (data.observations, data.actions, data.rewards, data.terminations, data.truncations))
     result.update(transitions=n, episodes=len(data.episode_lengths), obs_dim=obs_dim, act_dim=act_dim)
     return result
 

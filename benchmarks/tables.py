@@ -50,6 +50,8 @@ def score_table(runs: list) -> str:
             if result["score_mean"] is not None:
                 scores[run["summary"]["env_id"], label(run, policy)].append(result["score_mean"])
     datasets = sorted({d for d, _ in scores})
+    if not datasets:
+        return "no scored runs"
     columns = [c for c in COLUMNS if any((d, c) in scores for d in datasets)]
     lines = ["| dataset | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for d in datasets:
@@ -91,7 +93,7 @@ def toy_table(runs: list) -> str:
         rows[key]["v"].append(v_s1)
         rows[key]["ret"].append(run["summary"]["policies"]["concurrent"]["return_mean"])
         fractions[env_id] = 0.1 if "ten" in env_id else 0.5
-    lines = ["| dataset | expectile | V(s1) analytic | V(s1) learned | return (best 10) |", "|---|---|---|---|---|"]
+    lines = ["| dataset | expectile | V(s1) analytic | V(s1) learned | return of the policy (best: 10) |", "|---|---|---|---|---|"]
     for env_id, expectile in sorted(rows):
         r = rows[env_id, expectile]
         lines.append(

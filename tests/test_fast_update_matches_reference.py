@@ -84,3 +84,19 @@ def test_iql_update_matches_corl_style_reference(dtype, rtol, atol):
     assert actor_opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule ran to its end
     # the targets really moved (Polyak ran) yet stayed apart from the online critics
     assert not torch.equal(target_critic.weights[0], critic.weights[0])
+
+
+def test_speed_benchmark_runs(tmp_path):
+    """benchmarks/speed.py end to end at toy sizes, so the one-command benchmark keeps working."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    small = ["--threads", "1", "--steps", "3", "--warmup", "1", "--repeats", "1", "--buffer-episodes", "3",
+             "--dataset-episodes", "3", "--episode-steps", "20", "--eval-episodes", "1", "--cache-dir", str(tmp_path)]
+    result = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "speed.py"), *small], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for heading in ("### Update step", "### Dataset", "### Evaluation"):
+        assert heading in result.stdout
+    assert "| iql.py |" in result.stdout and "| reference (CORL-style) |" in result.stdout

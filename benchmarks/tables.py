@@ -1,6 +1,6 @@
 """Turn the runs' summary.json files into the Markdown tables of benchmarks.md, and draw learning curves.
 
-    python benchmarks/tables.py --runs-dir logs/bench_runs --write benchmarks.md --curves benchmarks/curves
+    python benchmarks/tables.py --runs-dir logs/bench_runs logs/toy_runs --write benchmarks.md --curves benchmarks/curves
 
 The score of a run is its final evaluation (the last one, as CORL's "last" column; never the best of
 several); a cell is the mean +- std of that score over seeds, with the number of seeds. The
@@ -19,9 +19,9 @@ import numpy as np
 COLUMNS = ["BC", "10% BC", "IQL", "IQL post-hoc"]
 
 
-def load_runs(runs_dir: str) -> list:
+def load_runs(runs_dirs: list) -> list:
     runs = []
-    for path in sorted(glob.glob(os.path.join(runs_dir, "*", "summary.json"))):
+    for path in sorted(p for runs_dir in runs_dirs for p in glob.glob(os.path.join(runs_dir, "*", "summary.json"))):
         run_dir = os.path.dirname(path)
         summary = json.load(open(path))
         args = json.load(open(os.path.join(run_dir, "args.json")))
@@ -144,7 +144,7 @@ def learning_curves(runs: list, out_dir: str) -> list:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs-dir", default="logs/bench_runs")
+    parser.add_argument("--runs-dir", nargs="+", default=["logs/bench_runs"], help="folders of runs (runs/{run_name}/)")
     parser.add_argument("--write", help="a Markdown file whose tables block to replace; default: print")
     parser.add_argument("--curves", default="benchmarks/curves", help="folder for the learning-curve PNGs")
     args = parser.parse_args()

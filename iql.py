@@ -147,6 +147,7 @@ def load_minari_dataset(dataset_id: str):
     """Load a Minari dataset, downloading it if it is not stored locally; one clear error if neither works."""
     import minari
 
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # its retry warnings would bury our one-line error
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:  # minari raises many types here: unknown id, no network, offline mode, bad id format

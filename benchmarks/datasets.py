@@ -1,7 +1,7 @@
 """Build the offline benchmark datasets locally, in Minari format, with the recipes D4RL and Minari used.
 
     python benchmarks/datasets.py toy                    # bandit and two-step MDPs (50/50, 10/90)
-    python benchmarks/datasets.py pointmaze              # PointMaze UMaze and Medium, waypoint controller
+    python benchmarks/datasets.py pointmaze              # PointMaze UMaze and Medium, waypoint controller (+ stitching variants)
     python benchmarks/datasets.py hopper --behaviour logs/behaviour/hopper   # medium, medium-replay, medium-expert
 
 Datasets go to $MINARI_DATASETS_PATH (default ~/.minari/datasets) under the `local/` namespace,
@@ -11,6 +11,7 @@ is appended to $MINARI_DATASETS_PATH/local_datasets.jsonl.
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import sys
@@ -165,6 +166,28 @@ def make_pointmaze_dataset(maze: str, total_steps: int, episode_steps: int, seed
     return create(dataset_id, env, episodes, eval_env=eval_env, description=f"PointMaze {maze}, waypoint controller, noise {noise}")
 
 
+def make_stitching_dataset(maze: str, goal_cell: tuple, total_steps: int, episode_steps: int, seed=0, noise=0.5):
+    """D4RL AntMaze's setting: the same noisy drives to random goals, but evaluation asks for one
+    fixed goal cell that the data were not aiming at, so `desired_goal` and the sparse reward are
+    relabelled to it. Imitation alone no longer finds the goal; the data's pieces must be stitched."""
+    env = gym.make(f"PointMaze_{maze}-v3", continuing_task=True, reset_target=True, max_episode_steps=episode_steps)
+    eval_map = [list(row) for row in env.unwrapped.maze.maze_map]
+    eval_map[goal_cell[0]][goal_cell[1]] = "g"
+    eval_env = gym.make(f"PointMaze_{maze}-v3", maze_map=eval_map, continuing_task=True, reset_target=False, max_episode_steps=episode_steps)
+    goal = env.unwrapped.maze.cell_rowcol_to_xy(np.array(goal_cell))
+    episodes = record_episodes(env, WaypointController(env.unwrapped.maze, noise), num_episodes=total_steps // episode_steps, seed=seed)
+    relabelled = [
+        dataclasses.replace(
+            episode,
+            observations={**episode.observations, "desired_goal": np.tile(goal, (len(episode.observations["desired_goal"]), 1))},
+            rewards=(np.linalg.norm(episode.observations["achieved_goal"][1:] - goal, axis=1) <= 0.45).astype(np.float64),
+        )
+        for episode in episodes
+    ]
+    dataset_id = f"local/pointmaze/{maze.lower()}-stitch-v0"
+    return create(dataset_id, env, relabelled, eval_env=eval_env, description=f"PointMaze {maze}, random-goal drives relabelled to goal cell {goal_cell}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Hopper, D4RL-style, from the SAC behaviour policies of behaviour_policies.py
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +252,8 @@ def main():
     elif args.which == "pointmaze":
         record_summary(make_pointmaze_dataset("UMaze", total_steps=100_000, episode_steps=300))
         record_summary(make_pointmaze_dataset("Medium", total_steps=200_000, episode_steps=600))
+        record_summary(make_stitching_dataset("UMaze", (3, 1), total_steps=100_000, episode_steps=300))
+        record_summary(make_stitching_dataset("Medium", (6, 6), total_steps=200_000, episode_steps=600))
     else:
         make_hopper_datasets(args.behaviour, args.steps)
 

@@ -1,0 +1,27 @@
+"""The benchmark dataset recipes do what benchmarks.md says they do (small versions)."""
+
+import minari
+import numpy as np
+
+from benchmarks import datasets
+
+
+def test_waypoint_controller_reaches_its_goals(minari_store):
+    dataset = datasets.make_pointmaze_dataset("UMaze", total_steps=900, episode_steps=300)
+    assert dataset.spec.dataset_id == "local/pointmaze/umaze-v0"
+    returns = [episode.rewards.sum() for episode in dataset.iterate_episodes()]
+    assert min(returns) >= 1  # every 300-step episode reaches at least one goal, then a new goal is drawn
+
+
+def test_stitching_dataset_is_relabelled_to_the_fixed_evaluation_goal(minari_store):
+    dataset = datasets.make_stitching_dataset("UMaze", (3, 1), total_steps=900, episode_steps=300)
+    env = dataset.recover_environment(eval_env=True)
+    goal = env.unwrapped.maze.cell_rowcol_to_xy(np.array([3, 1]))
+    for episode in dataset.iterate_episodes():
+        np.testing.assert_array_equal(episode.observations["desired_goal"], np.tile(goal, (len(episode.rewards) + 1, 1)))
+        reached = np.linalg.norm(episode.observations["achieved_goal"][1:] - goal, axis=1) <= 0.45
+        np.testing.assert_array_equal(episode.rewards, reached.astype(float))
+    # evaluation episodes all ask for that one goal (within the env's placement noise)
+    goals = [env.reset(seed=s)[0]["desired_goal"] for s in range(3)]
+    assert all(np.abs(g - goal).max() <= 0.25 for g in goals)
+    assert "local/pointmaze/umaze-stitch-v0" in minari.list_local_datasets()

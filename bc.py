@@ -174,9 +174,13 @@ class OfflineData:
         return np.arange(self.episode_lengths.sum()) + np.repeat(np.arange(len(self.episode_lengths)), self.episode_lengths)
 
     @property
+    def episode_starts(self) -> np.ndarray:
+        """(E,) index of each episode's first transition."""
+        return np.concatenate([[0], np.cumsum(self.episode_lengths)[:-1]])
+
+    @property
     def episode_returns(self) -> np.ndarray:
-        starts = np.concatenate([[0], np.cumsum(self.episode_lengths)[:-1]])
-        return np.add.reduceat(self.rewards.astype(np.float64), starts)
+        return np.add.reduceat(self.rewards.astype(np.float64), self.episode_starts)
 
 
 def flatten_dataset(dataset) -> OfflineData:
@@ -197,7 +201,7 @@ def flatten_dataset(dataset) -> OfflineData:
 
 def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray) -> OfflineData:
     """The first lengths[i] steps of each of the given episodes, with the observation after each kept step."""
-    starts = np.concatenate([[0], np.cumsum(data.episode_lengths)[:-1]])
+    starts = data.episode_starts
     steps = np.concatenate([np.arange(starts[e], starts[e] + n) for e, n in zip(episodes, lengths)])
     rows = np.concatenate([np.arange(starts[e] + e, starts[e] + e + n + 1) for e, n in zip(episodes, lengths)])
     return OfflineData(
@@ -275,7 +279,7 @@ def eval_env_kwargs(dataset_id: str, terminate_at_goal: bool) -> dict:
 def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
     """D4RL's maze convention: each episode ends, as a termination, at its first goal step (sparse
     reward 1); the steps after it, spent at or around the goal, are dropped."""
-    starts = np.concatenate([[0], np.cumsum(data.episode_lengths)[:-1]])
+    starts = data.episode_starts
     lengths, reached = data.episode_lengths.copy(), np.zeros(len(starts), bool)
     for e, (start, length) in enumerate(zip(starts, data.episode_lengths)):
         goal_steps = np.flatnonzero(data.rewards[start : start + length] >= 1.0)

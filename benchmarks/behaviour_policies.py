@@ -3,9 +3,10 @@
 One online SAC run per environment, as D4RL and Minari made theirs. Every --eval-every steps the
 policy is evaluated (deterministic, --eval-episodes episodes) and saved as step_{N}.zip, its mean
 return appended to progress.jsonl, and the replay buffer so far saved as replay.npz (episode
-structure kept: terminations and time-limit truncations), so a run can be stopped at any time. make_datasets.py then picks
-the `medium` checkpoint (return about a third of the best), the replay prefix up to it
-(`medium-replay`) and the last checkpoint (`expert` half of `medium-expert`).
+structure kept: terminations and time-limit truncations), so a run can be stopped at any time and
+continued with --resume from its last checkpoint. `datasets.py hopper` then picks the `medium`
+checkpoint (return about a third of the best), the replay prefix up to it (`medium-replay`) and the
+best checkpoint (`expert` half of `medium-expert`).
 
     python benchmarks/behaviour_policies.py --env Hopper-v5 --total-steps 200000 --out logs/behaviour/hopper
 
@@ -56,6 +57,27 @@ def save_replay(model, path: str) -> None:
     os.replace(path + ".tmp.npz", path)
 
 
+def resume(out: str, env: gym.Env, buffer_size: int) -> SAC:
+    """The last checkpoint with its optimiser states, and the replay buffer saved with it."""
+    progress = [json.loads(line) for line in open(os.path.join(out, "progress.jsonl"))]
+    step = progress[-1]["step"]
+    model = SAC.load(os.path.join(out, f"step_{step}.zip"), env=env, buffer_size=buffer_size)
+    saved = np.load(os.path.join(out, "replay.npz"))
+    # SB3 calls the callback before it stores the step's transition, so a checkpoint's buffer lacks its last one.
+    n = len(saved["rewards"])
+    if n != step - 1:
+        raise SystemExit(f"error: replay.npz holds {n} transitions, but the last checkpoint is at step {step}")
+    buffer = model.replay_buffer
+    for key in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
+        getattr(buffer, key)[:n, 0] = saved[key]
+    # The episode running at the checkpoint was cut there; learning restarts from a reset, so mark the
+    # cut as a time-limit truncation: SAC keeps bootstrapping through it and datasets.py ends the episode there.
+    if not buffer.dones[n - 1, 0]:
+        buffer.dones[n - 1, 0] = buffer.timeouts[n - 1, 0] = 1.0
+    buffer.pos = n
+    return model
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", default="Hopper-v5")
@@ -64,12 +86,17 @@ def main():
     parser.add_argument("--eval-episodes", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
     env = gym.make(args.env)
-    model = SAC("MlpPolicy", env, buffer_size=args.total_steps, seed=args.seed, verbose=0)
-    model.learn(args.total_steps, callback=Checkpoints(args.out, args.eval_every, args.eval_episodes, args.env, args.seed))
+    if args.resume:
+        model = resume(args.out, env, buffer_size=args.total_steps)
+    else:
+        model = SAC("MlpPolicy", env, buffer_size=args.total_steps, seed=args.seed, verbose=0)
+    callback = Checkpoints(args.out, args.eval_every, args.eval_episodes, args.env, args.seed)
+    model.learn(args.total_steps - model.num_timesteps, callback=callback, reset_num_timesteps=not args.resume)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
     python benchmarks/tables.py --runs-dir logs/bench_runs logs/toy_runs --write benchmarks.md --curves benchmarks/curves
 
 The score of a run is its final evaluation (the last one, as CORL's "last" column; never the best of
-several); a cell is the mean +- std of that score over seeds, with the number of seeds. The
-tables replace the text between `<!-- tables:start -->` and `<!-- tables:end -->` of --write.
+several); a cell is the mean +- std of that score over seeds, with the number of seeds. Runs of
+different step budgets are never pooled: there is one score table, and one curve per dataset, for
+each budget. The tables replace the text between `<!-- tables:start -->` and `<!-- tables:end -->`
+of --write.
 """
 
 import argparse
@@ -40,11 +42,16 @@ def cell(values) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values):.1f} ({len(values)})" if values else "–"
 
 
-def score_table(runs: list) -> str:
-    """Datasets x methods, mean +- std over seeds of the final score, and the average row."""
+def budgets(runs: list) -> list:
+    """The step budgets of the scored (non-toy) runs, smallest first."""
+    return sorted({run["args"]["total_steps"] for run in runs if not run["summary"]["env_id"].startswith("toy/")})
+
+
+def score_table(runs: list, steps: int) -> str:
+    """Datasets x methods at one step budget: mean +- std over seeds of the final score, and the average row."""
     scores = collections.defaultdict(list)
     for run in runs:
-        if run["summary"]["env_id"].startswith("toy/"):
+        if run["summary"]["env_id"].startswith("toy/") or run["args"]["total_steps"] != steps:
             continue
         for policy, result in run["summary"]["policies"].items():
             if result["score_mean"] is not None:
@@ -104,7 +111,7 @@ def toy_table(runs: list) -> str:
 
 
 def learning_curves(runs: list, out_dir: str) -> list:
-    """One PNG per dataset: score against gradient step, mean with a +-std band over seeds."""
+    """One PNG per dataset and step budget: score against gradient step, mean with a +-std band over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,10 +126,10 @@ def learning_curves(runs: list, out_dir: str) -> list:
         for policy in run["summary"]["policies"]:
             points = [(h["step"], h["score_mean"]) for h in history if h["policy"] == policy and h["score_mean"] is not None]
             if points:
-                curves[run["summary"]["env_id"]][label(run, policy)].append(points)
+                curves[run["summary"]["env_id"], run["args"]["total_steps"]][label(run, policy)].append(points)
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for dataset, by_label in sorted(curves.items()):
+    for (dataset, budget), by_label in sorted(curves.items()):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, seeds in sorted(by_label.items()):
             steps = sorted(set.intersection(*(set(s for s, _ in points) for points in seeds)))
@@ -132,13 +139,13 @@ def learning_curves(runs: list, out_dir: str) -> list:
             ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
         ax.set_xlabel("gradient step (IQL post-hoc: after the V/Q steps)")
         ax.set_ylabel("score")
-        ax.set_title(dataset)
+        ax.set_title(f"{dataset}, {budget:,} steps")
         ax.legend()
         fig.tight_layout()
-        path = os.path.join(out_dir, dataset.replace("/", "__") + ".png")
+        path = os.path.join(out_dir, f"{dataset.replace('/', '__')}__{budget}.png")
         fig.savefig(path, dpi=80)
         plt.close(fig)
-        written.append((dataset, path))
+        written.append((f"{dataset}, {budget:,} steps", path))
     return written
 
 
@@ -151,10 +158,10 @@ def main():
     runs = load_runs(args.runs_dir)
     curves = learning_curves(runs, args.curves)
     base = os.path.dirname(os.path.abspath(args.write)) if args.write else os.getcwd()
+    scores = [(f"### Scores at {steps:,} gradient steps (final evaluation, mean ± std over seeds, number of seeds)", score_table(runs, steps)) for steps in budgets(runs)]
     block = "\n\n".join(
         [
-            "### Scores (final evaluation, mean ± std over seeds, number of seeds)",
-            score_table(runs),
+            *(part for pair in scores for part in pair),
             "### Toy two-step MDP: V(s1) against the expectile",
             toy_table(runs),
             "### Learning curves",

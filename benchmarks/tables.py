@@ -70,6 +70,27 @@ def score_table(runs: list, steps: int) -> str:
     return "\n".join(lines)
 
 
+def datasets_table(record_path: str) -> str:
+    """Size, return distribution, reference returns and behaviour policies of the datasets, as
+    benchmarks/datasets.py recorded them (the last record of a dataset built more than once)."""
+    records = {}
+    for line in open(record_path):
+        record = json.loads(line)
+        records[record["dataset_id"]] = record
+    lines = [
+        "| dataset | episodes | steps | episode return: mean (min, max) | reference returns (score 0, 100) | behaviour policies (mean return) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records.values():
+        refs = f"{r['ref_min_score']:.1f}, {r['ref_max_score']:.1f}" if r["ref_max_score"] is not None else "–"
+        behaviour = r.get("behaviour")
+        policies = "; ".join(f"{tag}: SAC at step {behaviour[f'{tag}_policy']['step']:,} ({behaviour[f'{tag}_policy']['return_mean']:.1f})" for tag in ("medium", "expert")) if behaviour else "–"
+        lines.append(
+            f"| {r['dataset_id']} | {r['episodes']:,} | {r['steps']:,} | {r['return_mean']:.3g} ({r['return_min']:.3g}, {r['return_max']:.3g}) | {refs} | {policies} |"
+        )
+    return "\n".join(lines)
+
+
 def analytic_v_s1(up_fraction: float, expectile: float) -> float:
     """argmin_v p tau (10 - v)^2 + (1 - p)(1 - tau)(-10 - v)^2, the blog's arithmetic."""
     w_up, w_down = up_fraction * expectile, (1 - up_fraction) * (1 - expectile)
@@ -154,6 +175,8 @@ def main():
     parser.add_argument("--runs-dir", nargs="+", default=["logs/bench_runs"], help="folders of runs (runs/{run_name}/)")
     parser.add_argument("--write", help="a Markdown file whose tables block to replace; default: print")
     parser.add_argument("--curves", default="benchmarks/curves", help="folder for the learning-curve PNGs")
+    store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
+    parser.add_argument("--datasets-record", default=os.path.join(store, "local_datasets.jsonl"), help="written by benchmarks/datasets.py")
     args = parser.parse_args()
     runs = load_runs(args.runs_dir)
     curves = learning_curves(runs, args.curves)
@@ -161,6 +184,8 @@ def main():
     scores = [(f"### Scores at {steps:,} gradient steps (final evaluation, mean ± std over seeds, number of seeds)", score_table(runs, steps)) for steps in budgets(runs)]
     block = "\n\n".join(
         [
+            "### Datasets as built",
+            datasets_table(args.datasets_record) if os.path.exists(args.datasets_record) else f"no {args.datasets_record}",
             *(part for pair in scores for part in pair),
             "### Toy two-step MDP: V(s1) against the expectile",
             toy_table(runs),

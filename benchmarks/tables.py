@@ -66,7 +66,7 @@ def score_table(runs: list, steps: int) -> str:
     complete = [d for d in datasets if all((d, c) in scores for c in columns)]
     if complete:
         averages = [np.mean([np.mean(scores[d, c]) for d in complete]) for c in columns]
-        lines.append(f"| **average** ({len(complete)} datasets) | " + " | ".join(f"**{a:.1f}**" for a in averages) + " |")
+        lines.append(f"| **average** ({len(complete)} dataset{'s' if len(complete) > 1 else ''}) | " + " | ".join(f"**{a:.1f}**" for a in averages) + " |")
     return "\n".join(lines)
 
 

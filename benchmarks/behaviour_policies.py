@@ -5,7 +5,7 @@ policy is evaluated (deterministic, --eval-episodes episodes) and saved as step_
 return appended to progress.jsonl, and the replay buffer so far saved as replay.npz (episode
 structure kept: terminations and time-limit truncations), so a run can be stopped at any time and
 continued with --resume from its last checkpoint. `datasets.py hopper` then picks the `medium`
-checkpoint (return about a third of the best), the replay prefix up to it (`medium-replay`) and the
+checkpoint (the first to reach a third of the best return), the replay prefix up to it (`medium-replay`) and the
 best checkpoint (`expert` half of `medium-expert`).
 
     python benchmarks/behaviour_policies.py --env Hopper-v5 --total-steps 200000 --out logs/behaviour/hopper

@@ -59,6 +59,8 @@ def record_episodes(env: gym.Env, policy, num_episodes: int, seed: int, max_step
 
 
 def create(dataset_id: str, env: gym.Env, episodes, eval_env=None, description="a locally built dataset", **metadata):
+    # Minari appends episodes that share an id to one another: number the concatenated lists afresh
+    episodes = [dataclasses.replace(episode, id=i) for i, episode in enumerate(episodes)]
     return minari.create_dataset_from_buffers(
         dataset_id, episodes, env=env.spec, eval_env=(eval_env or env).spec, algorithm_name="see benchmarks/datasets.py",
         author="offline-rl benchmarks", author_email="benchmarks@localhost", code_permalink="benchmarks/datasets.py",
@@ -217,8 +219,9 @@ def make_hopper_datasets(behaviour_dir: str, steps: int, env_id="Hopper-v5", nam
 
     progress = [json.loads(line) for line in open(os.path.join(behaviour_dir, "progress.jsonl"))]
     best = max(progress, key=lambda p: p["return_mean"])
-    # D4RL's "medium": a policy trained until it reaches about a third of the best return
-    medium = min(progress, key=lambda p: abs(p["return_mean"] - best["return_mean"] / 3))
+    # D4RL's "medium": online training stopped once the policy reaches about a third of the best return,
+    # i.e. the first checkpoint to reach it (a later dip of an unstable run is not a medium policy)
+    medium = next(p for p in progress if p["return_mean"] >= best["return_mean"] / 3)
     env = gym.make(env_id)
     random_policy = lambda obs, rng: rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
     random_returns = [sum(ep.rewards) for ep in record_episodes(env, random_policy, 20, seed + 999)]

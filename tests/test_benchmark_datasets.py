@@ -1,5 +1,6 @@
 """The benchmark dataset recipes do what benchmarks.md says they do (small versions)."""
 
+import gymnasium as gym
 import minari
 import numpy as np
 
@@ -25,3 +26,13 @@ def test_stitching_dataset_is_relabelled_to_the_fixed_evaluation_goal(minari_sto
     goals = [env.reset(seed=s)[0]["desired_goal"] for s in range(3)]
     assert all(np.abs(g - goal).max() <= 0.25 for g in goals)
     assert "local/pointmaze/umaze-stitch-v0" in minari.list_local_datasets()
+
+
+def test_concatenated_rollouts_keep_every_episode(minari_store):
+    # medium-expert is two lists of rollouts whose episode ids both start at 0
+    env = gym.make("ToyBandit-v0")
+    policy = lambda obs, rng: rng.uniform(-1, 1, (1,)).astype(np.float32)
+    first, second = datasets.record_episodes(env, policy, 3, seed=0), datasets.record_episodes(env, policy, 2, seed=1)
+    dataset = datasets.create("local/toy/concatenated-v0", env, first + second)
+    assert dataset.total_episodes == 5
+    assert [len(e.rewards) for e in dataset.iterate_episodes()] == [1] * 5

@@ -45,9 +45,9 @@ def iql_flags(dataset_id: str) -> list:
     return []
 
 
-def commands(dataset_id: str, seed: int, steps: int, runs_dir: str, extra: list, expectiles: list, algos: list) -> list:
+def commands(dataset_id: str, seed: int, steps: int, runs_dir: str, extra: list, expectiles: list, algos: list, policy_extraction="both") -> list:
     common = ["--env-id", dataset_id, "--seed", str(seed), "--total-steps", str(steps), "--runs-dir", runs_dir]
-    iql_runs = [["iql.py", *common, *iql_flags(dataset_id), "--policy-extraction", "both"]]
+    iql_runs = [["iql.py", *common, *iql_flags(dataset_id), "--policy-extraction", policy_extraction]]
     if expectiles:  # an expectile scan, e.g. on the toy MDPs
         iql_runs = [[*iql_runs[0], "--expectile", str(e)] for e in expectiles]
     runs = {"iql": iql_runs, "bc": [["bc.py", *common, "--exp-name", "bc"]], "bc10": [["bc.py", *common, "--exp-name", "bc10", "--top-fraction", "0.1"]]}
@@ -63,13 +63,14 @@ def main():
     parser.add_argument("--runs-dir", default="logs/bench_runs")
     parser.add_argument("--algos", nargs="*", choices=["iql", "bc", "bc10"], default=["iql", "bc", "bc10"])
     parser.add_argument("--expectiles", nargs="*", type=float, default=[], help="run IQL once per expectile")
+    parser.add_argument("--policy-extraction", choices=["both", "concurrent", "posthoc"], default="both", help="IQL's; BC has none")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
-    args, extra = parser.parse_known_args()  # anything else goes to every run, e.g. --eval-freq 5000
+    args, extra = parser.parse_known_args()  # anything else goes to every run of both scripts, e.g. --eval-freq 5000
     datasets = PAPER_DATASETS if args.paper else args.datasets
     steps = args.steps or 1_000_000
     for dataset_id in datasets:
         for seed in args.seeds:
-            for command in commands(dataset_id, seed, steps, args.runs_dir, extra, args.expectiles, args.algos):
+            for command in commands(dataset_id, seed, steps, args.runs_dir, extra, args.expectiles, args.algos, args.policy_extraction):
                 print(" ".join(["python", *command]), flush=True)
                 if not args.dry_run:
                     subprocess.run([sys.executable, os.path.join(REPO, command[0]), *command[1:]], check=True)

@@ -78,15 +78,16 @@ def datasets_table(record_path: str) -> str:
         record = json.loads(line)
         records[record["dataset_id"]] = record
     lines = [
-        "| dataset | episodes | steps | episode return: mean (min, max) | reference returns (score 0, 100) | behaviour policies (mean return) |",
+        "| dataset | episodes | steps | episode return: mean (min, max) | reference returns (score 0, 100) | behaviour policies (mean return of the checkpoint's deterministic evaluation) |",
         "|---|---|---|---|---|---|",
     ]
+    number = lambda x: f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
     for r in records.values():
         refs = f"{r['ref_min_score']:.1f}, {r['ref_max_score']:.1f}" if r["ref_max_score"] is not None else "–"
         behaviour = r.get("behaviour")
         policies = "; ".join(f"{tag}: SAC at step {behaviour[f'{tag}_policy']['step']:,} ({behaviour[f'{tag}_policy']['return_mean']:.1f})" for tag in ("medium", "expert")) if behaviour else "–"
         lines.append(
-            f"| {r['dataset_id']} | {r['episodes']:,} | {r['steps']:,} | {r['return_mean']:.3g} ({r['return_min']:.3g}, {r['return_max']:.3g}) | {refs} | {policies} |"
+            f"| {r['dataset_id']} | {r['episodes']:,} | {r['steps']:,} | {number(r['return_mean'])} ({number(r['return_min'])}, {number(r['return_max'])}) | {refs} | {policies} |"
         )
     return "\n".join(lines)
 

@@ -146,7 +146,9 @@ def learning_curves(runs: list, out_dir: str) -> list:
             continue
         history = [json.loads(line) for line in open(path)]
         for policy in run["summary"]["policies"]:
-            points = [(h["step"], h["score_mean"]) for h in history if h["policy"] == policy and h["score_mean"] is not None]
+            # the concurrent actor's final evaluation is logged after any post-hoc steps, but it was last updated at total_steps
+            last_update = run["args"]["total_steps"] if policy == "concurrent" else float("inf")
+            points = [(min(h["step"], last_update), h["score_mean"]) for h in history if h["policy"] == policy and h["score_mean"] is not None]
             if points:
                 curves[run["summary"]["env_id"], run["args"]["total_steps"]][label(run, policy)].append(points)
     os.makedirs(out_dir, exist_ok=True)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Tuple
@@ -34,7 +35,7 @@ class Args:
     env_id: str = "mujoco/hopper/medium-v0"
     """the Minari dataset id; the policy is evaluated in the dataset's own evaluation environment"""
     seed: int = 1
-    """seed of the network, the minibatches and the evaluation episodes (episode i uses seed + i)"""
+    """seed of the network and the minibatches; evaluation episode i uses env seed 10_000 * seed + i"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
@@ -53,10 +54,18 @@ class Args:
     """if toggled, save the policy, its optimiser state, the action normalisation and these args to model.pt"""
     runs_dir: str = "runs"
     """the folder under which each run writes runs/{run_name}/"""
+    checkpoint_freq: int = 50_000
+    """write runs/{run_name}/checkpoint.pt every this many gradient steps (0: never), to continue with --resume"""
+    resume: Optional[str] = None
+    """continue the stopped run in this folder (runs/{run_name}) from its checkpoint, with its stored arguments"""
+    eval_only: Optional[str] = None
+    """evaluate the policies saved in this run folder (model.pt, else checkpoint.pt) for --final-eval-episodes episodes, without training"""
 
     # Algorithm
     top_fraction: float = 1.0
-    """train on the episodes with the best returns, this fraction of them (1.0 = plain BC, 0.1 = the paper's 10% BC)"""
+    """train on the episodes with the best returns, this fraction of the data (1.0 = plain BC, 0.1 = the paper's 10% BC)"""
+    top_by: Literal["steps", "episodes"] = "steps"
+    """`steps`: the best episodes until they fill --top-fraction of the timesteps (Decision Transformer's rule, behind the paper's 10% BC); `episodes`: that fraction of the episodes (CORL's)"""
     total_steps: int = 1_000_000
     """the number of gradient steps"""
     batch_size: int = 256
@@ -95,6 +104,8 @@ D4RL_REFERENCE_RETURNS = {
 }
 ACTION_CLIP_EPS = 1e-5
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+FIRST_LOG_STEP = 300  # an early progress line, with the speed and ETA
+EVAL_SEED_BLOCK = 10_000  # training seed k evaluates on env seeds 10_000 k + i: disjoint start states per seed
 
 
 def validate_args(args: Args) -> None:
@@ -107,8 +118,11 @@ def validate_args(args: Args) -> None:
         (len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0, f"--hidden-dims must be positive sizes, got {args.hidden_dims}"),
         (0.0 <= args.dropout < 1.0, f"--dropout must be in [0, 1), got {args.dropout}"),
         (args.torch_threads is None or args.torch_threads > 0, f"--torch-threads must be positive, got {args.torch_threads}"),
+        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
         (args.eval_freq >= 0, f"--eval-freq must be >= 0, got {args.eval_freq}"),
+        (args.checkpoint_freq >= 0, f"--checkpoint-freq must be >= 0, got {args.checkpoint_freq}"),
         (min(args.eval_episodes, args.final_eval_episodes, args.log_freq) > 0, "--eval-episodes, --final-eval-episodes and --log-freq must be positive"),
+        (max(args.eval_episodes, args.final_eval_episodes) <= EVAL_SEED_BLOCK, f"at most {EVAL_SEED_BLOCK} evaluation episodes, so that seeds never share start states"),
         (dataset_family(args.env_id) == "maze" or not (args.goal_terminal or args.eval_terminate_at_goal), "--goal-terminal and --eval-terminate-at-goal apply to maze datasets (pointmaze, antmaze) only"),
     ]
     for ok, message in checks:
@@ -210,13 +224,21 @@ def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray
     )
 
 
-def top_episodes(data: OfflineData, fraction: float) -> Tuple[OfflineData, float]:
-    """The best ceil(fraction * episodes) episodes by undiscounted return (at least one), and the
-    lowest kept return. Ties go to the earlier episode; kept episodes stay in dataset order."""
+def top_episodes(data: OfflineData, fraction: float, by: str) -> Tuple[OfflineData, float]:
+    """The best episodes by undiscounted return, and the lowest kept return. Ties go to the earlier
+    episode; kept episodes stay in dataset order. by="steps" is Decision Transformer's rule: the
+    best episode, then the next best while the kept steps stay below int(fraction * steps).
+    by="episodes" keeps the best ceil(fraction * episodes). Either keeps at least one episode."""
     returns = data.episode_returns
-    # round() first so that e.g. 0.7 * 10 = 7.000000000000001 keeps 7 episodes, not 8
-    count = max(1, math.ceil(round(fraction * len(returns), 9)))
-    kept = np.sort(np.argsort(-returns, kind="stable")[:count])
+    best_first = np.argsort(-returns, kind="stable")
+    # round() first so that e.g. 0.7 * 10 = 7.000000000000001 counts as 7
+    if fraction >= 1.0:
+        count = len(returns)  # all: DT's strict "below" would drop the worst episode even at 100%
+    elif by == "steps":
+        count = max(1, int(np.sum(np.cumsum(data.episode_lengths[best_first]) < max(1, int(round(fraction * data.episode_lengths.sum(), 9))))))
+    else:
+        count = max(1, math.ceil(round(fraction * len(returns), 9)))
+    kept = np.sort(best_first[:count])
     subset = subset_episodes(data, kept, data.episode_lengths[kept])
     return subset, float(returns[kept].min())
 
@@ -247,30 +269,33 @@ def dataset_family(dataset_id: str) -> str:
 def scoring_rule(dataset, dataset_id: str) -> dict:
     """How an episode is scored, as the paper does per family: success x100 for mazes, completed
     tasks / number of the dataset's tasks x100 for Kitchen, else the normalised return with the
-    dataset's reference scores or, when it has none, D4RL's."""
+    dataset's reference scores or, when it has none, D4RL's. `max_episode_steps` overrides the
+    evaluation spec's episode length where the reference scores need it (None: the spec's)."""
     family = dataset_family(dataset_id)
     if family == "maze":
-        return {"kind": "success", "source": "success rate x100: the env's info['success'] at any step"}
+        return {"kind": "success", "source": "success rate x100: the env's info['success'] at any step", "max_episode_steps": None}
     if family == "kitchen":
         num_tasks = len(dataset.env_spec.kwargs["tasks_to_complete"])
-        return {"kind": "tasks", "num_tasks": num_tasks, "source": f"completed tasks / {num_tasks} x100"}
+        return {"kind": "tasks", "num_tasks": num_tasks, "source": f"completed tasks / {num_tasks} x100", "max_episode_steps": None}
     metadata = dataset.storage.metadata
+    env_name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
     if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
         ref, source = (float(metadata["ref_min_score"]), float(metadata["ref_max_score"])), "dataset metadata"
-    else:
-        env_name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
-        if env_name not in D4RL_REFERENCE_RETURNS:
-            return {"kind": "none", "source": "none (the dataset carries no reference scores)"}
+    elif env_name in D4RL_REFERENCE_RETURNS:
         ref, source = D4RL_REFERENCE_RETURNS[env_name], f"D4RL reference returns of {env_name}"
-    return {"kind": "return", "ref_min": ref[0], "ref_max": ref[1], "source": f"normalised return, {source}"}
+    else:
+        return {"kind": "none", "source": "none (the dataset carries no reference scores)", "max_episode_steps": None}
+    # D4RL's pen references are returns of 100-step episodes; other pen references (Minari's own
+    # datasets are recorded with 200-step episodes) go with the dataset's evaluation spec.
+    d4rl_pen = env_name == "pen" and np.allclose(ref, D4RL_REFERENCE_RETURNS["pen"], rtol=1e-6)
+    return {"kind": "return", "ref_min": ref[0], "ref_max": ref[1], "source": f"normalised return, {source}", "max_episode_steps": 100 if d4rl_pen else None}
 
 
-def eval_env_kwargs(dataset_id: str, terminate_at_goal: bool) -> dict:
+def eval_env_kwargs(rule: dict, terminate_at_goal: bool) -> dict:
     """Overrides of the dataset's evaluation environment spec."""
     kwargs = {}
-    if dataset_id.split("/")[1:2] == ["pen"]:
-        # D4RL's pen reference scores are returns of 100-step episodes; Minari's spec says 200
-        kwargs["max_episode_steps"] = 100
+    if rule["max_episode_steps"] is not None:
+        kwargs["max_episode_steps"] = rule["max_episode_steps"]
     if terminate_at_goal:
         kwargs["continuing_task"] = False  # D4RL's mazes: the episode ends at the goal
     return kwargs
@@ -350,7 +375,7 @@ class Actor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims, dropout: float, state_dependent_std: bool):
         super().__init__()
         self.trunk = mlp(obs_dim, hidden_dims, None, dropout)
-        self.mean = orthogonal_linear(hidden_dims[-1], act_dim, 1.0)
+        self.mean = orthogonal_linear(hidden_dims[-1], act_dim, math.sqrt(2))
         if state_dependent_std:
             self.log_std_layer = orthogonal_linear(hidden_dims[-1], act_dim, 1e-3)
         else:
@@ -378,9 +403,19 @@ def bc_loss(log_prob: torch.Tensor) -> torch.Tensor:
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(actor: Actor, make_env, num_episodes: int, seed: int, obs_space, low, high, device, video_dir=None):
-    """One episode per sub-environment (seeds seed + i), with the mean action. Returns, per episode,
-    the undiscounted return, whether info['success'] was ever true, and the most tasks completed.
+def act(actor: Actor, observations: list, obs_space, low, high, device) -> np.ndarray:
+    """The policy's mean actions (dropout off) for a list of env observations, mapped to the action bounds."""
+    was_training = actor.training
+    actor.eval()
+    obs = torch.as_tensor(flatten_observation(stack_observations(observations), obs_space), device=device)
+    mean = actor(obs)[0].cpu().numpy()
+    actor.train(was_training)
+    return np.clip(low + (mean + 1.0) * 0.5 * (high - low), low, high)
+
+
+def evaluate(actor: Actor, make_env, num_episodes: int, first_seed: int, obs_space, low, high, device, video_dir=None):
+    """One episode per sub-environment (env seeds first_seed + i), with the mean action. Returns, per
+    episode, the undiscounted return, whether info['success'] was ever true, and the most tasks completed.
 
     Only unfinished sub-environments are stepped: a Gymnasium vector env would auto-reset finished
     ones and keep simulating episodes we then throw away. The policy runs once per step for all.
@@ -388,17 +423,12 @@ def evaluate(actor: Actor, make_env, num_episodes: int, seed: int, obs_space, lo
     envs = [make_env(render=video_dir is not None and i == 0) for i in range(num_episodes)]
     if video_dir is not None:
         envs[0] = gym.wrappers.RecordVideo(envs[0], video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
-    observations = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
+    observations = [env.reset(seed=first_seed + i)[0] for i, env in enumerate(envs)]
     returns, successes, tasks = np.zeros(num_episodes), np.zeros(num_episodes, bool), np.zeros(num_episodes, int)
     active = list(range(num_episodes))
-    was_training = actor.training
-    actor.eval()
     while active:
-        obs = torch.as_tensor(flatten_observation(stack_observations([observations[i] for i in active]), obs_space), device=device)
-        mean = actor(obs)[0].cpu().numpy()
-        actions = np.clip(low + (mean + 1.0) * 0.5 * (high - low), low, high)
         still_active = []
-        for i, action in zip(active, actions):
+        for i, action in zip(active, act(actor, [observations[i] for i in active], obs_space, low, high, device)):
             observations[i], reward, terminated, truncated, info = envs[i].step(action.reshape(envs[i].action_space.shape))
             returns[i] += reward
             successes[i] |= bool(info.get("success", False))
@@ -406,7 +436,6 @@ def evaluate(actor: Actor, make_env, num_episodes: int, seed: int, obs_space, lo
             if not (terminated or truncated):
                 still_active.append(i)
         active = still_active
-    actor.train(was_training)
     for env in envs:
         env.close()
     return returns, successes, tasks
@@ -427,44 +456,125 @@ def score_summary(episodes, rule: dict) -> dict:
     return {**summary, "score_mean": float(scores.mean()), "score_std": float(scores.std())}
 
 
+def describe(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+
+
+def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, high, device) -> int:
+    """Build one evaluation env (rendering a frame if videos are asked for) and act once in it, so
+    that a broken env fails before training instead of after it. Returns its episode length."""
+    try:
+        env = make_env(render=capture_video)
+        obs = env.reset(seed=0)[0]
+        if capture_video and env.render() is None:
+            raise RuntimeError("render() returned no frame")
+    except Exception as e:
+        fix = "; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video" if capture_video else ""
+        raise SystemExit(f"error: cannot build the dataset's evaluation environment ({describe(e)}): install the package that provides it{fix}") from None
+    try:
+        env.step(act(actor, [obs], obs_space, low, high, device)[0].reshape(env.action_space.shape))
+    except Exception as e:
+        raise SystemExit(f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): its spaces differ from the dataset's") from None
+    env.close()
+    return env.spec.max_episode_steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders, checkpoints, resuming
+# ---------------------------------------------------------------------------------------------
+# What `--resume` and `--eval-only` may change: logging and resources, never the algorithm or the data.
+MAY_CHANGE_ON_RESUME = ("track", "wandb_project_name", "wandb_entity", "torch_threads", "log_freq", "checkpoint_freq", "capture_video", "save_model")
+
+
+def make_run_dir(runs_dir: str, run_name: str) -> str:
+    run_dir = os.path.join(runs_dir, run_name)
+    try:
+        os.makedirs(run_dir)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create the run folder {run_dir} ({describe(e)}); give a writable --runs-dir") from None
+    return run_dir
+
+
+def save_checkpoint(checkpoint: dict, path: str) -> None:
+    """Written to a temporary file, flushed, then renamed: a crash mid-write leaves the previous file whole."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path} (the run stopped before its first checkpoint, or ran with --checkpoint-freq 0)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read the checkpoint {path} ({describe(e)}): it is truncated or corrupt") from None
+
+
+def stored_args(given: Args, stored: dict, may_change) -> Args:
+    """A saved run's arguments, with those of `may_change` the user gave; any other flag that differs is refused."""
+    fields = Args.__dataclass_fields__
+    if set(stored) != set(fields):
+        raise SystemExit("error: that checkpoint was written by another script")
+    merged = {}
+    for name, field in fields.items():
+        value, old = getattr(given, name), tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
+        if name in ("resume", "eval_only") or (name in may_change and value != field.default):
+            merged[name] = value
+        elif value in (field.default, old):
+            merged[name] = old
+        else:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {value} differs from the run's {old}; a saved run keeps the arguments that define it (start a new run instead)")
+    return Args(**merged)
+
+
+def rng_states(generator: torch.Generator) -> dict:
+    name, keys, *rest = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"minibatches": generator.get_state(), "torch": torch.get_rng_state(), "cuda": cuda, "numpy": [name, torch.as_tensor(keys.astype(np.int64)), *rest], "python": random.getstate()}
+
+
+def set_rng_states(states: dict, generator: torch.Generator) -> None:
+    generator.set_state(states["minibatches"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(states["python"])
+
+
+def catch_stop_signals(catch: bool = True) -> list:
+    """While training, SIGTERM (preemption) and SIGINT (Ctrl-C) only note the signal, so the loop
+    can finish its update and write a checkpoint; catch=False restores the defaults."""
+    received = []
+    signal.signal(signal.SIGTERM, (lambda signum, frame: received.append(signum)) if catch else signal.SIG_DFL)
+    signal.signal(signal.SIGINT, (lambda signum, frame: received.append(signum)) if catch else signal.default_int_handler)
+    return received
+
 
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
 def main(args: Args) -> dict:
+    saved_run = args.resume or args.eval_only
+    if args.resume and os.path.exists(os.path.join(args.resume, "summary.json")):
+        print(f"{args.resume} has finished (its summary.json is written); nothing to resume")
+        return json.load(open(os.path.join(args.resume, "summary.json")))
+    if saved_run:
+        model = os.path.join(saved_run, "model.pt")
+        checkpoint = load_checkpoint(model if args.eval_only and os.path.exists(model) else os.path.join(saved_run, "checkpoint.pt"))
+        args = stored_args(args, checkpoint["args"], MAY_CHANGE_ON_RESUME + (("final_eval_episodes", "cuda") if args.eval_only else ()))
     validate_args(args)
     dataset = load_minari_dataset(args.env_id)
     low, high = action_bounds(dataset.action_space)
     data = flatten_dataset(dataset)
     if args.goal_terminal:
         data = cut_episodes_at_goal(data)
-    kept, return_threshold = top_episodes(data, args.top_fraction)
+    kept, return_threshold = top_episodes(data, args.top_fraction, args.top_by)
     rule = scoring_rule(dataset, args.env_id)
-
-    # Everything is valid: only now does the run get a folder.
-    run_name = f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name)
-    os.makedirs(run_dir)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    plot_dataset_overview(data, args.env_id, os.path.join(run_dir, "dataset_overview.png"))
-    selection = {
-        "top_fraction": args.top_fraction,
-        "episodes_kept": len(kept.episode_lengths),
-        "steps_kept": len(kept.rewards),
-        "return_threshold": return_threshold,
-    }
-    print(
-        f"{args.env_id}: {len(data.rewards):,} transitions in {len(data.episode_lengths):,} episodes; "
-        f"top {args.top_fraction:g} keeps {selection['episodes_kept']:,} episodes ({selection['steps_kept']:,} steps) "
-        f"with return >= {return_threshold:.4g}; score: {rule['source']}"
-    )
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, dir=run_dir)
-        wandb.log({"charts/dataset_overview": wandb.Image(os.path.join(run_dir, "dataset_overview.png"))}, step=0)
-        wandb.summary.update({f"data/{k}": v for k, v in selection.items()})
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -487,15 +597,76 @@ def main(args: Args) -> dict:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps) if args.lr_schedule == "cosine" else None
 
     def make_env(render: bool = False):
-        kwargs = eval_env_kwargs(args.env_id, args.eval_terminate_at_goal)
+        kwargs = eval_env_kwargs(rule, args.eval_terminate_at_goal)
         return dataset.recover_environment(eval_env=True, **kwargs, **({"render_mode": "rgb_array"} if render else {}))
 
+    rule["max_episode_steps"] = check_eval_env(make_env, actor, args.capture_video, dataset.observation_space, low, high, device)
+    progress = {"phase": "train", "step": 0, "evaluations": [], "train_time_s": 0.0, "eval_time_s": 0.0, "wall_time_s": 0.0, "wandb_id": None}
+    if saved_run:
+        actor.load_state_dict(checkpoint["networks"]["actor"])
+        optimizer.load_state_dict(checkpoint["optimizers"]["actor"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["schedulers"]["actor"])
+        if args.resume:
+            set_rng_states(checkpoint["rng"], generator)
+        progress = checkpoint["progress"]
+    selection = {
+        "top_fraction": args.top_fraction, "top_by": args.top_by, "episodes_kept": len(kept.episode_lengths),
+        "steps_kept": len(kept.rewards), "return_threshold": return_threshold,
+    }
+
+    def make_checkpoint() -> dict:
+        """Everything to continue as if never stopped, or to use the policy: plain tensors, numbers and strings."""
+        return {
+            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(generator),
+            "networks": {"actor": actor.state_dict()}, "optimizers": {"actor": optimizer.state_dict()},
+            "schedulers": {"actor": scheduler.state_dict()} if scheduler is not None else {},
+            "normalization": {"action_low": low.tolist(), "action_high": high.tolist()}, "data_selection": selection,
+        }
+
+    def evaluate_policy(episodes: int, video_dir=None) -> dict:
+        seed = EVAL_SEED_BLOCK * args.seed
+        return score_summary(evaluate(actor, make_env, episodes, seed, dataset.observation_space, low, high, device, video_dir), rule)
+
+    if args.eval_only:
+        result = evaluate_policy(args.final_eval_episodes)
+        print(f"bc policy at step {progress['step']}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {result['score_mean']}")
+        with open(os.path.join(saved_run, "eval_only.json"), "w") as f:
+            json.dump({"policies": {"bc": result}, "progress": {"phase": progress["phase"], "step": progress["step"]}, "scoring": rule}, f, indent=2)
+        return {"policies": {"bc": result}}
+
+    # Everything is checked: only now does a new run get its folder.
+    run_name = os.path.basename(os.path.normpath(args.resume)) if args.resume else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or make_run_dir(args.runs_dir, run_name)
+    if not args.resume:
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        plot_dataset_overview(data, args.env_id, os.path.join(run_dir, "dataset_overview.png"))
+    with open(os.path.join(run_dir, "evaluations.jsonl"), "w") as f:  # on resume, drop evaluations made after the checkpoint
+        f.writelines(json.dumps(record) + "\n" for record in progress["evaluations"])
+    print(
+        f"{args.env_id}: {len(data.rewards):,} transitions in {len(data.episode_lengths):,} episodes; top {args.top_fraction:g} by {args.top_by} "
+        f"keeps {selection['episodes_kept']:,} episodes ({selection['steps_kept']:,} steps, {selection['steps_kept'] / len(data.rewards):.1%}) with return >= {return_threshold:.4g}; "
+        f"score: {rule['source']}, evaluation episodes of {rule['max_episode_steps'] or 'unlimited'} steps"
+        + (f"; resuming at step {progress['step']}" if args.resume else "")
+    )
+    if args.track:
+        import wandb
+
+        run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, dir=run_dir, id=progress["wandb_id"], resume="allow")
+        progress["wandb_id"] = run.id
+        if not args.resume:
+            wandb.log({"charts/dataset_overview": wandb.Image(os.path.join(run_dir, "dataset_overview.png"))}, step=0)
+        wandb.summary.update({f"data/{k}": v for k, v in selection.items()})
+
     def run_evaluation(step: int, episodes: int, final: bool = False) -> dict:
-        video_dir = os.path.join(run_dir, "videos", "bc") if final and args.capture_video else None
-        episode_stats = evaluate(actor, make_env, episodes, args.seed, dataset.observation_space, low, high, device, video_dir)
-        result = score_summary(episode_stats, rule)
+        start = time.perf_counter()
+        result = evaluate_policy(episodes)
+        progress["eval_time_s"] += time.perf_counter() - start
+        record = {"policy": "bc", "step": step, "final": final, **result}
+        progress["evaluations"].append(record)
         with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:
-            f.write(json.dumps({"policy": "bc", "step": step, "final": final, **result}) + "\n")
+            f.write(json.dumps(record) + "\n")
         score = "n/a" if result["score_mean"] is None else f"{result['score_mean']:.1f}"
         print(f"eval bc @ {step}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {score} ({episodes} episodes)")
         if args.track:
@@ -503,47 +674,77 @@ def main(args: Args) -> dict:
             wandb.log({prefix + k: v for k, v in result.items() if v is not None}, step=step)
         return result
 
-    start = time.time()
-    last = (0, start)
-    for step in range(1, args.total_steps + 1):
-        i = torch.randint(len(obs_rows), (args.batch_size,), device=device, generator=generator)
-        loss = bc_loss(gaussian_log_prob(*actor(observations[obs_rows[i]]), actions[i]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if step % args.log_freq == 0 or step == args.total_steps:
-            now = time.time()
-            rate = (step - last[0]) / (now - last[1])
-            eta = (args.total_steps - step) * (now - start) / step
-            loss_value = loss.item()  # the only host sync, on logging steps
-            print(f"step {step:>8}/{args.total_steps} | {rate:7.0f} upd/s | ETA {eta / 60:5.1f} min | bc_loss {loss_value:.4g}")
-            if args.track:
-                wandb.log({"losses/bc_loss": loss_value, "charts/updates_per_second": rate}, step=step)
-            last = (step, now)
-        if args.eval_freq and step % args.eval_freq == 0 and step < args.total_steps:
-            run_evaluation(step, args.eval_episodes)
-    train_time = time.time() - start
+    sitting_start, wall_before = time.perf_counter(), progress["wall_time_s"]
+
+    def write_checkpoint() -> None:
+        progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
+        save_checkpoint(make_checkpoint(), os.path.join(run_dir, "checkpoint.pt"))
+
+    steps, first_step, phase_start = args.total_steps, progress["step"] + 1, time.perf_counter()
+    last = (progress["step"], progress["train_time_s"])
+    first_nonfinite = -1  # the first step whose loss was NaN or infinite, kept on the device
+    stop = catch_stop_signals()
+    try:
+        for step in range(first_step, steps + 1 if progress["phase"] == "train" else first_step):
+            tick = time.perf_counter()
+            i = torch.randint(len(obs_rows), (args.batch_size,), device=device, generator=generator)
+            loss = bc_loss(gaussian_log_prob(*actor(observations[obs_rows[i]]), actions[i]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss.detach()), step, first_nonfinite)
+            progress["step"] = step
+            progress["train_time_s"] += time.perf_counter() - tick
+
+            log_now = step % args.log_freq == 0 or step in (FIRST_LOG_STEP, steps)
+            checkpoint_now = bool(stop) or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
+            eval_now = args.eval_freq > 0 and step % args.eval_freq == 0 and step < steps
+            if (log_now or checkpoint_now or eval_now or step % 1000 == 0) and first_nonfinite.item() >= 0:  # a host sync: only every so often
+                raise SystemExit(f"error: the run diverged: bc_loss became NaN or infinite at step {first_nonfinite.item()}; the last checkpoint before it stays in {run_dir}")
+            if log_now:
+                rate = (step - last[0]) / max(progress["train_time_s"] - last[1], 1e-9)
+                eta = (steps - step) * (time.perf_counter() - phase_start) / (step - first_step + 1)
+                loss_value = loss.item()
+                print(f"train step {step:>8}/{steps} | {rate:7.0f} upd/s | ETA {eta / 60:5.1f} min | bc_loss {loss_value:.4g}")
+                if args.track:
+                    wandb.log({"losses/bc_loss": loss_value, "charts/updates_per_second": rate}, step=step)
+                last = (step, progress["train_time_s"])
+            if eval_now:
+                run_evaluation(step, args.eval_episodes)
+            if checkpoint_now:
+                write_checkpoint()
+            if stop:
+                print(f"stopped at train step {step}; continue with: python {os.path.basename(__file__)} --resume {run_dir}", flush=True)
+                raise SystemExit(128 + stop[0])
+    finally:
+        catch_stop_signals(False)
+    progress.update(phase="done", step=0)
+    if args.checkpoint_freq > 0:
+        write_checkpoint()  # a run stopped during the final evaluation resumes there
 
     result = run_evaluation(args.total_steps, args.final_eval_episodes, final=True)
+    progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
     summary = {
         "env_id": args.env_id, "run_name": run_name, "seed": args.seed, "policies": {"bc": result}, "scoring": rule,
-        "data_selection": selection, "total_steps": args.total_steps,
-        "updates_per_second": args.total_steps / train_time, "wall_time_s": time.time() - start, "device": str(device),
+        "data_selection": selection, "total_steps": args.total_steps, "device": str(device),
+        "updates_per_second": args.total_steps / progress["train_time_s"],
+        **{k: progress[k] for k in ("train_time_s", "eval_time_s", "wall_time_s")},
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if args.save_model:
-        checkpoint = {
-            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "actor": actor.state_dict(), "optimizer": optimizer.state_dict(),
-            "normalization": {"action_low": low, "action_high": high}, "data_selection": selection,
-        }
-        torch.save(checkpoint, os.path.join(run_dir, "model.pt"))
+        save_checkpoint(make_checkpoint(), os.path.join(run_dir, "model.pt"))
+    if args.capture_video:
+        try:  # the first final-evaluation episode again, recorded: results are already safe
+            evaluate_policy(1, video_dir=os.path.join(run_dir, "videos", "bc"))
+        except Exception as e:
+            print(f"warning: no video of the bc policy ({describe(e)})")
     if args.track:
         wandb.summary.update({f"final/bc/{k}": v for k, v in result.items()})
         wandb.finish()
-    print(f"done in {summary['wall_time_s']:.0f} s ({summary['updates_per_second']:.0f} updates/s); results in {run_dir}")
+    print(f"done in {summary['wall_time_s']:.0f} s ({summary['updates_per_second']:.0f} updates/s, {summary['eval_time_s']:.0f} s evaluating); results in {run_dir}")
     return summary
 
 

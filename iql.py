@@ -17,8 +17,9 @@ import json
 import math
 import os
 import random
+import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional, Tuple
 
 import gymnasium as gym
@@ -35,7 +36,7 @@ class Args:
     env_id: str = "mujoco/hopper/medium-v0"
     """the Minari dataset id; the policy is evaluated in the dataset's own evaluation environment"""
     seed: int = 1
-    """seed of the networks, the minibatches and the evaluation episodes (episode i uses seed + i)"""
+    """seed of the networks and the minibatches; evaluation episode i uses env seed 10_000 * seed + i"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
@@ -54,8 +55,14 @@ class Args:
     """if toggled, save every network, optimiser state, normalisation statistic and these args to model.pt"""
     runs_dir: str = "runs"
     """the folder under which each run writes runs/{run_name}/"""
+    checkpoint_freq: int = 50_000
+    """write runs/{run_name}/checkpoint.pt every this many gradient steps (0: never), to continue with --resume"""
+    resume: Optional[str] = None
+    """continue the stopped run in this folder (runs/{run_name}) from its checkpoint, with its stored arguments"""
+    eval_only: Optional[str] = None
+    """evaluate the policies saved in this run folder (model.pt, else checkpoint.pt) for --final-eval-episodes episodes, without training"""
 
-    # Algorithm (defaults: the paper's MuJoCo locomotion settings)
+    # Algorithm (defaults: the paper's settings; see PAPER_SETTINGS for the per-family ones)
     total_steps: int = 1_000_000
     """the number of gradient steps on V and Q (and the concurrent actor)"""
     batch_size: int = 256
@@ -64,10 +71,10 @@ class Args:
     """the discount factor gamma"""
     tau: float = 0.005
     """the Polyak rate of the target critics"""
-    expectile: float = 0.7
-    """the expectile of the value loss, in (0, 1); 0.5 is SARSA-like, towards 1 approaches the in-data max"""
-    temperature: float = 3.0
-    """the inverse temperature beta of the AWR actor loss (0 = behaviour cloning)"""
+    expectile: Optional[float] = None
+    """the expectile of the value loss, in (0, 1); 0.5 is SARSA-like, towards 1 approaches the in-data max. None: the paper's value for the dataset's family (0.7; AntMaze 0.9)"""
+    temperature: Optional[float] = None
+    """the inverse temperature beta of the AWR actor loss (0 = behaviour cloning). None: the paper's value for the dataset's family (MuJoCo and others 3, AntMaze 10, Kitchen and Adroit 0.5)"""
     exp_adv_max: float = 100.0
     """the cap on the AWR weight exp(beta * (Q - V))"""
     actor_lr: float = 3e-4
@@ -78,8 +85,8 @@ class Args:
     """the learning rate of the V network"""
     hidden_dims: Tuple[int, ...] = (256, 256)
     """the hidden layer sizes of every network"""
-    actor_dropout: float = 0.0
-    """the dropout rate after each hidden activation of the actor (the paper uses 0.1 on Kitchen and Adroit)"""
+    actor_dropout: Optional[float] = None
+    """the dropout rate after each hidden activation of the actor. None: the paper's value for the dataset's family (0.1 on Kitchen and Adroit, else 0)"""
     actor_lr_schedule: Literal["cosine", "constant"] = "cosine"
     """`cosine` decays the actor learning rate to 0 over its training steps, as the official code does"""
     reward_normalization: Literal["auto", "none", "locomotion", "antmaze"] = "auto"
@@ -114,6 +121,23 @@ D4RL_REFERENCE_RETURNS = {
 }
 ACTION_CLIP_EPS = 1e-5
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+FIRST_LOG_STEP = 300  # an early progress line, with the speed and ETA
+EVAL_SEED_BLOCK = 10_000  # training seed k evaluates on env seeds 10_000 k + i: disjoint start states per seed
+# The paper's (expectile, temperature, actor dropout) per dataset family, from the official configs;
+# datasets outside these families get MuJoCo's, as the official code's default config does.
+PAPER_SETTINGS = {"MuJoCo": (0.7, 3.0, 0.0), "AntMaze": (0.9, 10.0, 0.0), "Kitchen": (0.7, 0.5, 0.1), "Adroit": (0.7, 0.5, 0.1)}
+
+
+def resolve_paper_settings(args: Args) -> Tuple[Args, str]:
+    """Fill --expectile, --temperature and --actor-dropout left unset (None) with the paper's values
+    for the dataset's family; flags given explicitly win. Returns the args and a line saying which is which."""
+    env_name = args.env_id.split("/")[1] if args.env_id.count("/") >= 2 else ""
+    family = "AntMaze" if "antmaze" in args.env_id else "Kitchen" if "kitchen" in args.env_id else "Adroit" if env_name in ("pen", "hammer", "door", "relocate") else "MuJoCo"
+    names = ("expectile", "temperature", "actor_dropout")
+    given = [getattr(args, n) is not None for n in names]
+    args = replace(args, **{n: v for n, v, g in zip(names, PAPER_SETTINGS[family], given) if not g})
+    words = [f"{n.replace('_', ' ')} {getattr(args, n):g}" + (" (given)" if g else "") for n, g in zip(names, given)]
+    return args, ", ".join(words) + ("" if all(given) else f" (the paper's {family} settings)")
 
 
 def validate_args(args: Args) -> None:
@@ -131,8 +155,11 @@ def validate_args(args: Args) -> None:
         (len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0, f"--hidden-dims must be positive sizes, got {args.hidden_dims}"),
         (0.0 <= args.actor_dropout < 1.0, f"--actor-dropout must be in [0, 1), got {args.actor_dropout}"),
         (args.torch_threads is None or args.torch_threads > 0, f"--torch-threads must be positive, got {args.torch_threads}"),
+        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
         (args.eval_freq >= 0, f"--eval-freq must be >= 0, got {args.eval_freq}"),
+        (args.checkpoint_freq >= 0, f"--checkpoint-freq must be >= 0, got {args.checkpoint_freq}"),
         (min(args.eval_episodes, args.final_eval_episodes, args.log_freq) > 0, "--eval-episodes, --final-eval-episodes and --log-freq must be positive"),
+        (max(args.eval_episodes, args.final_eval_episodes) <= EVAL_SEED_BLOCK, f"at most {EVAL_SEED_BLOCK} evaluation episodes, so that seeds never share start states"),
         (dataset_family(args.env_id) == "maze" or not (args.goal_terminal or args.eval_terminate_at_goal), "--goal-terminal and --eval-terminate-at-goal apply to maze datasets (pointmaze, antmaze) only"),
     ]
     for ok, message in checks:
@@ -283,30 +310,33 @@ def dataset_family(dataset_id: str) -> str:
 def scoring_rule(dataset, dataset_id: str) -> dict:
     """How an episode is scored, as the paper does per family: success x100 for mazes, completed
     tasks / number of the dataset's tasks x100 for Kitchen, else the normalised return with the
-    dataset's reference scores or, when it has none, D4RL's."""
+    dataset's reference scores or, when it has none, D4RL's. `max_episode_steps` overrides the
+    evaluation spec's episode length where the reference scores need it (None: the spec's)."""
     family = dataset_family(dataset_id)
     if family == "maze":
-        return {"kind": "success", "source": "success rate x100: the env's info['success'] at any step"}
+        return {"kind": "success", "source": "success rate x100: the env's info['success'] at any step", "max_episode_steps": None}
     if family == "kitchen":
         num_tasks = len(dataset.env_spec.kwargs["tasks_to_complete"])
-        return {"kind": "tasks", "num_tasks": num_tasks, "source": f"completed tasks / {num_tasks} x100"}
+        return {"kind": "tasks", "num_tasks": num_tasks, "source": f"completed tasks / {num_tasks} x100", "max_episode_steps": None}
     metadata = dataset.storage.metadata
+    env_name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
     if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
         ref, source = (float(metadata["ref_min_score"]), float(metadata["ref_max_score"])), "dataset metadata"
-    else:
-        env_name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
-        if env_name not in D4RL_REFERENCE_RETURNS:
-            return {"kind": "none", "source": "none (the dataset carries no reference scores)"}
+    elif env_name in D4RL_REFERENCE_RETURNS:
         ref, source = D4RL_REFERENCE_RETURNS[env_name], f"D4RL reference returns of {env_name}"
-    return {"kind": "return", "ref_min": ref[0], "ref_max": ref[1], "source": f"normalised return, {source}"}
+    else:
+        return {"kind": "none", "source": "none (the dataset carries no reference scores)", "max_episode_steps": None}
+    # D4RL's pen references are returns of 100-step episodes; other pen references (Minari's own
+    # datasets are recorded with 200-step episodes) go with the dataset's evaluation spec.
+    d4rl_pen = env_name == "pen" and np.allclose(ref, D4RL_REFERENCE_RETURNS["pen"], rtol=1e-6)
+    return {"kind": "return", "ref_min": ref[0], "ref_max": ref[1], "source": f"normalised return, {source}", "max_episode_steps": 100 if d4rl_pen else None}
 
 
-def eval_env_kwargs(dataset_id: str, terminate_at_goal: bool) -> dict:
+def eval_env_kwargs(rule: dict, terminate_at_goal: bool) -> dict:
     """Overrides of the dataset's evaluation environment spec."""
     kwargs = {}
-    if dataset_id.split("/")[1:2] == ["pen"]:
-        # D4RL's pen reference scores are returns of 100-step episodes; Minari's spec says 200
-        kwargs["max_episode_steps"] = 100
+    if rule["max_episode_steps"] is not None:
+        kwargs["max_episode_steps"] = rule["max_episode_steps"]
     if terminate_at_goal:
         kwargs["continuing_task"] = False  # D4RL's mazes: the episode ends at the goal
     return kwargs
@@ -410,7 +440,7 @@ class Actor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims, dropout: float, state_dependent_std: bool):
         super().__init__()
         self.trunk = mlp(obs_dim, hidden_dims, None, dropout)
-        self.mean = orthogonal_linear(hidden_dims[-1], act_dim, 1.0)
+        self.mean = orthogonal_linear(hidden_dims[-1], act_dim, math.sqrt(2))
         if state_dependent_std:
             self.log_std_layer = orthogonal_linear(hidden_dims[-1], act_dim, 1e-3)
         else:
@@ -457,14 +487,6 @@ def actor_loss(log_prob: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def make_optimizer(module: nn.Module, lr: float) -> torch.optim.Adam:
     # fused Adam updates all of a network's tensors in one kernel: 3x faster than foreach on a CPU
     return torch.optim.Adam(module.parameters(), lr=lr, fused=True)
-
-
-def make_actor_optimizer(actor: Actor, args: Args, steps: int):
-    optimizer = make_optimizer(actor, args.actor_lr)
-    if args.actor_lr_schedule == "cosine":
-        # lr_t = lr * (1 + cos(pi * t / steps)) / 2, optax's cosine_decay_schedule as in the official code
-        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    return optimizer, None
 
 
 @dataclass
@@ -537,9 +559,19 @@ def update_actor(batch: Batch, adv: torch.Tensor, actor: Actor, optimizer, sched
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(actor: Actor, make_env, num_episodes: int, seed: int, obs_space, low, high, device, video_dir=None):
-    """One episode per sub-environment (seeds seed + i), with the mean action. Returns, per episode,
-    the undiscounted return, whether info['success'] was ever true, and the most tasks completed.
+def act(actor: Actor, observations: list, obs_space, low, high, device) -> np.ndarray:
+    """The policy's mean actions (dropout off) for a list of env observations, mapped to the action bounds."""
+    was_training = actor.training
+    actor.eval()
+    obs = torch.as_tensor(flatten_observation(stack_observations(observations), obs_space), device=device)
+    mean = actor(obs)[0].cpu().numpy()
+    actor.train(was_training)
+    return np.clip(low + (mean + 1.0) * 0.5 * (high - low), low, high)
+
+
+def evaluate(actor: Actor, make_env, num_episodes: int, first_seed: int, obs_space, low, high, device, video_dir=None):
+    """One episode per sub-environment (env seeds first_seed + i), with the mean action. Returns, per
+    episode, the undiscounted return, whether info['success'] was ever true, and the most tasks completed.
 
     Only unfinished sub-environments are stepped: a Gymnasium vector env would auto-reset finished
     ones and keep simulating episodes we then throw away. The policy runs once per step for all.
@@ -547,17 +579,12 @@ def evaluate(actor: Actor, make_env, num_episodes: int, seed: int, obs_space, lo
     envs = [make_env(render=video_dir is not None and i == 0) for i in range(num_episodes)]
     if video_dir is not None:
         envs[0] = gym.wrappers.RecordVideo(envs[0], video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
-    observations = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
+    observations = [env.reset(seed=first_seed + i)[0] for i, env in enumerate(envs)]
     returns, successes, tasks = np.zeros(num_episodes), np.zeros(num_episodes, bool), np.zeros(num_episodes, int)
     active = list(range(num_episodes))
-    was_training = actor.training
-    actor.eval()
     while active:
-        obs = torch.as_tensor(flatten_observation(stack_observations([observations[i] for i in active]), obs_space), device=device)
-        mean = actor(obs)[0].cpu().numpy()
-        actions = np.clip(low + (mean + 1.0) * 0.5 * (high - low), low, high)
         still_active = []
-        for i, action in zip(active, actions):
+        for i, action in zip(active, act(actor, [observations[i] for i in active], obs_space, low, high, device)):
             observations[i], reward, terminated, truncated, info = envs[i].step(action.reshape(envs[i].action_space.shape))
             returns[i] += reward
             successes[i] |= bool(info.get("success", False))
@@ -565,7 +592,6 @@ def evaluate(actor: Actor, make_env, num_episodes: int, seed: int, obs_space, lo
             if not (terminated or truncated):
                 still_active.append(i)
         active = still_active
-    actor.train(was_training)
     for env in envs:
         env.close()
     return returns, successes, tasks
@@ -586,10 +612,120 @@ def score_summary(episodes, rule: dict) -> dict:
     return {**summary, "score_mean": float(scores.mean()), "score_std": float(scores.std())}
 
 
+def describe(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+
+
+def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, high, device) -> int:
+    """Build one evaluation env (rendering a frame if videos are asked for) and act once in it, so
+    that a broken env fails before training instead of after it. Returns its episode length."""
+    try:
+        env = make_env(render=capture_video)
+        obs = env.reset(seed=0)[0]
+        if capture_video and env.render() is None:
+            raise RuntimeError("render() returned no frame")
+    except Exception as e:
+        fix = "; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video" if capture_video else ""
+        raise SystemExit(f"error: cannot build the dataset's evaluation environment ({describe(e)}): install the package that provides it{fix}") from None
+    try:
+        env.step(act(actor, [obs], obs_space, low, high, device)[0].reshape(env.action_space.shape))
+    except Exception as e:
+        raise SystemExit(f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): its spaces differ from the dataset's") from None
+    env.close()
+    return env.spec.max_episode_steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders, checkpoints, resuming
+# ---------------------------------------------------------------------------------------------
+# What `--resume` and `--eval-only` may change: logging and resources, never the algorithm or the data.
+MAY_CHANGE_ON_RESUME = ("track", "wandb_project_name", "wandb_entity", "torch_threads", "log_freq", "checkpoint_freq", "capture_video", "save_model")
+
+
+def make_run_dir(runs_dir: str, run_name: str) -> str:
+    run_dir = os.path.join(runs_dir, run_name)
+    try:
+        os.makedirs(run_dir)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create the run folder {run_dir} ({describe(e)}); give a writable --runs-dir") from None
+    return run_dir
+
+
+def save_checkpoint(checkpoint: dict, path: str) -> None:
+    """Written to a temporary file, flushed, then renamed: a crash mid-write leaves the previous file whole."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path} (the run stopped before its first checkpoint, or ran with --checkpoint-freq 0)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read the checkpoint {path} ({describe(e)}): it is truncated or corrupt") from None
+
+
+def stored_args(given: Args, stored: dict, may_change) -> Args:
+    """A saved run's arguments, with those of `may_change` the user gave; any other flag that differs is refused."""
+    fields = Args.__dataclass_fields__
+    if set(stored) != set(fields):
+        raise SystemExit("error: that checkpoint was written by another script")
+    merged = {}
+    for name, field in fields.items():
+        value, old = getattr(given, name), tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
+        if name in ("resume", "eval_only") or (name in may_change and value != field.default):
+            merged[name] = value
+        elif value in (field.default, old):
+            merged[name] = old
+        else:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {value} differs from the run's {old}; a saved run keeps the arguments that define it (start a new run instead)")
+    return Args(**merged)
+
+
+def rng_states(generator: torch.Generator) -> dict:
+    name, keys, *rest = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"minibatches": generator.get_state(), "torch": torch.get_rng_state(), "cuda": cuda, "numpy": [name, torch.as_tensor(keys.astype(np.int64)), *rest], "python": random.getstate()}
+
+
+def set_rng_states(states: dict, generator: torch.Generator) -> None:
+    generator.set_state(states["minibatches"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(states["python"])
+
+
+def catch_stop_signals(catch: bool = True) -> list:
+    """While training, SIGTERM (preemption) and SIGINT (Ctrl-C) only note the signal, so the loop
+    can finish its update and write a checkpoint; catch=False restores the defaults."""
+    received = []
+    signal.signal(signal.SIGTERM, (lambda signum, frame: received.append(signum)) if catch else signal.SIG_DFL)
+    signal.signal(signal.SIGINT, (lambda signum, frame: received.append(signum)) if catch else signal.default_int_handler)
+    return received
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
 def main(args: Args) -> dict:
+    saved_run = args.resume or args.eval_only
+    if args.resume and os.path.exists(os.path.join(args.resume, "summary.json")):
+        print(f"{args.resume} has finished (its summary.json is written); nothing to resume")
+        return json.load(open(os.path.join(args.resume, "summary.json")))
+    if saved_run:
+        model = os.path.join(saved_run, "model.pt")
+        checkpoint = load_checkpoint(model if args.eval_only and os.path.exists(model) else os.path.join(saved_run, "checkpoint.pt"))
+        args = stored_args(args, checkpoint["args"], MAY_CHANGE_ON_RESUME + (("final_eval_episodes", "cuda") if args.eval_only else ()))
+        settings = "the run's stored settings"
+    else:
+        args, settings = resolve_paper_settings(args)
     validate_args(args)
     dataset = load_minari_dataset(args.env_id)
     low, high = action_bounds(dataset.action_space)
@@ -600,23 +736,6 @@ def main(args: Args) -> dict:
     reward_scale, reward_shift = reward_transform(reward_mode, data.episode_returns)
     rule = scoring_rule(dataset, args.env_id)
     posthoc_steps = args.posthoc_steps or args.total_steps
-
-    # Everything is valid: only now does the run get a folder.
-    run_name = f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name)
-    os.makedirs(run_dir)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    plot_dataset_overview(data, args.env_id, os.path.join(run_dir, "dataset_overview.png"))
-    print(
-        f"{args.env_id}: {len(data.rewards):,} transitions in {len(data.episode_lengths):,} episodes; "
-        f"reward normalisation '{reward_mode}' (r * {reward_scale:.4g} + {reward_shift:g}); score: {rule['source']}"
-    )
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, dir=run_dir)
-        wandb.log({"charts/dataset_overview": wandb.Image(os.path.join(run_dir, "dataset_overview.png"))}, step=0)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -636,94 +755,182 @@ def main(args: Args) -> dict:
     target_critic = TwinQ(obs_dim, act_dim, args.hidden_dims).to(device)
     target_critic.load_state_dict(critic.state_dict())
     target_critic.requires_grad_(False)
-    value_opt, critic_opt = make_optimizer(value, args.value_lr), make_optimizer(critic, args.critic_lr)
-    make_actor = lambda: Actor(obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std).to(device)
     policies = ["concurrent", "posthoc"] if args.policy_extraction == "both" else [args.policy_extraction]
-    actors = {name: make_actor() for name in policies}
-    actor_opts = {"concurrent": make_actor_optimizer(actors["concurrent"], args, args.total_steps)} if "concurrent" in actors else {}
+    actors = {name: Actor(obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std).to(device) for name in policies}
+    actor_steps = {"concurrent": args.total_steps, "posthoc": posthoc_steps}  # each actor's own updates; its cosine runs over them
+    optimizers = {"value": make_optimizer(value, args.value_lr), "critic": make_optimizer(critic, args.critic_lr), **{n: make_optimizer(a, args.actor_lr) for n, a in actors.items()}}
+    # lr_t = lr * (1 + cos(pi * t / steps)) / 2, optax's cosine_decay_schedule as in the official code
+    schedulers = {n: torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[n], T_max=actor_steps[n]) for n in actors if args.actor_lr_schedule == "cosine"}
+    networks = {"value": value, "critic": critic, "target_critic": target_critic, **{f"actor_{n}": a for n, a in actors.items()}}
 
     def make_env(render: bool = False):
-        kwargs = eval_env_kwargs(args.env_id, args.eval_terminate_at_goal)
+        kwargs = eval_env_kwargs(rule, args.eval_terminate_at_goal)
         return dataset.recover_environment(eval_env=True, **kwargs, **({"render_mode": "rgb_array"} if render else {}))
 
-    def run_evaluation(name: str, step: int, episodes: int, final: bool = False) -> dict:
-        video_dir = os.path.join(run_dir, "videos", name) if final and args.capture_video else None
-        episode_stats = evaluate(actors[name], make_env, episodes, args.seed, dataset.observation_space, low, high, device, video_dir)
-        result = score_summary(episode_stats, rule)
+    rule["max_episode_steps"] = check_eval_env(make_env, actors[policies[0]], args.capture_video, dataset.observation_space, low, high, device)
+    progress = {"phase": "train", "step": 0, "evaluations": [], "train_time_s": 0.0, "eval_time_s": 0.0, "wall_time_s": 0.0, "wandb_id": None}
+    if saved_run:
+        for name, net in networks.items():
+            net.load_state_dict(checkpoint["networks"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(checkpoint["optimizers"][name])
+        for name, scheduler in schedulers.items():
+            scheduler.load_state_dict(checkpoint["schedulers"][name])
+        if args.resume:
+            set_rng_states(checkpoint["rng"], buffer.generator)
+        progress = checkpoint["progress"]
+
+    def make_checkpoint() -> dict:
+        """Everything to continue as if never stopped, or to use the policies: plain tensors, numbers and strings."""
+        return {
+            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(buffer.generator),
+            "networks": {n: net.state_dict() for n, net in networks.items()}, "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+            "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+            "normalization": {"reward_mode": reward_mode, "reward_scale": reward_scale, "reward_shift": reward_shift, "action_low": low.tolist(), "action_high": high.tolist()},
+        }
+
+    def evaluate_policy(name: str, episodes: int, video_dir=None) -> dict:
+        seed = EVAL_SEED_BLOCK * args.seed
+        return score_summary(evaluate(actors[name], make_env, episodes, seed, dataset.observation_space, low, high, device, video_dir), rule)
+
+    if args.eval_only:
+        results = {name: evaluate_policy(name, args.final_eval_episodes) for name in policies}
+        for name, result in results.items():
+            print(f"{name} policy at {progress['phase']} step {progress['step']}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {result['score_mean']}")
+        with open(os.path.join(saved_run, "eval_only.json"), "w") as f:
+            json.dump({"policies": results, "progress": {"phase": progress["phase"], "step": progress["step"]}, "scoring": rule}, f, indent=2)
+        return {"policies": results}
+
+    # Everything is checked: only now does a new run get its folder.
+    run_name = os.path.basename(os.path.normpath(args.resume)) if args.resume else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = args.resume or make_run_dir(args.runs_dir, run_name)
+    if not args.resume:
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        plot_dataset_overview(data, args.env_id, os.path.join(run_dir, "dataset_overview.png"))
+    with open(os.path.join(run_dir, "evaluations.jsonl"), "w") as f:  # on resume, drop evaluations made after the checkpoint
+        f.writelines(json.dumps(record) + "\n" for record in progress["evaluations"])
+    print(
+        f"{args.env_id}: {len(data.rewards):,} transitions in {len(data.episode_lengths):,} episodes; "
+        f"reward normalisation '{reward_mode}' (r * {reward_scale:.4g} + {reward_shift:g}); {settings}; "
+        f"score: {rule['source']}, evaluation episodes of {rule['max_episode_steps'] or 'unlimited'} steps"
+        + (f"; resuming at {progress['phase']} step {progress['step']}" if args.resume else "")
+    )
+    if args.track:
+        import wandb
+
+        run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, dir=run_dir, id=progress["wandb_id"], resume="allow")
+        progress["wandb_id"] = run.id
+        if not args.resume:
+            wandb.log({"charts/dataset_overview": wandb.Image(os.path.join(run_dir, "dataset_overview.png"))}, step=0)
+
+    def run_evaluation(name: str, step: int, episodes: int, wandb_step: int, final: bool = False) -> dict:
+        start = time.perf_counter()
+        result = evaluate_policy(name, episodes)
+        progress["eval_time_s"] += time.perf_counter() - start
+        record = {"policy": name, "step": step, "final": final, **result}  # step: the policy's own updates
+        progress["evaluations"].append(record)
         with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:
-            f.write(json.dumps({"policy": name, "step": step, "final": final, **result}) + "\n")
+            f.write(json.dumps(record) + "\n")
         score = "n/a" if result["score_mean"] is None else f"{result['score_mean']:.1f}"
         print(f"eval {name} @ {step}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {score} ({episodes} episodes)")
         if args.track:
             prefix = f"eval/{name}_final/" if final else f"eval/{name}/"
-            wandb.log({prefix + k: v for k, v in result.items() if v is not None}, step=step)
+            wandb.log({prefix + k: v for k, v in result.items() if v is not None}, step=wandb_step)
         return result
 
-    def log_progress(step: int, steps: int, phase_start: float, last, names, values, step_offset: int = 0):
-        now = time.time()
-        rate = (step - last[0]) / (now - last[1])
-        eta = (steps - step) * (now - phase_start) / step
-        metrics = dict(zip(names, values.tolist()))  # one host sync per log line
-        print(f"step {step:>8}/{steps} | {rate:7.0f} upd/s | ETA {eta / 60:5.1f} min | " + " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in metrics.items()))
-        if args.track:
-            wandb.log({**metrics, "charts/updates_per_second": rate}, step=step_offset + step)
-        return step, now
+    sitting_start, wall_before = time.perf_counter(), progress["wall_time_s"]
+
+    def write_checkpoint() -> None:
+        progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
+        save_checkpoint(make_checkpoint(), os.path.join(run_dir, "checkpoint.pt"))
 
     value_names = ["losses/value_loss", "losses/critic_loss", "charts/v_mean", "charts/q_mean"]
     actor_names = ["losses/actor_loss", "charts/advantage_mean", "charts/awr_weight_mean"]
-    start = time.time()
-    last = (0, start)
-    for step in range(1, args.total_steps + 1):
-        batch = buffer.sample(args.batch_size)
-        metrics, adv = update_value_and_critic(batch, value, critic, target_critic, value_opt, critic_opt, args)
-        if "concurrent" in actors:
-            metrics = torch.cat([metrics, update_actor(batch, adv, actors["concurrent"], *actor_opts["concurrent"], args)])
-        if step % args.log_freq == 0 or step == args.total_steps:
-            names = value_names + (actor_names if "concurrent" in actors else [])
-            last = log_progress(step, args.total_steps, start, last, names, metrics)
-        if "concurrent" in actors and args.eval_freq and step % args.eval_freq == 0 and step < args.total_steps:
-            run_evaluation("concurrent", step, args.eval_episodes)
-    train_time = time.time() - start
-    updates_per_second = args.total_steps / train_time
-
+    # (phase, steps, W&B step of its step 0, the actor it trains, its metric names); the post-hoc
+    # actor learns from the frozen final V and target Q, and its W&B steps follow the V/Q ones.
+    phases = [("train", args.total_steps, 0, "concurrent" if "concurrent" in actors else None, value_names + (actor_names if "concurrent" in actors else []))]
     if "posthoc" in actors:
-        # A fresh actor extracted from the frozen final V and target Q; W&B steps continue after the V/Q run.
-        actor_opts["posthoc"] = make_actor_optimizer(actors["posthoc"], args, posthoc_steps)
-        phase_start, last = time.time(), (0, time.time())
-        for step in range(1, posthoc_steps + 1):
-            batch = buffer.sample(args.batch_size)
-            with torch.no_grad():
-                adv = target_critic(batch.obs, batch.actions).min(dim=0).values - value(batch.obs).squeeze(-1)
-            metrics = update_actor(batch, adv, actors["posthoc"], *actor_opts["posthoc"], args)
-            if step % args.log_freq == 0 or step == posthoc_steps:
-                names = [n.replace("/", "/posthoc_") for n in actor_names]
-                last = log_progress(step, posthoc_steps, phase_start, last, names, metrics, step_offset=args.total_steps)
-            if args.eval_freq and step % args.eval_freq == 0 and step < posthoc_steps:
-                run_evaluation("posthoc", args.total_steps + step, args.eval_episodes)
+        phases.append(("posthoc", posthoc_steps, args.total_steps, "posthoc", [n.replace("/", "/posthoc_") for n in actor_names]))
+    order = [phase[0] for phase in phases] + ["done"]
+    stop = catch_stop_signals()
+    try:
+        for index, (phase, steps, wandb_offset, policy, names) in enumerate(phases):
+            if order.index(progress["phase"]) > index:
+                continue
+            first_step, phase_start = progress["step"] + 1, time.perf_counter()
+            last = (progress["step"], progress["train_time_s"])
+            nonfinite_at = None  # per metric, the first step it was NaN or infinite (-1: never), kept on the device
+            for step in range(first_step, steps + 1):
+                tick = time.perf_counter()
+                batch = buffer.sample(args.batch_size)
+                if phase == "train":
+                    metrics, adv = update_value_and_critic(batch, value, critic, target_critic, optimizers["value"], optimizers["critic"], args)
+                else:
+                    with torch.no_grad():
+                        adv = target_critic(batch.obs, batch.actions).min(dim=0).values - value(batch.obs).squeeze(-1)
+                if policy is not None:
+                    actor_metrics = update_actor(batch, adv, actors[policy], optimizers[policy], schedulers.get(policy), args)
+                    metrics = actor_metrics if phase == "posthoc" else torch.cat([metrics, actor_metrics])
+                nonfinite_at = torch.where((nonfinite_at < 0) & ~torch.isfinite(metrics), step, nonfinite_at) if nonfinite_at is not None else torch.where(torch.isfinite(metrics), -1, step)
+                progress["step"] = step
+                progress["train_time_s"] += time.perf_counter() - tick
+
+                log_now = step % args.log_freq == 0 or step in (FIRST_LOG_STEP, steps)
+                checkpoint_now = bool(stop) or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
+                eval_now = policy is not None and args.eval_freq > 0 and step % args.eval_freq == 0 and step < steps
+                if log_now or checkpoint_now or eval_now or step % 1000 == 0:
+                    bad = nonfinite_at.tolist()  # a host sync: only every so often
+                    if max(bad) >= 0:
+                        first = min(s for s in bad if s >= 0)
+                        which = ", ".join(n.split("/")[1] for n, s in zip(names, bad) if s == first)
+                        raise SystemExit(f"error: the run diverged: {which} became NaN or infinite at {phase} step {first}; the last checkpoint before it stays in {run_dir}")
+                if log_now:
+                    rate = (step - last[0]) / max(progress["train_time_s"] - last[1], 1e-9)
+                    eta = (steps - step) * (time.perf_counter() - phase_start) / (step - first_step + 1)
+                    values = dict(zip(names, metrics.tolist()))
+                    print(f"{phase} step {step:>8}/{steps} | {rate:7.0f} upd/s | ETA {eta / 60:5.1f} min | " + " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in values.items()))
+                    if args.track:
+                        wandb.log({**values, "charts/updates_per_second": rate}, step=wandb_offset + step)
+                    last = (step, progress["train_time_s"])
+                if eval_now:
+                    run_evaluation(policy, step, args.eval_episodes, wandb_offset + step)
+                if checkpoint_now:
+                    write_checkpoint()
+                if stop:
+                    script = os.path.basename(__file__)
+                    print(f"stopped at {phase} step {step}; continue with: python {script} --resume {run_dir}", flush=True)
+                    raise SystemExit(128 + stop[0])
+            progress.update(phase=order[index + 1], step=0)
+    finally:
+        catch_stop_signals(False)
+    if args.checkpoint_freq > 0:
+        write_checkpoint()  # a run stopped during the final evaluation resumes there
 
     final_step = args.total_steps + (posthoc_steps if "posthoc" in actors else 0)
-    results = {name: run_evaluation(name, final_step, args.final_eval_episodes, final=True) for name in policies}
+    results = {name: run_evaluation(name, actor_steps[name], args.final_eval_episodes, final_step, final=True) for name in policies}
+    progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
+    updates = args.total_steps + (posthoc_steps if "posthoc" in actors else 0)
     summary = {
         "env_id": args.env_id, "run_name": run_name, "seed": args.seed, "policies": results, "scoring": rule,
-        "reward_normalization": reward_mode, "total_steps": args.total_steps,
-        "updates_per_second": updates_per_second, "wall_time_s": time.time() - start, "device": str(device),
+        "reward_normalization": reward_mode, "total_steps": args.total_steps, "device": str(device),
+        "updates_per_second": updates / progress["train_time_s"],
+        **{k: progress[k] for k in ("train_time_s", "eval_time_s", "wall_time_s")},
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if args.save_model:
-        optimizers = {"value": value_opt, "critic": critic_opt, **{f"actor_{name}": opt for name, (opt, _) in actor_opts.items()}}
-        checkpoint = {
-            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim,
-            "value": value.state_dict(), "critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
-            "actors": {name: actor.state_dict() for name, actor in actors.items()},
-            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-            "normalization": {"reward_mode": reward_mode, "reward_scale": reward_scale, "reward_shift": reward_shift, "action_low": low, "action_high": high},
-        }
-        torch.save(checkpoint, os.path.join(run_dir, "model.pt"))
+        save_checkpoint(make_checkpoint(), os.path.join(run_dir, "model.pt"))
+    if args.capture_video:
+        for name in policies:  # the first final-evaluation episode again, recorded: results are already safe
+            try:
+                evaluate_policy(name, 1, video_dir=os.path.join(run_dir, "videos", name))
+            except Exception as e:
+                print(f"warning: no video of the {name} policy ({describe(e)})")
     if args.track:
         wandb.summary.update({f"final/{name}/{k}": v for name, r in results.items() for k, v in r.items()})
         wandb.finish()
-    print(f"done in {summary['wall_time_s']:.0f} s ({updates_per_second:.0f} updates/s); results in {run_dir}")
+    print(f"done in {summary['wall_time_s']:.0f} s ({summary['updates_per_second']:.0f} updates/s, {summary['eval_time_s']:.0f} s evaluating); results in {run_dir}")
     return summary
 
 

@@ -112,7 +112,7 @@ def random_buffer(n_episodes, episode_len, obs_dim, act_dim, device, seed=0) -> 
 
 def make_iql_step(cfg, device):
     """iql.py's training step, as its main loop runs it (concurrent actor)."""
-    args = iql.Args(hidden_dims=tuple(cfg.hidden), batch_size=cfg.batch, total_steps=1_000_000)
+    args = iql.resolve_paper_settings(iql.Args(hidden_dims=tuple(cfg.hidden), batch_size=cfg.batch, total_steps=1_000_000))[0]
     buffer = random_buffer(cfg.buffer_episodes, cfg.episode_steps, cfg.obs_dim, cfg.act_dim, device)
     value = iql.mlp(cfg.obs_dim, args.hidden_dims, 1).to(device)
     critic = iql.TwinQ(cfg.obs_dim, cfg.act_dim, args.hidden_dims).to(device)
@@ -121,12 +121,13 @@ def make_iql_step(cfg, device):
     target_critic.requires_grad_(False)
     actor = iql.Actor(cfg.obs_dim, cfg.act_dim, args.hidden_dims, 0.0, False).to(device)
     value_opt, critic_opt = iql.make_optimizer(value, args.value_lr), iql.make_optimizer(critic, args.critic_lr)
-    actor_opt = iql.make_actor_optimizer(actor, args, args.total_steps)
+    actor_opt = iql.make_optimizer(actor, args.actor_lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, T_max=args.total_steps)
 
     def step():
         batch = buffer.sample(args.batch_size)
         metrics, adv = iql.update_value_and_critic(batch, value, critic, target_critic, value_opt, critic_opt, args)
-        return torch.cat([metrics, iql.update_actor(batch, adv, actor, *actor_opt, args)])
+        return torch.cat([metrics, iql.update_actor(batch, adv, actor, actor_opt, scheduler, args)])
 
     return step, (value, critic, target_critic, actor)
 

@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-COLUMNS = ["BC", "10% BC", "IQL", "IQL post-hoc"]
+COLUMNS = ["BC", "10% BC", "10% BC by episodes", "IQL", "IQL post-hoc"]
 
 
 def load_runs(runs_dirs: list) -> list:
@@ -33,8 +33,11 @@ def load_runs(runs_dirs: list) -> list:
 
 def label(run: dict, policy: str) -> str:
     if policy == "bc":
-        fraction = run["summary"]["data_selection"]["top_fraction"]
-        return "BC" if fraction == 1.0 else f"{fraction:.0%} BC"
+        selection = run["summary"]["data_selection"]
+        if selection["top_fraction"] == 1.0:
+            return "BC"
+        # runs made before the steps rule existed selected by episodes
+        return f"{selection['top_fraction']:.0%} BC" + (" by episodes" if selection.get("top_by", "episodes") == "episodes" else "")
     return {"concurrent": "IQL", "posthoc": "IQL post-hoc"}[policy]
 
 
@@ -115,7 +118,7 @@ def toy_table(runs: list) -> str:
         if not os.path.exists(checkpoint):
             continue
         value = iql.mlp(3, tuple(args["hidden_dims"]), 1)
-        value.load_state_dict(torch.load(checkpoint, weights_only=False)["value"])
+        value.load_state_dict(torch.load(checkpoint, weights_only=True)["networks"]["value"])
         with torch.no_grad():
             v_s1 = value(torch.eye(3)[1:2]).item()
         key = (env_id, args["expectile"])
@@ -146,9 +149,7 @@ def learning_curves(runs: list, out_dir: str) -> list:
             continue
         history = [json.loads(line) for line in open(path)]
         for policy in run["summary"]["policies"]:
-            # the concurrent actor's final evaluation is logged after any post-hoc steps, but it was last updated at total_steps
-            last_update = run["args"]["total_steps"] if policy == "concurrent" else float("inf")
-            points = [(min(h["step"], last_update), h["score_mean"]) for h in history if h["policy"] == policy and h["score_mean"] is not None]
+            points = [(h["step"], h["score_mean"]) for h in history if h["policy"] == policy and h["score_mean"] is not None]
             if points:
                 curves[run["summary"]["env_id"], run["args"]["total_steps"]][label(run, policy)].append(points)
     os.makedirs(out_dir, exist_ok=True)
@@ -161,7 +162,7 @@ def learning_curves(runs: list, out_dir: str) -> list:
             mean, std = values.mean(0), values.std(0)
             ax.plot(steps, mean, label=f"{name} ({len(seeds)} seeds)")
             ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-        ax.set_xlabel("gradient step (IQL post-hoc: after the V/Q steps)")
+        ax.set_xlabel("policy updates (IQL post-hoc: its own, after the V/Q steps)")
         ax.set_ylabel("score")
         ax.set_title(f"{dataset}, {budget:,} steps")
         ax.legend()

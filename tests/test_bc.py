@@ -42,7 +42,7 @@ def synthetic_data(returns, lengths):
 )
 def test_top_episodes_keeps_the_right_ones(fraction, kept):
     data = synthetic_data(returns=[5.0, 10.0, 10.0, 1.0, 7.0], lengths=[3, 2, 4, 1, 2])
-    subset, threshold = bc.top_episodes(data, fraction)
+    subset, threshold = bc.top_episodes(data, fraction, "episodes")
     assert subset.actions[:, 0].tolist() == np.repeat(kept, data.episode_lengths[kept]).tolist()
     assert subset.episode_lengths.tolist() == data.episode_lengths[kept].tolist()
     assert threshold == pytest.approx(min(data.episode_returns[kept]))
@@ -52,23 +52,42 @@ def test_top_episodes_keeps_the_right_ones(fraction, kept):
     assert np.all(s[:, 0] == subset.actions[:, 0]) and np.all(s_next[:, 0] == s[:, 0]) and np.all(s_next[:, 1] == s[:, 1] + 1)
 
 
+@pytest.mark.parametrize(
+    "fraction, by, kept",
+    [
+        (0.5, "steps", [1]),  # budget int(0.5 * 36) = 18 steps: the best episode (10 steps); 10 + 10 is not below 18
+        (0.6, "steps", [1, 3]),  # budget 21: 10, then 20 < 21
+        (0.56, "steps", [1]),  # budget 20: Decision Transformer's rule stays strictly below it
+        (0.01, "steps", [1]),  # budget 1 step, smaller than the best episode, which is kept anyway
+        (1.0, "steps", [0, 1, 2, 3, 4, 5]),  # 100% is all of the data
+        (0.5, "episodes", [1, 3, 5]),  # 3 of 6 episodes: 30 of the 36 steps
+    ],
+)
+def test_top_by_steps_is_decision_transformers_rule(fraction, by, kept):
+    # the high-return episodes are long, the low-return ones short: the two rules keep different amounts of data
+    data = synthetic_data(returns=[1.0, 50.0, 2.0, 40.0, 3.0, 30.0], lengths=[2, 10, 2, 10, 2, 10])
+    subset, threshold = bc.top_episodes(data, fraction, by)
+    assert subset.actions[:, 0].tolist() == np.repeat(kept, data.episode_lengths[kept]).tolist()
+    assert threshold == pytest.approx(min(data.episode_returns[kept]))
+
+
 def test_top_fraction_counts_without_float_error():
     data = synthetic_data(returns=np.arange(10.0), lengths=[1] * 10)
-    assert len(bc.top_episodes(data, 0.7)[0].episode_lengths) == 7  # 0.7 * 10 = 7.000000000000001 in floats
-    assert len(bc.top_episodes(data, 0.1)[0].episode_lengths) == 1
+    assert len(bc.top_episodes(data, 0.7, "episodes")[0].episode_lengths) == 7  # 0.7 * 10 = 7.000000000000001 in floats
+    assert len(bc.top_episodes(data, 0.1, "episodes")[0].episode_lengths) == 1
+    assert len(bc.top_episodes(data, 0.8, "steps")[0].episode_lengths) == 7  # budget 8 steps, not 7.999...: 7 < 8
 
 
-def train_bc(env_id, top_fraction, runs_dir, steps=1500):
+def train_bc(env_id, top_fraction, runs_dir, steps=1500, top_by="steps"):
     summary = bc.main(
         bc.Args(
-            env_id=env_id, top_fraction=top_fraction, total_steps=steps, batch_size=64, hidden_dims=(32, 32),
+            env_id=env_id, top_fraction=top_fraction, top_by=top_by, total_steps=steps, batch_size=64, hidden_dims=(32, 32),
             lr=1e-3, eval_freq=0, final_eval_episodes=4, log_freq=500, save_model=True, runs_dir=str(runs_dir), cuda=False,
         )
     )
-    checkpoint = torch.load(runs_dir / summary["run_name"] / "model.pt", weights_only=False)
-    obs_dim = checkpoint["obs_dim"]
-    actor = bc.Actor(obs_dim, 1, (32, 32), 0.0, False)
-    actor.load_state_dict(checkpoint["actor"])
+    checkpoint = torch.load(runs_dir / summary["run_name"] / "model.pt", weights_only=True)
+    actor = bc.Actor(checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["args"]["hidden_dims"], 0.0, False)
+    actor.load_state_dict(checkpoint["networks"]["actor"])
     return summary, actor
 
 
@@ -93,8 +112,11 @@ def test_bandit_bc_imitates_the_mixture_top_bc_takes_the_good_arm(minari_store, 
     summary, actor = train_bc("toy/bandit/fifty-v0", 1.0, tmp_path)
     assert prob_up(actor, [1.0]) == pytest.approx(0.5, abs=0.15)  # half the mass on each arm, like the data
     assert summary["data_selection"]["episodes_kept"] == 100
+    summary, actor = train_bc("toy/bandit/fifty-v0", 0.1, tmp_path, top_by="episodes")
+    assert summary["data_selection"] == {"top_fraction": 0.1, "top_by": "episodes", "episodes_kept": 10, "steps_kept": 10, "return_threshold": 1.0}
     summary, actor = train_bc("toy/bandit/fifty-v0", 0.1, tmp_path)
-    assert summary["data_selection"] == {"top_fraction": 0.1, "episodes_kept": 10, "steps_kept": 10, "return_threshold": 1.0}
+    # one-step episodes, a budget of 10 steps: Decision Transformer's rule keeps 9 (strictly below)
+    assert summary["data_selection"] == {"top_fraction": 0.1, "top_by": "steps", "episodes_kept": 9, "steps_kept": 9, "return_threshold": 1.0}
     assert takes_the_good_action(actor, [1.0])
     assert summary["policies"]["bc"]["return_mean"] == 1.0
 
@@ -114,7 +136,8 @@ SHARED = [
     "D4RL_REFERENCE_RETURNS", "ACTION_CLIP_EPS", "LOG_STD_MIN", "LOG_STD_MAX",
     "load_minari_dataset", "flatten_observation", "stack_observations", "OfflineData", "flatten_dataset", "action_bounds", "to_unit_box",
     "subset_episodes", "dataset_family", "scoring_rule", "eval_env_kwargs", "cut_episodes_at_goal", "plot_dataset_overview", "orthogonal_linear", "mlp", "Actor", "gaussian_log_prob",
-    "evaluate", "score_summary",
+    "evaluate", "score_summary", "FIRST_LOG_STEP", "EVAL_SEED_BLOCK", "MAY_CHANGE_ON_RESUME", "act", "describe", "check_eval_env",
+    "make_run_dir", "save_checkpoint", "load_checkpoint", "stored_args", "rng_states", "set_rng_states", "catch_stop_signals",
 ]
 
 
@@ -164,9 +187,12 @@ def test_cli_runs_end_to_end(minari_store, tmp_path):
     assert list(summary["policies"]) == ["bc"]
     assert set(summary["policies"]["bc"]) == {"return_mean", "return_std", "score_mean", "score_std", "num_episodes"}
     assert summary["policies"]["bc"]["num_episodes"] == 3
-    assert summary["data_selection"]["episodes_kept"] == 6
+    # the default rule is Decision Transformer's, by steps
+    kept, _ = bc.top_episodes(bc.flatten_dataset(minari.load_dataset("mujoco/hopper/tiny-v0")), 0.5, "steps")
+    selection = summary["data_selection"]
+    assert (selection["top_by"], selection["episodes_kept"], selection["steps_kept"]) == ("steps", len(kept.episode_lengths), len(kept.rewards))
     assert (run_dir / "dataset_overview.png").exists() and (run_dir / "model.pt").exists()
-    assert "keeps 6 episodes" in result.stdout
+    assert f"top 0.5 by steps keeps {len(kept.episode_lengths)} episodes ({len(kept.rewards)} steps" in result.stdout
 
 
 @pytest.mark.parametrize(

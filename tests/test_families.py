@@ -14,11 +14,12 @@ import iql
 from tests.datasets import KITCHEN_TASKS
 
 POINTMAZE, ANTMAZE, KITCHEN, PEN = "D4RL/pointmaze/open-tiny-v0", "D4RL/antmaze/umaze-tiny-v0", "D4RL/kitchen/tiny-v0", "D4RL/pen/tiny-v0"
+PEN_OTHER_REFS = "D4RL/pen/tiny-other-refs-v0"
 
 
 def make_env_fn(dataset, dataset_id, terminate_at_goal=False, wrapper=None):
     def make_env(render=False):
-        env = dataset.recover_environment(eval_env=True, **iql.eval_env_kwargs(dataset_id, terminate_at_goal))
+        env = dataset.recover_environment(eval_env=True, **iql.eval_env_kwargs(iql.scoring_rule(dataset, dataset_id), terminate_at_goal))
         return wrapper(env) if wrapper else env
 
     return make_env
@@ -112,11 +113,14 @@ def test_kitchen_counts_completed_tasks(minari_store):
     assert tasks.tolist() == [1, 1] and summary["score_mean"] == 25.0  # 1 of the dataset's 4 tasks
 
 
-def test_pen_is_evaluated_with_100_step_episodes(minari_store):
-    dataset = minari.load_dataset(PEN)
-    assert dataset.recover_environment(eval_env=True).spec.max_episode_steps == 200
-    assert make_env_fn(dataset, PEN)().spec.max_episode_steps == 100
-    assert iql.eval_env_kwargs("D4RL/door/human-v2", False) == {}
+@pytest.mark.parametrize("dataset_id, refs, episode_steps", [(PEN, (96.262799, 3076.833), 100), (PEN_OTHER_REFS, (50.0, 5000.0), 200)])
+def test_pen_episode_length_goes_with_its_reference_scores(dataset_id, refs, episode_steps, minari_store, tmp_path, capsys):
+    # D4RL's pen references are returns of 100-step episodes; any other references go with the dataset's own spec (200)
+    assert minari.load_dataset(dataset_id).recover_environment(eval_env=True).spec.max_episode_steps == 200
+    summary = iql.main(iql.Args(env_id=dataset_id, total_steps=5, batch_size=8, hidden_dims=(8,), eval_freq=0, final_eval_episodes=1, runs_dir=str(tmp_path), cuda=False))
+    scoring = summary["scoring"]
+    assert (scoring["ref_min"], scoring["ref_max"], scoring["max_episode_steps"]) == (*refs, episode_steps)
+    assert "dataset metadata" in scoring["source"] and f"evaluation episodes of {episode_steps} steps" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("script", [iql, bc])
@@ -135,6 +139,19 @@ def test_both_scripts_run_on_every_family(script, dataset_id, minari_store, tmp_
         assert score == pytest.approx(100 * (result["return_mean"] - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"]))
     run_dir = tmp_path / summary["run_name"]
     assert json.loads((run_dir / "summary.json").read_text())["scoring"] == rule
+    if script is iql:  # no algorithm flags: the paper's settings for the family
+        expected = {POINTMAZE: (0.7, 3.0, 0.0), ANTMAZE: (0.9, 10.0, 0.0), KITCHEN: (0.7, 0.5, 0.1), PEN: (0.7, 0.5, 0.1)}[dataset_id]
+        stored = json.loads((run_dir / "args.json").read_text())
+        assert (stored["expectile"], stored["temperature"], stored["actor_dropout"]) == expected
+
+
+def test_explicit_flags_win_over_the_papers_family_settings(minari_store, tmp_path, capsys):
+    summary = iql.main(iql.Args(env_id=ANTMAZE, expectile=0.8, total_steps=5, batch_size=8, hidden_dims=(8,), eval_freq=0, final_eval_episodes=1, runs_dir=str(tmp_path), cuda=False))
+    stored = json.loads((tmp_path / summary["run_name"] / "args.json").read_text())
+    assert (stored["expectile"], stored["temperature"], stored["actor_dropout"]) == (0.8, 10.0, 0.0)
+    assert "expectile 0.8 (given), temperature 10, actor dropout 0 (the paper's AntMaze settings)" in capsys.readouterr().out
+    args, line = iql.resolve_paper_settings(iql.Args(env_id="mujoco/hopper/medium-v0", expectile=0.7, temperature=3.0))
+    assert (args.expectile, args.temperature, args.actor_dropout) == (0.7, 3.0, 0.0)  # the README's command, as before
 
 
 def test_goal_terminal_cuts_episodes_at_the_first_goal_step():

@@ -35,7 +35,7 @@ def random_batches(dtype):
 @pytest.mark.parametrize("dtype, rtol, atol", [(torch.float32, 1e-5, 1e-6), (torch.float64, 1e-10, 1e-12)], ids=["float32", "float64"])
 def test_iql_update_matches_corl_style_reference(dtype, rtol, atol):
     # a temperature and rewards large enough that some AWR weights hit the exp_adv_max cap
-    args = iql.Args(hidden_dims=HIDDEN, batch_size=BATCH, total_steps=STEPS, temperature=3.0, exp_adv_max=2.0)
+    args = iql.Args(hidden_dims=HIDDEN, batch_size=BATCH, total_steps=STEPS, expectile=0.7, temperature=3.0, exp_adv_max=2.0)
     torch.manual_seed(0)
     value = iql.mlp(OBS_DIM, HIDDEN, 1).to(dtype)
     critic = iql.TwinQ(OBS_DIM, ACT_DIM, HIDDEN).to(dtype)
@@ -46,7 +46,8 @@ def test_iql_update_matches_corl_style_reference(dtype, rtol, atol):
     with torch.no_grad():
         actor.log_std.copy_(torch.linspace(-0.5, 0.5, ACT_DIM))  # not all equal, so a mix-up of dims would show
     value_opt, critic_opt = iql.make_optimizer(value, args.value_lr), iql.make_optimizer(critic, args.critic_lr)
-    actor_opt, scheduler = iql.make_actor_optimizer(actor, args, args.total_steps)
+    actor_opt = iql.make_optimizer(actor, args.actor_lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, T_max=args.total_steps)
 
     ref = reference_iql.ReferenceIQL(
         OBS_DIM, ACT_DIM, HIDDEN, total_steps=args.total_steps, lr=args.actor_lr, discount=args.discount, tau=args.tau,

@@ -149,9 +149,9 @@ def train_toy(expectile, runs_dir):
             final_eval_episodes=2, log_freq=500, save_model=True, runs_dir=str(runs_dir), cuda=False,
         )
     )
-    checkpoint = torch.load(os.path.join(runs_dir, summary["run_name"], "model.pt"), weights_only=False)
+    checkpoint = torch.load(os.path.join(runs_dir, summary["run_name"], "model.pt"), weights_only=True)
     value = iql.mlp(3, (64, 64), 1)
-    value.load_state_dict(checkpoint["value"])
+    value.load_state_dict(checkpoint["networks"]["value"])
     with torch.no_grad():
         v = value(torch.eye(3)).squeeze(-1)
     return summary["policies"]["concurrent"]["return_mean"], v
@@ -186,14 +186,16 @@ def test_cli_runs_end_to_end_with_both_extractions(minari_store, tmp_path):
         ref_min, ref_max = iql.D4RL_REFERENCE_RETURNS["hopper"]
         assert policy["score_mean"] == pytest.approx(100 * (policy["return_mean"] - ref_min) / (ref_max - ref_min))
     assert summary["scoring"]["kind"] == "return" and "D4RL reference returns of hopper" in summary["scoring"]["source"]
-    assert summary["updates_per_second"] > 0 and summary["wall_time_s"] > 0
+    assert summary["updates_per_second"] > 0 and summary["wall_time_s"] > summary["train_time_s"] + summary["eval_time_s"] > summary["eval_time_s"] > 0
+    assert summary["updates_per_second"] == pytest.approx(100 / summary["train_time_s"])  # V/Q and post-hoc updates, evaluation excluded
     assert (run_dir / "dataset_overview.png").stat().st_size > 0
     assert json.loads((run_dir / "args.json").read_text())["posthoc_steps"] == 40
     history = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
-    assert [(h["policy"], h["step"]) for h in history] == [("concurrent", 30), ("posthoc", 90), ("concurrent", 100), ("posthoc", 100)]
-    checkpoint = torch.load(run_dir / "model.pt", weights_only=False)
-    assert set(checkpoint["actors"]) == {"concurrent", "posthoc"}
-    assert {"value", "critic", "target_critic", "optimizers", "normalization", "args"} <= set(checkpoint)
+    # each policy's own update count: the post-hoc actor's start after the V/Q steps
+    assert [(h["policy"], h["step"], h["final"]) for h in history] == [("concurrent", 30, False), ("posthoc", 30, False), ("concurrent", 60, True), ("posthoc", 40, True)]
+    checkpoint = torch.load(run_dir / "model.pt", weights_only=True)
+    assert set(checkpoint["networks"]) == {"value", "critic", "target_critic", "actor_concurrent", "actor_posthoc"}
+    assert {"optimizers", "schedulers", "normalization", "args", "rng", "progress"} <= set(checkpoint)
     assert checkpoint["normalization"]["reward_mode"] == "locomotion"
 
 

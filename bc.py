@@ -628,11 +628,19 @@ def main(args: Args) -> dict:
         seed = EVAL_SEED_BLOCK * args.seed
         return score_summary(evaluate(actor, make_env, episodes, seed, dataset.observation_space, low, high, device, video_dir), rule)
 
+    def record_video(run_dir: str) -> None:
+        try:  # the first final-evaluation episode again, recorded once the results are safe
+            evaluate_policy(1, video_dir=os.path.join(run_dir, "videos", "bc"))
+        except Exception as e:
+            print(f"warning: no video of the bc policy ({describe(e)})")
+
     if args.eval_only:
         result = evaluate_policy(args.final_eval_episodes)
         print(f"bc policy at step {progress['step']}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {result['score_mean']}")
         with open(os.path.join(saved_run, "eval_only.json"), "w") as f:
             json.dump({"policies": {"bc": result}, "progress": {"phase": progress["phase"], "step": progress["step"]}, "scoring": rule}, f, indent=2)
+        if args.capture_video:
+            record_video(saved_run)
         return {"policies": {"bc": result}}
 
     # Everything is checked: only now does a new run get its folder.
@@ -699,7 +707,8 @@ def main(args: Args) -> dict:
             progress["train_time_s"] += time.perf_counter() - tick
 
             log_now = step % args.log_freq == 0 or step in (FIRST_LOG_STEP, steps)
-            checkpoint_now = bool(stop) or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
+            stopping = bool(stop)  # read once: a signal may arrive while this step is being wrapped up
+            checkpoint_now = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
             eval_now = args.eval_freq > 0 and step % args.eval_freq == 0 and step < steps
             if (log_now or checkpoint_now or eval_now or step % 1000 == 0) and first_nonfinite.item() >= 0:  # a host sync: only every so often
                 raise SystemExit(f"error: the run diverged: bc_loss became NaN or infinite at step {first_nonfinite.item()}; the last checkpoint before it stays in {run_dir}")
@@ -715,7 +724,7 @@ def main(args: Args) -> dict:
                 run_evaluation(step, args.eval_episodes)
             if checkpoint_now:
                 write_checkpoint()
-            if stop:
+            if stopping:
                 print(f"stopped at train step {step}; continue with: python {os.path.basename(__file__)} --resume {run_dir}", flush=True)
                 raise SystemExit(128 + stop[0])
     finally:
@@ -737,10 +746,7 @@ def main(args: Args) -> dict:
     if args.save_model:
         save_checkpoint(make_checkpoint(), os.path.join(run_dir, "model.pt"))
     if args.capture_video:
-        try:  # the first final-evaluation episode again, recorded: results are already safe
-            evaluate_policy(1, video_dir=os.path.join(run_dir, "videos", "bc"))
-        except Exception as e:
-            print(f"warning: no video of the bc policy ({describe(e)})")
+        record_video(run_dir)
     if args.track:
         wandb.summary.update({f"final/bc/{k}": v for k, v in result.items()})
         wandb.finish()

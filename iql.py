@@ -793,12 +793,21 @@ def main(args: Args) -> dict:
         seed = EVAL_SEED_BLOCK * args.seed
         return score_summary(evaluate(actors[name], make_env, episodes, seed, dataset.observation_space, low, high, device, video_dir), rule)
 
+    def record_videos(run_dir: str) -> None:
+        for name in policies:  # the first final-evaluation episode again, recorded once the results are safe
+            try:
+                evaluate_policy(name, 1, video_dir=os.path.join(run_dir, "videos", name))
+            except Exception as e:
+                print(f"warning: no video of the {name} policy ({describe(e)})")
+
     if args.eval_only:
         results = {name: evaluate_policy(name, args.final_eval_episodes) for name in policies}
         for name, result in results.items():
             print(f"{name} policy at {progress['phase']} step {progress['step']}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {result['score_mean']}")
         with open(os.path.join(saved_run, "eval_only.json"), "w") as f:
             json.dump({"policies": results, "progress": {"phase": progress["phase"], "step": progress["step"]}, "scoring": rule}, f, indent=2)
+        if args.capture_video:
+            record_videos(saved_run)
         return {"policies": results}
 
     # Everything is checked: only now does a new run get its folder.
@@ -877,7 +886,8 @@ def main(args: Args) -> dict:
                 progress["train_time_s"] += time.perf_counter() - tick
 
                 log_now = step % args.log_freq == 0 or step in (FIRST_LOG_STEP, steps)
-                checkpoint_now = bool(stop) or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
+                stopping = bool(stop)  # read once: a signal may arrive while this step is being wrapped up
+                checkpoint_now = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
                 eval_now = policy is not None and args.eval_freq > 0 and step % args.eval_freq == 0 and step < steps
                 if log_now or checkpoint_now or eval_now or step % 1000 == 0:
                     bad = nonfinite_at.tolist()  # a host sync: only every so often
@@ -897,7 +907,7 @@ def main(args: Args) -> dict:
                     run_evaluation(policy, step, args.eval_episodes, wandb_offset + step)
                 if checkpoint_now:
                     write_checkpoint()
-                if stop:
+                if stopping:
                     script = os.path.basename(__file__)
                     print(f"stopped at {phase} step {step}; continue with: python {script} --resume {run_dir}", flush=True)
                     raise SystemExit(128 + stop[0])
@@ -922,11 +932,7 @@ def main(args: Args) -> dict:
     if args.save_model:
         save_checkpoint(make_checkpoint(), os.path.join(run_dir, "model.pt"))
     if args.capture_video:
-        for name in policies:  # the first final-evaluation episode again, recorded: results are already safe
-            try:
-                evaluate_policy(name, 1, video_dir=os.path.join(run_dir, "videos", name))
-            except Exception as e:
-                print(f"warning: no video of the {name} policy ({describe(e)})")
+        record_videos(run_dir)
     if args.track:
         wandb.summary.update({f"final/{name}/{k}": v for name, r in results.items() for k, v in r.items()})
         wandb.finish()

@@ -242,3 +242,23 @@ def test_non_box_action_space_is_rejected(minari_store, tmp_path):
     with pytest.raises(SystemExit, match="continuous \\(Box\\) action space"):
         iql.main(iql.Args(env_id="toy/cartpole/tiny-v0", runs_dir=str(tmp_path / "runs")))
     assert not (tmp_path / "runs").exists()
+
+
+def test_each_training_seed_evaluates_on_its_own_start_states(minari_store, tmp_path, monkeypatch):
+    calls, evaluate = [], iql.evaluate
+
+    def recording(actor, make_env, num_episodes, first_seed, *rest, **kwargs):
+        calls.append((first_seed, num_episodes))
+        return evaluate(actor, make_env, num_episodes, first_seed, *rest, **kwargs)
+
+    monkeypatch.setattr(iql, "evaluate", recording)
+    finals = []
+    for seed in (1, 2, 1):
+        summary = iql.main(iql.Args(env_id="mujoco/hopper/tiny-v0", seed=seed, total_steps=20, batch_size=16, hidden_dims=(8,), eval_freq=10,
+                                    eval_episodes=2, final_eval_episodes=3, runs_dir=str(tmp_path), cuda=False))
+        finals.append(summary["policies"]["concurrent"]["return_mean"])
+    # env seeds 10_000 * seed + i: periodic and final evaluations of a seed share its block, other seeds never touch it
+    assert calls == [(10_000, 2), (10_000, 3), (20_000, 2), (20_000, 3), (10_000, 2), (10_000, 3)]
+    assert finals[0] == finals[2]  # reproducible
+    with pytest.raises(SystemExit, match="at most 10000 evaluation episodes"):
+        iql.main(iql.Args(env_id="mujoco/hopper/tiny-v0", final_eval_episodes=10_001, runs_dir=str(tmp_path)))

@@ -36,8 +36,6 @@ class Args:
     """the Minari dataset id; the policy is evaluated in the dataset's own evaluation environment"""
     seed: int = 1
     """seed of the network and the minibatches; evaluation episode i uses env seed 10_000 * seed + i"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, train on the GPU when one is available"""
     torch_threads: Optional[int] = None
@@ -130,9 +128,7 @@ def validate_args(args: Args) -> None:
             raise SystemExit(f"error: {message}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
+# Data -----------------------------------------------------------------------------------------
 def load_minari_dataset(dataset_id: str):
     """Load a Minari dataset, downloading it if it is not stored locally; one clear error if neither works."""
     import minari
@@ -150,16 +146,11 @@ def load_minari_dataset(dataset_id: str):
 
 
 def flatten_observation(obs, space: gym.Space) -> np.ndarray:
-    """Flatten a (batched) observation into (batch, dim) float32.
-
-    Dict observations (goal-conditioned datasets) are concatenated in the key order of the
-    `gym.spaces.Dict` (alphabetical, e.g. achieved_goal, desired_goal, observation), recursively,
-    each part flattened row-major: the same order as `gym.spaces.flatten`.
-    """
+    """A (batched) observation as (batch, dim) float32; Dict parts concatenated recursively in the
+    space's (alphabetical) key order, each flattened row-major: the same vector as `gym.spaces.flatten`."""
     if isinstance(space, gym.spaces.Dict):
         return np.concatenate([flatten_observation(obs[k], s) for k, s in space.spaces.items()], axis=1)
-    obs = np.asarray(obs, dtype=np.float32)
-    return obs.reshape(len(obs), -1)
+    return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
 
 
 def stack_observations(observations: list):
@@ -267,10 +258,9 @@ def dataset_family(dataset_id: str) -> str:
 
 
 def scoring_rule(dataset, dataset_id: str) -> dict:
-    """How an episode is scored, as the paper does per family: success x100 for mazes, completed
-    tasks / number of the dataset's tasks x100 for Kitchen, else the normalised return with the
-    dataset's reference scores or, when it has none, D4RL's. `max_episode_steps` overrides the
-    evaluation spec's episode length where the reference scores need it (None: the spec's)."""
+    """The paper's score per family: success x100 (mazes), completed tasks / the dataset's tasks x100
+    (Kitchen), else the normalised return with the dataset's reference scores, or D4RL's. A
+    `max_episode_steps` overrides the evaluation spec's where the references need it."""
     family = dataset_family(dataset_id)
     if family == "maze":
         return {"kind": "success", "source": "success rate x100: the env's info['success'] at any step", "max_episode_steps": None}
@@ -293,9 +283,7 @@ def scoring_rule(dataset, dataset_id: str) -> dict:
 
 def eval_env_kwargs(rule: dict, terminate_at_goal: bool) -> dict:
     """Overrides of the dataset's evaluation environment spec."""
-    kwargs = {}
-    if rule["max_episode_steps"] is not None:
-        kwargs["max_episode_steps"] = rule["max_episode_steps"]
+    kwargs = {"max_episode_steps": rule["max_episode_steps"]} if rule["max_episode_steps"] else {}
     if terminate_at_goal:
         kwargs["continuing_task"] = False  # D4RL's mazes: the episode ends at the goal
     return kwargs
@@ -344,9 +332,7 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
 
 
 
-# ---------------------------------------------------------------------------------------------
-# Networks and loss
-# ---------------------------------------------------------------------------------------------
+# Networks and loss ----------------------------------------------------------------------------
 def orthogonal_linear(in_dim: int, out_dim: int, gain: float) -> nn.Linear:
     """The official code initialises every layer orthogonally with zero biases."""
     layer = nn.Linear(in_dim, out_dim)
@@ -399,9 +385,7 @@ def bc_loss(log_prob: torch.Tensor) -> torch.Tensor:
 
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
+# Evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
 def act(actor: Actor, observations: list, obs_space, low, high, device) -> np.ndarray:
     """The policy's mean actions (dropout off) for a list of env observations, mapped to the action bounds."""
@@ -414,12 +398,10 @@ def act(actor: Actor, observations: list, obs_space, low, high, device) -> np.nd
 
 
 def evaluate(actor: Actor, make_env, num_episodes: int, first_seed: int, obs_space, low, high, device, video_dir=None):
-    """One episode per sub-environment (env seeds first_seed + i), with the mean action. Returns, per
-    episode, the undiscounted return, whether info['success'] was ever true, and the most tasks completed.
-
-    Only unfinished sub-environments are stepped: a Gymnasium vector env would auto-reset finished
-    ones and keep simulating episodes we then throw away. The policy runs once per step for all.
-    """
+    """One episode per env (seeds first_seed + i), with the mean action, one policy call per step for
+    all unfinished envs; only those are stepped (a Gymnasium vector env would auto-reset finished ones
+    and simulate episodes we throw away). Per episode: the return, whether info['success'] was ever
+    true, and the most tasks completed."""
     envs = [make_env(render=video_dir is not None and i == 0) for i in range(num_episodes)]
     if video_dir is not None:
         envs[0] = gym.wrappers.RecordVideo(envs[0], video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
@@ -456,7 +438,7 @@ def score_summary(episodes, rule: dict) -> dict:
     return {**summary, "score_mean": float(scores.mean()), "score_std": float(scores.std())}
 
 
-def describe(e: Exception) -> str:
+def describe(e: Exception) -> str:  # an exception in one line
     return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
 
 
@@ -479,9 +461,7 @@ def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, 
     return env.spec.max_episode_steps
 
 
-# ---------------------------------------------------------------------------------------------
-# Run folders, checkpoints, resuming
-# ---------------------------------------------------------------------------------------------
+# Run folders, checkpoints, resuming -----------------------------------------------------------
 # What `--resume` and `--eval-only` may change: logging and resources, never the algorithm or the data.
 MAY_CHANGE_ON_RESUME = ("track", "wandb_project_name", "wandb_entity", "torch_threads", "log_freq", "checkpoint_freq", "capture_video", "save_model")
 
@@ -505,7 +485,7 @@ def save_checkpoint(checkpoint: dict, path: str) -> None:
 
 
 def load_checkpoint(path: str) -> dict:
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path} (the run stopped before its first checkpoint, or ran with --checkpoint-freq 0)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -528,6 +508,17 @@ def stored_args(given: Args, stored: dict, may_change) -> Args:
         else:
             raise SystemExit(f"error: --{name.replace('_', '-')} {value} differs from the run's {old}; a saved run keeps the arguments that define it (start a new run instead)")
     return Args(**merged)
+
+
+def state_dicts(groups: dict) -> dict:
+    """{"networks": {name: state dict}, "optimizers": ..., "schedulers": ...}, and back with load_state_dicts."""
+    return {group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in groups.items()}
+
+
+def load_state_dicts(groups: dict, stored: dict) -> None:
+    for group, objects in groups.items():
+        for name, obj in objects.items():
+            obj.load_state_dict(stored[group][name])
 
 
 def rng_states(generator: torch.Generator) -> dict:
@@ -555,9 +546,7 @@ def catch_stop_signals(catch: bool = True) -> list:
     return received
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
+# Training -------------------------------------------------------------------------------------
 def main(args: Args) -> dict:
     saved_run = args.resume or args.eval_only
     if args.resume and os.path.exists(os.path.join(args.resume, "summary.json")):
@@ -579,7 +568,6 @@ def main(args: Args) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -595,6 +583,7 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr, fused=True)
     # lr_t = lr * (1 + cos(pi * t / steps)) / 2, like iql.py's actor
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps) if args.lr_schedule == "cosine" else None
+    stateful = {"networks": {"actor": actor}, "optimizers": {"actor": optimizer}, "schedulers": {"actor": scheduler} if scheduler else {}}
 
     def make_env(render: bool = False):
         kwargs = eval_env_kwargs(rule, args.eval_terminate_at_goal)
@@ -603,10 +592,7 @@ def main(args: Args) -> dict:
     rule["max_episode_steps"] = check_eval_env(make_env, actor, args.capture_video, dataset.observation_space, low, high, device)
     progress = {"phase": "train", "step": 0, "evaluations": [], "train_time_s": 0.0, "eval_time_s": 0.0, "wall_time_s": 0.0, "wandb_id": None}
     if saved_run:
-        actor.load_state_dict(checkpoint["networks"]["actor"])
-        optimizer.load_state_dict(checkpoint["optimizers"]["actor"])
-        if scheduler is not None:
-            scheduler.load_state_dict(checkpoint["schedulers"]["actor"])
+        load_state_dicts(stateful, checkpoint)
         if args.resume:
             set_rng_states(checkpoint["rng"], generator)
         progress = checkpoint["progress"]
@@ -618,9 +604,7 @@ def main(args: Args) -> dict:
     def make_checkpoint() -> dict:
         """Everything to continue as if never stopped, or to use the policy: plain tensors, numbers and strings."""
         return {
-            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(generator),
-            "networks": {"actor": actor.state_dict()}, "optimizers": {"actor": optimizer.state_dict()},
-            "schedulers": {"actor": scheduler.state_dict()} if scheduler is not None else {},
+            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(generator), **state_dicts(stateful),
             "normalization": {"action_low": low.tolist(), "action_high": high.tolist()}, "data_selection": selection,
         }
 

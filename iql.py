@@ -13,6 +13,7 @@ Outputs go to runs/{run_name}/: args.json, dataset_overview.png,
 evaluations.jsonl, summary.json and (with --save-model) model.pt.
 """
 
+import collections
 import json
 import math
 import os
@@ -37,8 +38,6 @@ class Args:
     """the Minari dataset id; the policy is evaluated in the dataset's own evaluation environment"""
     seed: int = 1
     """seed of the networks and the minibatches; evaluation episode i uses env seed 10_000 * seed + i"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, train on the GPU when one is available"""
     torch_threads: Optional[int] = None
@@ -130,12 +129,15 @@ PAPER_SETTINGS = {"MuJoCo": (0.7, 3.0, 0.0), "AntMaze": (0.9, 10.0, 0.0), "Kitch
 
 def resolve_paper_settings(args: Args) -> Tuple[Args, str]:
     """Fill --expectile, --temperature and --actor-dropout left unset (None) with the paper's values
-    for the dataset's family; flags given explicitly win. Returns the args and a line saying which is which."""
+    for the dataset's family, and `auto` reward normalisation with the paper's rule (mujoco/*:
+    locomotion, AntMaze: antmaze, else none); flags given explicitly win. Returns the args and a
+    line saying which values came from where."""
     env_name = args.env_id.split("/")[1] if args.env_id.count("/") >= 2 else ""
     family = "AntMaze" if "antmaze" in args.env_id else "Kitchen" if "kitchen" in args.env_id else "Adroit" if env_name in ("pen", "hammer", "door", "relocate") else "MuJoCo"
+    rewards = {"auto": "locomotion" if args.env_id.startswith("mujoco/") else "antmaze" if family == "AntMaze" else "none"}.get(args.reward_normalization, args.reward_normalization)
     names = ("expectile", "temperature", "actor_dropout")
     given = [getattr(args, n) is not None for n in names]
-    args = replace(args, **{n: v for n, v, g in zip(names, PAPER_SETTINGS[family], given) if not g})
+    args = replace(args, reward_normalization=rewards, **{n: v for n, v, g in zip(names, PAPER_SETTINGS[family], given) if not g})
     words = [f"{n.replace('_', ' ')} {getattr(args, n):g}" + (" (given)" if g else "") for n, g in zip(names, given)]
     return args, ", ".join(words) + ("" if all(given) else f" (the paper's {family} settings)")
 
@@ -167,9 +169,7 @@ def validate_args(args: Args) -> None:
             raise SystemExit(f"error: {message}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
+# Data -----------------------------------------------------------------------------------------
 def load_minari_dataset(dataset_id: str):
     """Load a Minari dataset, downloading it if it is not stored locally; one clear error if neither works."""
     import minari
@@ -187,16 +187,11 @@ def load_minari_dataset(dataset_id: str):
 
 
 def flatten_observation(obs, space: gym.Space) -> np.ndarray:
-    """Flatten a (batched) observation into (batch, dim) float32.
-
-    Dict observations (goal-conditioned datasets) are concatenated in the key order of the
-    `gym.spaces.Dict` (alphabetical, e.g. achieved_goal, desired_goal, observation), recursively,
-    each part flattened row-major: the same order as `gym.spaces.flatten`.
-    """
+    """A (batched) observation as (batch, dim) float32; Dict parts concatenated recursively in the
+    space's (alphabetical) key order, each flattened row-major: the same vector as `gym.spaces.flatten`."""
     if isinstance(space, gym.spaces.Dict):
         return np.concatenate([flatten_observation(obs[k], s) for k, s in space.spaces.items()], axis=1)
-    obs = np.asarray(obs, dtype=np.float32)
-    return obs.reshape(len(obs), -1)
+    return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
 
 
 def stack_observations(observations: list):
@@ -261,17 +256,6 @@ def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray
     )
 
 
-def resolve_reward_normalization(mode: str, dataset_id: str) -> str:
-    """`auto` picks the paper's rule by dataset family."""
-    if mode != "auto":
-        return mode
-    if dataset_id.startswith("mujoco/"):
-        return "locomotion"
-    if "antmaze" in dataset_id:
-        return "antmaze"
-    return "none"
-
-
 def reward_transform(mode: str, episode_returns: np.ndarray) -> Tuple[float, float]:
     """(scale, shift) such that the training reward is scale * r + shift."""
     if mode == "locomotion":
@@ -308,10 +292,9 @@ def dataset_family(dataset_id: str) -> str:
 
 
 def scoring_rule(dataset, dataset_id: str) -> dict:
-    """How an episode is scored, as the paper does per family: success x100 for mazes, completed
-    tasks / number of the dataset's tasks x100 for Kitchen, else the normalised return with the
-    dataset's reference scores or, when it has none, D4RL's. `max_episode_steps` overrides the
-    evaluation spec's episode length where the reference scores need it (None: the spec's)."""
+    """The paper's score per family: success x100 (mazes), completed tasks / the dataset's tasks x100
+    (Kitchen), else the normalised return with the dataset's reference scores, or D4RL's. A
+    `max_episode_steps` overrides the evaluation spec's where the references need it."""
     family = dataset_family(dataset_id)
     if family == "maze":
         return {"kind": "success", "source": "success rate x100: the env's info['success'] at any step", "max_episode_steps": None}
@@ -334,9 +317,7 @@ def scoring_rule(dataset, dataset_id: str) -> dict:
 
 def eval_env_kwargs(rule: dict, terminate_at_goal: bool) -> dict:
     """Overrides of the dataset's evaluation environment spec."""
-    kwargs = {}
-    if rule["max_episode_steps"] is not None:
-        kwargs["max_episode_steps"] = rule["max_episode_steps"]
+    kwargs = {"max_episode_steps": rule["max_episode_steps"]} if rule["max_episode_steps"] else {}
     if terminate_at_goal:
         kwargs["continuing_task"] = False  # D4RL's mazes: the episode ends at the goal
     return kwargs
@@ -384,9 +365,7 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------------
+# Networks -------------------------------------------------------------------------------------
 def orthogonal_linear(in_dim: int, out_dim: int, gain: float) -> nn.Linear:
     """The official code initialises every layer orthogonally with zero biases."""
     layer = nn.Linear(in_dim, out_dim)
@@ -414,22 +393,15 @@ class TwinQ(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims):
         super().__init__()
-        dims = [obs_dim + act_dim, *hidden_dims, 1]
-        twins = [mlp(obs_dim + act_dim, hidden_dims, 1) for _ in range(2)]
-        linears = [[m for m in net if isinstance(m, nn.Linear)] for net in twins]
-        self.weights = nn.ParameterList(
-            [nn.Parameter(torch.stack([net[i].weight.T for net in linears])) for i in range(len(dims) - 1)]
-        )
-        self.biases = nn.ParameterList(
-            [nn.Parameter(torch.stack([net[i].bias[None] for net in linears])) for i in range(len(dims) - 1)]
-        )
+        twins = [[m for m in mlp(obs_dim + act_dim, hidden_dims, 1) if isinstance(m, nn.Linear)] for _ in range(2)]
+        self.weights = nn.ParameterList([nn.Parameter(torch.stack([layer.weight.T for layer in pair])) for pair in zip(*twins)])
+        self.biases = nn.ParameterList([nn.Parameter(torch.stack([layer.bias[None] for layer in pair])) for pair in zip(*twins)])
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs, actions], dim=-1)
+        x = torch.cat([obs, actions], dim=-1).expand(2, -1, -1)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(b, x.expand(2, *x.shape[-2:]), w)
-            if i < len(self.weights) - 1:
-                x = torch.relu(x)
+            x = torch.baddbmm(b, x, w)
+            x = torch.relu(x) if i < len(self.weights) - 1 else x
         return x.squeeze(-1)
 
 
@@ -452,9 +424,7 @@ class Actor(nn.Module):
         return torch.tanh(self.mean(h)), log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
-# ---------------------------------------------------------------------------------------------
-# Losses: small pure functions, each checkable by hand
-# ---------------------------------------------------------------------------------------------
+# Losses: small pure functions, each checkable by hand -----------------------------------------
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
     """mean(|expectile - 1(u < 0)| * u^2) of u = Q - V; at expectile 0.5 it is mean(0.5 * u^2)."""
     weight = torch.where(diff < 0, 1.0 - expectile, expectile)
@@ -481,21 +451,14 @@ def actor_loss(log_prob: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return -(weights.detach() * log_prob).mean()
 
 
-# ---------------------------------------------------------------------------------------------
-# Update steps
-# ---------------------------------------------------------------------------------------------
+# Update steps ---------------------------------------------------------------------------------
 def make_optimizer(module: nn.Module, lr: float) -> torch.optim.Adam:
     # fused Adam updates all of a network's tensors in one kernel: 3x faster than foreach on a CPU
     return torch.optim.Adam(module.parameters(), lr=lr, fused=True)
 
 
-@dataclass
-class Batch:
-    obs: torch.Tensor
-    actions: torch.Tensor
-    rewards: torch.Tensor
-    next_obs: torch.Tensor
-    masks: torch.Tensor  # 1 - termination: truncated steps still bootstrap
+# masks = 1 - termination: a step truncated by a time limit still bootstraps
+Batch = collections.namedtuple("Batch", ["obs", "actions", "rewards", "next_obs", "masks"])
 
 
 class DeviceData:
@@ -555,9 +518,7 @@ def update_actor(batch: Batch, adv: torch.Tensor, actor: Actor, optimizer, sched
     return torch.stack([loss.detach(), adv.mean(), weights.mean()])
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
+# Evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
 def act(actor: Actor, observations: list, obs_space, low, high, device) -> np.ndarray:
     """The policy's mean actions (dropout off) for a list of env observations, mapped to the action bounds."""
@@ -570,12 +531,10 @@ def act(actor: Actor, observations: list, obs_space, low, high, device) -> np.nd
 
 
 def evaluate(actor: Actor, make_env, num_episodes: int, first_seed: int, obs_space, low, high, device, video_dir=None):
-    """One episode per sub-environment (env seeds first_seed + i), with the mean action. Returns, per
-    episode, the undiscounted return, whether info['success'] was ever true, and the most tasks completed.
-
-    Only unfinished sub-environments are stepped: a Gymnasium vector env would auto-reset finished
-    ones and keep simulating episodes we then throw away. The policy runs once per step for all.
-    """
+    """One episode per env (seeds first_seed + i), with the mean action, one policy call per step for
+    all unfinished envs; only those are stepped (a Gymnasium vector env would auto-reset finished ones
+    and simulate episodes we throw away). Per episode: the return, whether info['success'] was ever
+    true, and the most tasks completed."""
     envs = [make_env(render=video_dir is not None and i == 0) for i in range(num_episodes)]
     if video_dir is not None:
         envs[0] = gym.wrappers.RecordVideo(envs[0], video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
@@ -612,7 +571,7 @@ def score_summary(episodes, rule: dict) -> dict:
     return {**summary, "score_mean": float(scores.mean()), "score_std": float(scores.std())}
 
 
-def describe(e: Exception) -> str:
+def describe(e: Exception) -> str:  # an exception in one line
     return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
 
 
@@ -635,9 +594,7 @@ def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, 
     return env.spec.max_episode_steps
 
 
-# ---------------------------------------------------------------------------------------------
-# Run folders, checkpoints, resuming
-# ---------------------------------------------------------------------------------------------
+# Run folders, checkpoints, resuming -----------------------------------------------------------
 # What `--resume` and `--eval-only` may change: logging and resources, never the algorithm or the data.
 MAY_CHANGE_ON_RESUME = ("track", "wandb_project_name", "wandb_entity", "torch_threads", "log_freq", "checkpoint_freq", "capture_video", "save_model")
 
@@ -661,7 +618,7 @@ def save_checkpoint(checkpoint: dict, path: str) -> None:
 
 
 def load_checkpoint(path: str) -> dict:
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path} (the run stopped before its first checkpoint, or ran with --checkpoint-freq 0)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -684,6 +641,17 @@ def stored_args(given: Args, stored: dict, may_change) -> Args:
         else:
             raise SystemExit(f"error: --{name.replace('_', '-')} {value} differs from the run's {old}; a saved run keeps the arguments that define it (start a new run instead)")
     return Args(**merged)
+
+
+def state_dicts(groups: dict) -> dict:
+    """{"networks": {name: state dict}, "optimizers": ..., "schedulers": ...}, and back with load_state_dicts."""
+    return {group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in groups.items()}
+
+
+def load_state_dicts(groups: dict, stored: dict) -> None:
+    for group, objects in groups.items():
+        for name, obj in objects.items():
+            obj.load_state_dict(stored[group][name])
 
 
 def rng_states(generator: torch.Generator) -> dict:
@@ -711,9 +679,7 @@ def catch_stop_signals(catch: bool = True) -> list:
     return received
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
+# Training -------------------------------------------------------------------------------------
 def main(args: Args) -> dict:
     saved_run = args.resume or args.eval_only
     if args.resume and os.path.exists(os.path.join(args.resume, "summary.json")):
@@ -732,7 +698,7 @@ def main(args: Args) -> dict:
     data = flatten_dataset(dataset)
     if args.goal_terminal:
         data = cut_episodes_at_goal(data)
-    reward_mode = resolve_reward_normalization(args.reward_normalization, args.env_id)
+    reward_mode = args.reward_normalization
     reward_scale, reward_shift = reward_transform(reward_mode, data.episode_returns)
     rule = scoring_rule(dataset, args.env_id)
     posthoc_steps = args.posthoc_steps or args.total_steps
@@ -740,7 +706,6 @@ def main(args: Args) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -762,6 +727,7 @@ def main(args: Args) -> dict:
     # lr_t = lr * (1 + cos(pi * t / steps)) / 2, optax's cosine_decay_schedule as in the official code
     schedulers = {n: torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[n], T_max=actor_steps[n]) for n in actors if args.actor_lr_schedule == "cosine"}
     networks = {"value": value, "critic": critic, "target_critic": target_critic, **{f"actor_{n}": a for n, a in actors.items()}}
+    stateful = {"networks": networks, "optimizers": optimizers, "schedulers": schedulers}
 
     def make_env(render: bool = False):
         kwargs = eval_env_kwargs(rule, args.eval_terminate_at_goal)
@@ -770,12 +736,7 @@ def main(args: Args) -> dict:
     rule["max_episode_steps"] = check_eval_env(make_env, actors[policies[0]], args.capture_video, dataset.observation_space, low, high, device)
     progress = {"phase": "train", "step": 0, "evaluations": [], "train_time_s": 0.0, "eval_time_s": 0.0, "wall_time_s": 0.0, "wandb_id": None}
     if saved_run:
-        for name, net in networks.items():
-            net.load_state_dict(checkpoint["networks"][name])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(checkpoint["optimizers"][name])
-        for name, scheduler in schedulers.items():
-            scheduler.load_state_dict(checkpoint["schedulers"][name])
+        load_state_dicts(stateful, checkpoint)
         if args.resume:
             set_rng_states(checkpoint["rng"], buffer.generator)
         progress = checkpoint["progress"]
@@ -783,9 +744,7 @@ def main(args: Args) -> dict:
     def make_checkpoint() -> dict:
         """Everything to continue as if never stopped, or to use the policies: plain tensors, numbers and strings."""
         return {
-            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(buffer.generator),
-            "networks": {n: net.state_dict() for n, net in networks.items()}, "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
-            "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(buffer.generator), **state_dicts(stateful),
             "normalization": {"reward_mode": reward_mode, "reward_scale": reward_scale, "reward_shift": reward_shift, "action_low": low.tolist(), "action_high": high.tolist()},
         }
 
@@ -917,10 +876,9 @@ def main(args: Args) -> dict:
     if args.checkpoint_freq > 0:
         write_checkpoint()  # a run stopped during the final evaluation resumes there
 
-    final_step = args.total_steps + (posthoc_steps if "posthoc" in actors else 0)
-    results = {name: run_evaluation(name, actor_steps[name], args.final_eval_episodes, final_step, final=True) for name in policies}
+    updates = args.total_steps + (posthoc_steps if "posthoc" in actors else 0)  # also the last W&B step
+    results = {name: run_evaluation(name, actor_steps[name], args.final_eval_episodes, updates, final=True) for name in policies}
     progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
-    updates = args.total_steps + (posthoc_steps if "posthoc" in actors else 0)
     summary = {
         "env_id": args.env_id, "run_name": run_name, "seed": args.seed, "policies": results, "scoring": rule,
         "reward_normalization": reward_mode, "total_steps": args.total_steps, "device": str(device),

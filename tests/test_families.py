@@ -63,7 +63,7 @@ def test_each_family_gets_the_papers_score(minari_store):
     assert (rules[PEN]["kind"], rules[PEN]["ref_min"], rules[PEN]["ref_max"]) == ("return", 96.262799, 3076.833)
     assert "dataset metadata" in rules[PEN]["source"]
     assert (rules["mujoco/hopper/tiny-v0"]["ref_min"], rules["mujoco/hopper/tiny-v0"]["ref_max"]) == iql.D4RL_REFERENCE_RETURNS["hopper"]
-    assert iql.resolve_reward_normalization("auto", POINTMAZE) == "none"  # the paper has no pointmaze rule
+    assert iql.resolve_paper_settings(iql.Args(env_id=POINTMAZE))[0].reward_normalization == "none"  # the paper has no pointmaze rule
 
 
 class GoToGoal(torch.nn.Module):

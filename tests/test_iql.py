@@ -119,10 +119,11 @@ def test_reward_normalization_modes():
     assert iql.reward_transform("locomotion", returns) == (pytest.approx(1000.0 / 50.0), 0.0)
     assert iql.reward_transform("antmaze", returns) == (1.0, -1.0)
     assert iql.reward_transform("none", returns) == (1.0, 0.0)
-    assert iql.resolve_reward_normalization("auto", "mujoco/hopper/medium-v0") == "locomotion"
-    assert iql.resolve_reward_normalization("auto", "D4RL/antmaze/umaze-v1") == "antmaze"
-    assert iql.resolve_reward_normalization("auto", "D4RL/pen/human-v2") == "none"
-    assert iql.resolve_reward_normalization("none", "mujoco/hopper/medium-v0") == "none"
+    resolved = lambda env_id, mode="auto": iql.resolve_paper_settings(iql.Args(env_id=env_id, reward_normalization=mode))[0].reward_normalization
+    assert resolved("mujoco/hopper/medium-v0") == "locomotion"
+    assert resolved("D4RL/antmaze/umaze-v1") == "antmaze"
+    assert resolved("D4RL/pen/human-v2") == "none"
+    assert resolved("mujoco/hopper/medium-v0", "none") == "none"
     with pytest.raises(SystemExit, match="same return"):
         iql.reward_transform("locomotion", np.array([5.0, 5.0]))
 

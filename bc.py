@@ -1,5 +1,7 @@
 """Behaviour cloning (BC) and top-k% BC on Minari datasets, in one file.
 
+Copyright (c) 2026 the single-file offline RL authors. MIT License: see LICENSE, or https://opensource.org/license/mit
+
 The baselines of the IQL paper (Kostrikov, Nair & Levine 2021, https://arxiv.org/abs/2110.06169):
 BC maximises the log-likelihood of the dataset's actions; "10% BC" does the same on only the
 episodes with the top 10% of returns. Same data loading, evaluation, scores and outputs as iql.py.

@@ -1,5 +1,7 @@
 """Implicit Q-Learning (IQL) on Minari datasets, in one file.
 
+Copyright (c) 2026 the single-file offline RL authors. MIT License: see LICENSE, or https://opensource.org/license/mit
+
 Paper: Kostrikov, Nair & Levine, "Offline Reinforcement Learning with Implicit
 Q-Learning" (2021), https://arxiv.org/abs/2110.06169
 Official code: https://github.com/ikostrikov/implicit_q_learning

@@ -63,13 +63,13 @@ class Args:
     """the number of gradient steps"""
     batch_size: int = 256
     """the minibatch size"""
-    lr: float = 3e-4
-    """the learning rate of the policy"""
+    actor_lr: float = 3e-4
+    """the learning rate of the policy (named as iql.py's actor, so both scripts take the same flags)"""
     hidden_dims: Tuple[int, ...] = (256, 256)
     """the hidden layer sizes of the policy"""
-    dropout: float = 0.0
+    actor_dropout: float = 0.0
     """the dropout rate after each hidden activation of the policy"""
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    actor_lr_schedule: Literal["cosine", "constant"] = "cosine"
     """`cosine` decays the learning rate to 0 over the run, as iql.py's actor does"""
     state_dependent_std: bool = False
     """if toggled, the policy's log-std is a function of the state (default: one learned vector, as in iql.py)"""
@@ -105,9 +105,9 @@ def validate_args(args: Args) -> None:
         (0.0 < args.top_fraction <= 1.0, f"--top-fraction must be in (0, 1], got {args.top_fraction}"),
         (args.total_steps > 0, f"--total-steps must be positive, got {args.total_steps}"),
         (args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}"),
-        (args.lr > 0.0, "learning rates must be positive"),
+        (args.actor_lr > 0.0, "learning rates must be positive"),
         (len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0, f"--hidden-dims must be positive sizes, got {args.hidden_dims}"),
-        (0.0 <= args.dropout < 1.0, f"--dropout must be in [0, 1), got {args.dropout}"),
+        (0.0 <= args.actor_dropout < 1.0, f"--actor-dropout must be in [0, 1), got {args.actor_dropout}"),
         (args.torch_threads is None or args.torch_threads > 0, f"--torch-threads must be positive, got {args.torch_threads}"),
         (args.eval_freq >= 0, f"--eval-freq must be >= 0, got {args.eval_freq}"),
         (min(args.eval_episodes, args.final_eval_episodes, args.log_freq) > 0, "--eval-episodes, --final-eval-episodes and --log-freq must be positive"),
@@ -483,10 +483,10 @@ def main(args: Args) -> dict:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
 
-    actor = Actor(obs_dim, act_dim, args.hidden_dims, args.dropout, args.state_dependent_std).to(device)
-    optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr, fused=True)
+    actor = Actor(obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std).to(device)
+    optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
     # lr_t = lr * (1 + cos(pi * t / steps)) / 2, like iql.py's actor
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps) if args.lr_schedule == "cosine" else None
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps) if args.actor_lr_schedule == "cosine" else None
 
     def make_env(render: bool = False):
         kwargs = eval_env_kwargs(args.env_id, args.eval_terminate_at_goal)

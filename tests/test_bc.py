@@ -6,6 +6,7 @@ import minari
 import numpy as np
 import pytest
 import torch
+import tyro
 
 import bc
 import iql
@@ -62,7 +63,7 @@ def train_bc(env_id, top_fraction, runs_dir, steps=1500):
     summary = bc.main(
         bc.Args(
             env_id=env_id, top_fraction=top_fraction, total_steps=steps, batch_size=64, hidden_dims=(32, 32),
-            lr=1e-3, eval_freq=0, final_eval_episodes=4, log_freq=500, save_model=True, runs_dir=str(runs_dir), cuda=False,
+            actor_lr=1e-3, eval_freq=0, final_eval_episodes=4, log_freq=500, save_model=True, runs_dir=str(runs_dir), cuda=False,
         )
     )
     checkpoint = torch.load(runs_dir / summary["run_name"] / "model.pt", weights_only=False)
@@ -149,6 +150,16 @@ def test_data_and_evaluation_identical_in_both_files(minari_store):
     assert iql.score_summary(episodes_iql, rule) == bc.score_summary(episodes_bc, rule)
     # evaluation is reproducible: the same seed gives the same episodes
     np.testing.assert_array_equal(iql.evaluate(actor_iql, *args)[0], episodes_iql[0])
+
+
+def test_both_scripts_take_the_same_flags_for_the_same_things():
+    """One vocabulary: a sweep or a shell loop can pass the policy's and the run's flags to either script."""
+    assert set(bc.Args.__dataclass_fields__) - set(iql.Args.__dataclass_fields__) == {"top_fraction"}  # bc.py's only own flag
+    flags = ["--actor-lr", "1e-3", "--actor-dropout", "0.1", "--actor-lr-schedule", "constant", "--hidden-dims", "64", "64",
+             "--state-dependent-std", "--batch-size", "32", "--torch-threads", "2", "--final-eval-episodes", "5"]
+    parsed = [vars(tyro.cli(script.Args, args=flags)) for script in (iql, bc)]
+    for field in ("actor_lr", "actor_dropout", "actor_lr_schedule", "hidden_dims", "state_dependent_std", "batch_size", "torch_threads"):
+        assert parsed[0][field] == parsed[1][field], field
 
 
 # ------------------------------------------------------------------ end to end and bad input

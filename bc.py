@@ -31,8 +31,8 @@ import tyro
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (part of the run name)"""
+    exp_name: Optional[str] = None
+    """the name of this experiment (part of the run name); None: `bc`, or `bc_top{percent}` (e.g. bc_top10) below --top-fraction 1"""
     env_id: str = "mujoco/hopper/medium-v0"
     """the Minari dataset id; the policy is evaluated in the dataset's own evaluation environment"""
     seed: int = 1
@@ -444,6 +444,8 @@ def main(args: Args) -> dict:
     rule = scoring_rule(dataset, args.env_id)
 
     # Everything is valid: only now does the run get a folder.
+    if args.exp_name is None:
+        args.exp_name = "bc" if args.top_fraction == 1.0 else f"bc_top{100 * args.top_fraction:g}"
     run_name = f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.runs_dir, run_name)
     os.makedirs(run_dir)

@@ -180,6 +180,16 @@ def test_cli_runs_end_to_end(minari_store, tmp_path):
     assert "keeps 6 episodes" in result.stdout
 
 
+def test_run_names_tell_bc_and_top_bc_apart(minari_store, tmp_path):
+    quick = dict(env_id="mujoco/hopper/tiny-v0", total_steps=2, batch_size=8, hidden_dims=(8,), eval_freq=0, final_eval_episodes=1, cuda=False)
+    names = []
+    for fraction, exp_name in ((1.0, None), (0.1, None), (0.25, None), (0.1, "mine")):
+        summary = bc.main(bc.Args(top_fraction=fraction, exp_name=exp_name, runs_dir=str(tmp_path), **quick))
+        names.append(summary["run_name"].split("__")[-3])
+        assert json.loads((tmp_path / summary["run_name"] / "args.json").read_text())["exp_name"] == names[-1]
+    assert names == ["bc", "bc_top10", "bc_top25", "mine"]
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [(["--top-fraction", "0"], "--top-fraction must be in (0, 1]"), (["--top-fraction", "1.5"], "--top-fraction must be in (0, 1]")],

@@ -129,13 +129,14 @@ def validate_args(args: Args) -> None:
         (0.0 <= args.discount <= 1.0, f"--discount must be in [0, 1], got {args.discount}"),
         (0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}"),
         (args.exp_adv_max > 0.0, f"--exp-adv-max must be positive, got {args.exp_adv_max}"),
-        (min(args.actor_lr, args.critic_lr, args.value_lr) > 0.0, "learning rates must be positive"),
+        *((getattr(args, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(args, f)}") for f in ("actor_lr", "critic_lr", "value_lr")),
         (len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0, f"--hidden-dims must be positive sizes, got {args.hidden_dims}"),
         (0.0 <= args.actor_dropout < 1.0, f"--actor-dropout must be in [0, 1), got {args.actor_dropout}"),
         (args.torch_threads is None or args.torch_threads > 0, f"--torch-threads must be positive, got {args.torch_threads}"),
         (args.eval_freq >= 0, f"--eval-freq must be >= 0, got {args.eval_freq}"),
-        (min(args.eval_episodes, args.final_eval_episodes, args.log_freq) > 0, "--eval-episodes, --final-eval-episodes and --log-freq must be positive"),
-        (dataset_family(args.env_id) == "maze" or not (args.goal_terminal or args.eval_terminate_at_goal), "--goal-terminal and --eval-terminate-at-goal apply to maze datasets (pointmaze, antmaze) only"),
+        *((getattr(args, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(args, f)}") for f in ("eval_episodes", "final_eval_episodes", "log_freq")),
+        (dataset_family(args.env_id) == "maze" or not (args.goal_terminal or args.eval_terminate_at_goal),
+         f"--{'goal-terminal' if args.goal_terminal else 'eval-terminate-at-goal'} applies to maze datasets (pointmaze, antmaze) only, got --env-id {args.env_id}"),
     ]
     for ok, message in checks:
         if not ok:

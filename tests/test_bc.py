@@ -201,7 +201,11 @@ def test_bad_top_fraction(flags, message, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("flags", [["--env-id", "mujoco/nothing/here-v0"], ["--total-steps", "0"], ["--batch-size", "0"], ["--env-id", "toy/cartpole/tiny-v0"]])
+@pytest.mark.parametrize(
+    "flags",
+    [["--env-id", "mujoco/nothing/here-v0"], ["--total-steps", "0"], ["--batch-size", "0"], ["--env-id", "toy/cartpole/tiny-v0"],
+     ["--actor-lr", "-1"], ["--eval-episodes", "0"]],
+)
 def test_rejects_what_iql_rejects_the_same_way(flags, minari_store, tmp_path):
     results = [run_cli(script, *flags, cwd=tmp_path) for script in ("iql.py", "bc.py")]
     assert all(r.returncode != 0 for r in results)

@@ -156,8 +156,11 @@ def test_goal_terminal_cuts_episodes_at_the_first_goal_step():
 
 def test_maze_options_are_rejected_elsewhere(tmp_path):
     for script in (iql, bc):
-        with pytest.raises(SystemExit, match="apply to maze datasets"):
-            script.main(script.Args(env_id="mujoco/hopper/tiny-v0", goal_terminal=True, runs_dir=str(tmp_path)))
+        for flag, kwargs in (("--goal-terminal", {"goal_terminal": True}), ("--eval-terminate-at-goal", {"eval_terminate_at_goal": True})):
+            with pytest.raises(SystemExit) as error:
+                script.main(script.Args(env_id="mujoco/hopper/tiny-v0", runs_dir=str(tmp_path), **kwargs))
+            assert str(error.value) == f"error: {flag} applies to maze datasets (pointmaze, antmaze) only, got --env-id mujoco/hopper/tiny-v0"
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.iterdir())
 
 
 def test_capture_video_writes_a_video(minari_store, tmp_path):

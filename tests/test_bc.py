@@ -190,6 +190,20 @@ def test_run_names_tell_bc_and_top_bc_apart(minari_store, tmp_path):
     assert names == ["bc", "bc_top10", "bc_top25", "mine"]
 
 
+def test_runs_use_one_torch_thread_unless_told(minari_store, tmp_path):
+    """Runs sharing a machine must not fight over its cores: both scripts default to one torch thread."""
+    assert iql.Args().torch_threads == 1 and bc.Args().torch_threads == 1
+    quick = dict(env_id="mujoco/hopper/tiny-v0", total_steps=2, batch_size=8, hidden_dims=(8,), eval_freq=0, final_eval_episodes=1, cuda=False)
+    try:
+        torch.set_num_threads(2)
+        bc.main(bc.Args(runs_dir=str(tmp_path), **quick))
+        assert torch.get_num_threads() == 1
+        bc.main(bc.Args(runs_dir=str(tmp_path), torch_threads=2, seed=2, **quick))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [(["--top-fraction", "0"], "--top-fraction must be in (0, 1]"), (["--top-fraction", "1.5"], "--top-fraction must be in (0, 1]")],

@@ -123,18 +123,28 @@ def validate_args(args: Args) -> None:
 # Data
 # ---------------------------------------------------------------------------------------------
 def load_minari_dataset(dataset_id: str):
-    """Load a Minari dataset, downloading it if it is not stored locally; one clear error if neither works."""
+    """Load a Minari dataset from the local store, else download it; one clear error line if neither works.
+    A mistyped id gets the closest stored ids at once, before any download is tried."""
+    import difflib
+
     import minari
 
+    store = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+    local = list(minari.list_local_datasets())
+    stored = dataset_id in local
+    close = [] if stored else difflib.get_close_matches(dataset_id, local, n=3, cutoff=0.75)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    if not stored:
+        print(f"{dataset_id} is not in the local Minari store ({store}).{hint} Trying to download it...", flush=True)
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # its retry warnings would bury our one-line error
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:  # minari raises many types here: unknown id, no network, offline mode, bad id format
-        local = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise SystemExit(
-            f"error: cannot load Minari dataset '{dataset_id}' ({type(e).__name__}: {reason}); "
-            f"it is neither in the local store ({local}) nor downloadable. List local datasets with `minari list local`."
+            f"error: cannot load Minari dataset '{dataset_id}' ({reason})" if stored else
+            f"error: Minari dataset '{dataset_id}' is not in the local store ({store}) and could not be downloaded ({reason}).{hint} "
+            "Set MINARI_DATASETS_PATH to use another store, HF_HUB_OFFLINE=1 to fail at once without a network; `minari list local` lists the stored ids."
         ) from None
 
 

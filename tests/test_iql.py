@@ -241,8 +241,26 @@ def test_unknown_dataset_is_one_clear_line_and_no_run_folder(minari_store, tmp_p
     result = run_cli("iql.py", "--env-id", "mujoco/nothing/here-v0", cwd=tmp_path)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "mujoco/nothing/here-v0" in lines[0] and "minari list local" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: Minari dataset 'mujoco/nothing/here-v0' is not in the local store")
+    # it says what failed and how to fail fast or look elsewhere; nothing stored is close enough to suggest
+    for words in ("could not be downloaded (OfflineModeIsEnabled", "HF_HUB_OFFLINE=1", "MINARI_DATASETS_PATH", "minari list local"):
+        assert words in lines[0]
+    assert "Did you mean" not in result.stdout + result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_mistyped_dataset_gets_the_closest_stored_ids_before_any_download(minari_store, tmp_path, capsys):
+    result = run_cli("bc.py", "--env-id", "mujoco/hoper/tiny-v0", cwd=tmp_path)
+    assert result.returncode != 0 and not (tmp_path / "runs").exists()
+    # said at once, before the download is tried (without HF_HUB_OFFLINE=1 that takes about 25 s offline) ...
+    assert result.stdout.splitlines()[0].startswith("mujoco/hoper/tiny-v0 is not in the local Minari store")
+    assert "Did you mean mujoco/hopper/tiny-v0?" in result.stdout.splitlines()[0]
+    # ... and again in the one-line error
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "could not be downloaded" in line and "Did you mean mujoco/hopper/tiny-v0?" in line
+    # a stored id loads without a word and without trying the network
+    assert iql.load_minari_dataset("mujoco/hopper/tiny-v0").total_episodes == 12
+    assert capsys.readouterr().out == ""
 
 
 def test_non_box_action_space_is_rejected(minari_store, tmp_path):

@@ -14,6 +14,8 @@ Outputs go to runs/{run_name}/: args.json, dataset_overview.png,
 evaluations.jsonl, summary.json and (with --save-model) model.pt.
 """
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -146,6 +148,17 @@ def load_minari_dataset(dataset_id: str):
             f"error: Minari dataset '{dataset_id}' is not in the local store ({store}) and could not be downloaded ({reason}).{hint} "
             "Set MINARI_DATASETS_PATH to use another store, HF_HUB_OFFLINE=1 to fail at once without a network; `minari list local` lists the stored ids."
         ) from None
+
+
+def import_robotics_envs(dataset_id: str) -> None:
+    """Import gymnasium-robotics (maze, Kitchen, Adroit envs) at the start. Its import prints a note on Adroit's reward
+    functions: shown for Adroit datasets, where it concerns the run, and silenced elsewhere (it came mid-log)."""
+    adroit = dataset_id.split("/")[1:2] in (["pen"], ["hammer"], ["door"], ["relocate"])
+    try:
+        with contextlib.nullcontext() if adroit else contextlib.redirect_stderr(io.StringIO()):
+            import gymnasium_robotics  # noqa: F401
+    except ImportError:  # needed only by the datasets whose environments it holds
+        pass
 
 
 def flatten_observation(obs, space: gym.Space) -> np.ndarray:
@@ -446,6 +459,7 @@ def score_summary(episodes, rule: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 def main(args: Args) -> dict:
     validate_args(args)
+    import_robotics_envs(args.env_id)
     dataset = load_minari_dataset(args.env_id)
     low, high = action_bounds(dataset.action_space)
     data = flatten_dataset(dataset)

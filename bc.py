@@ -15,6 +15,7 @@ evaluations.jsonl, summary.json and (with --save-model) model.pt.
 """
 
 import contextlib
+import difflib
 import io
 import json
 import math
@@ -127,16 +128,13 @@ def validate_args(args: Args) -> None:
 def load_minari_dataset(dataset_id: str):
     """Load a Minari dataset from the local store, else download it; one clear error line if neither works.
     A mistyped id gets the closest stored ids at once, before any download is tried."""
-    import difflib
-
     import minari
 
     store = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     local = list(minari.list_local_datasets())
-    stored = dataset_id in local
-    close = [] if stored else difflib.get_close_matches(dataset_id, local, n=3, cutoff=0.75)
+    close = [] if dataset_id in local else difflib.get_close_matches(dataset_id, local, n=3, cutoff=0.75)
     hint = f" Did you mean {' or '.join(close)}?" if close else ""
-    if not stored:
+    if dataset_id not in local:
         print(f"{dataset_id} is not in the local Minari store ({store}).{hint} Trying to download it...", flush=True)
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # its retry warnings would bury our one-line error
     try:
@@ -144,7 +142,7 @@ def load_minari_dataset(dataset_id: str):
     except Exception as e:  # minari raises many types here: unknown id, no network, offline mode, bad id format
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise SystemExit(
-            f"error: cannot load Minari dataset '{dataset_id}' ({reason})" if stored else
+            f"error: cannot load Minari dataset '{dataset_id}' ({reason})" if dataset_id in local else
             f"error: Minari dataset '{dataset_id}' is not in the local store ({store}) and could not be downloaded ({reason}).{hint} "
             "Set MINARI_DATASETS_PATH to use another store, HF_HUB_OFFLINE=1 to fail at once without a network; `minari list local` lists the stored ids."
         ) from None
@@ -154,11 +152,8 @@ def import_robotics_envs(dataset_id: str) -> None:
     """Import gymnasium-robotics (maze, Kitchen, Adroit envs) at the start. Its import prints a note on Adroit's reward
     functions: shown for Adroit datasets, where it concerns the run, and silenced elsewhere (it came mid-log)."""
     adroit = dataset_id.split("/")[1:2] in (["pen"], ["hammer"], ["door"], ["relocate"])
-    try:
-        with contextlib.nullcontext() if adroit else contextlib.redirect_stderr(io.StringIO()):
-            import gymnasium_robotics  # noqa: F401
-    except ImportError:  # needed only by the datasets whose environments it holds
-        pass
+    with contextlib.suppress(ImportError), contextlib.nullcontext() if adroit else contextlib.redirect_stderr(io.StringIO()):
+        import gymnasium_robotics  # noqa: F401  (needed only by the datasets whose environments it holds)
 
 
 def flatten_observation(obs, space: gym.Space) -> np.ndarray:
@@ -319,7 +314,8 @@ def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
 
 
 def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None:
-    """Histograms of the raw data: what the dataset really holds, before any normalisation."""
+    """Histograms of the raw data: what the dataset really holds, before any normalisation. Counts are on a log scale
+    from 0.5, so that a count of 1 still shows; integer quantities get bins centred on integers (one per integer or per few)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,17 +323,21 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [
-        (data.rewards, f"step rewards ({len(data.rewards):,} steps)", "tab:red"),
-        (data.episode_lengths, f"episode lengths ({len(data.episode_lengths):,} episodes)", "tab:green"),
-        (data.episode_returns, "episode returns", "tab:blue"),
+        (data.rewards, f"step rewards ({len(data.rewards):,} steps)", "reward of a step", "steps", "tab:red"),
+        (data.episode_lengths, f"episode lengths ({len(data.episode_lengths):,} episodes)", "episode length (steps)", "episodes", "tab:green"),
+        (data.episode_returns, "episode returns", "episode return (sum of the raw rewards)", "episodes", "tab:blue"),
     ]
-    for ax, (values, title, color) in zip(axes.flat, panels):
-        ax.hist(values, bins=50, color=color)
-        ax.set_title(title)
-        ax.set_yscale("log")
+    for ax, (values, title, xlabel, counted, color) in zip(axes.flat, panels):
+        bins, integers = 50, bool(np.all(values == np.round(values)))
+        if integers:
+            lo, hi = int(values.min()), int(values.max())
+            bins = np.arange(lo - 0.5, hi + math.ceil((hi - lo + 1) / 50), math.ceil((hi - lo + 1) / 50))
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
+        ax.hist(values, bins=bins, color=color, rwidth=0.8 if integers else None)
+        ax.set(title=title, xlabel=xlabel, ylabel=f"{counted} (log scale)", yscale="log", ylim=(0.5, None))
     ends = [int(data.terminations.sum()), int(data.truncations.sum())]
-    axes[1, 1].bar(["terminations", "truncations"], ends, color=["tab:orange", "tab:purple"])
-    axes[1, 1].set_title(f"episode ends: {ends[0]:,} terminations, {ends[1]:,} truncations")
+    axes[1, 1].bar_label(axes[1, 1].bar(["terminations", "truncations"], ends, color=["tab:orange", "tab:purple"]))
+    axes[1, 1].set(title="how episodes end", ylabel="episodes", ymargin=0.1)
     fig.suptitle(dataset_id)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -87,7 +87,7 @@ def record_summary(dataset, **extra) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The blog post's toy problems
+# The toy problems of Declan Oller's IQL blog post (https://declanoller.github.io/iql_1)
 # ---------------------------------------------------------------------------------------------
 def make_two_step_dataset(dataset_id="toy/twostep/fifty-v0", up_fraction=0.5, num_episodes=200, seed=0):
     """The two-step MDP with exactly `up_fraction` up actions at s0, and again among the episodes

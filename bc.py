@@ -1,5 +1,7 @@
 """Behaviour cloning (BC) and top-k% BC on Minari datasets, in one file.
 
+Copyright (c) 2026 the single-file offline RL authors. MIT License: see LICENSE, or https://opensource.org/license/mit
+
 The baselines of the IQL paper (Kostrikov, Nair & Levine 2021, https://arxiv.org/abs/2110.06169):
 BC maximises the log-likelihood of the dataset's actions; "10% BC" does the same on only the
 episodes with the top 10% of returns. Same data loading, evaluation, scores and outputs as iql.py.
@@ -12,6 +14,9 @@ Outputs go to runs/{run_name}/: args.json, dataset_overview.png,
 evaluations.jsonl, summary.json and (with --save-model) model.pt.
 """
 
+import contextlib
+import difflib
+import io
 import json
 import math
 import os
@@ -30,16 +35,16 @@ import tyro
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (part of the run name)"""
+    exp_name: Optional[str] = None
+    """the name of this experiment (part of the run name); None: `bc`, or `bc_top{percent}` (e.g. bc_top10) below --top-fraction 1"""
     env_id: str = "mujoco/hopper/medium-v0"
     """the Minari dataset id; the policy is evaluated in the dataset's own evaluation environment"""
     seed: int = 1
     """seed of the network and the minibatches; evaluation episode i uses env seed 10_000 * seed + i"""
     cuda: bool = True
     """if toggled, train on the GPU when one is available"""
-    torch_threads: Optional[int] = None
-    """CPU threads of torch (None: torch's default, all cores); use 1 per run when several runs share a machine"""
+    torch_threads: Optional[int] = 1
+    """CPU threads of torch; 1 keeps runs sharing a machine from slowing each other (torch's default, all cores, made 2 runs on 2 cores 16-35x slower)"""
     track: bool = False
     """if toggled, log the run to Weights & Biases"""
     wandb_project_name: str = "offline-rl"
@@ -68,13 +73,13 @@ class Args:
     """the number of gradient steps"""
     batch_size: int = 256
     """the minibatch size"""
-    lr: float = 3e-4
-    """the learning rate of the policy"""
+    actor_lr: float = 3e-4
+    """the learning rate of the policy (named as iql.py's actor, so both scripts take the same flags)"""
     hidden_dims: Tuple[int, ...] = (256, 256)
     """the hidden layer sizes of the policy"""
-    dropout: float = 0.0
+    actor_dropout: float = 0.0
     """the dropout rate after each hidden activation of the policy"""
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    actor_lr_schedule: Literal["cosine", "constant"] = "cosine"
     """`cosine` decays the learning rate to 0 over the run, as iql.py's actor does"""
     state_dependent_std: bool = False
     """if toggled, the policy's log-std is a function of the state (default: one learned vector, as in iql.py)"""
@@ -112,16 +117,17 @@ def validate_args(args: Args) -> None:
         (0.0 < args.top_fraction <= 1.0, f"--top-fraction must be in (0, 1], got {args.top_fraction}"),
         (args.total_steps > 0, f"--total-steps must be positive, got {args.total_steps}"),
         (args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}"),
-        (args.lr > 0.0, "learning rates must be positive"),
+        (args.actor_lr > 0.0, f"--actor-lr must be positive, got {args.actor_lr}"),
         (len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0, f"--hidden-dims must be positive sizes, got {args.hidden_dims}"),
-        (0.0 <= args.dropout < 1.0, f"--dropout must be in [0, 1), got {args.dropout}"),
+        (0.0 <= args.actor_dropout < 1.0, f"--actor-dropout must be in [0, 1), got {args.actor_dropout}"),
         (args.torch_threads is None or args.torch_threads > 0, f"--torch-threads must be positive, got {args.torch_threads}"),
         (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
         (args.eval_freq >= 0, f"--eval-freq must be >= 0, got {args.eval_freq}"),
         (args.checkpoint_freq >= 0, f"--checkpoint-freq must be >= 0, got {args.checkpoint_freq}"),
-        (min(args.eval_episodes, args.final_eval_episodes, args.log_freq) > 0, "--eval-episodes, --final-eval-episodes and --log-freq must be positive"),
-        (max(args.eval_episodes, args.final_eval_episodes) <= EVAL_SEED_BLOCK, f"at most {EVAL_SEED_BLOCK} evaluation episodes, so that seeds never share start states"),
-        (dataset_family(args.env_id) == "maze" or not (args.goal_terminal or args.eval_terminate_at_goal), "--goal-terminal and --eval-terminate-at-goal apply to maze datasets (pointmaze, antmaze) only"),
+        *((getattr(args, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(args, f)}") for f in ("eval_episodes", "final_eval_episodes", "log_freq")),
+        *((getattr(args, f) <= EVAL_SEED_BLOCK, f"--{f.replace('_', '-')} must be at most {EVAL_SEED_BLOCK}, the evaluation seeds of one training seed, got {getattr(args, f)}") for f in ("eval_episodes", "final_eval_episodes")),
+        (dataset_family(args.env_id) == "maze" or not (args.goal_terminal or args.eval_terminate_at_goal),
+         f"--{'goal-terminal' if args.goal_terminal else 'eval-terminate-at-goal'} applies to maze datasets (pointmaze, antmaze) only, got --env-id {args.env_id}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -130,19 +136,35 @@ def validate_args(args: Args) -> None:
 
 # Data -----------------------------------------------------------------------------------------
 def load_minari_dataset(dataset_id: str):
-    """Load a Minari dataset, downloading it if it is not stored locally; one clear error if neither works."""
+    """Load a Minari dataset from the local store, else download it; one clear error line if neither works.
+    A mistyped id gets the closest stored ids at once, before any download is tried."""
     import minari
 
+    store = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+    local = list(minari.list_local_datasets())
+    close = [] if dataset_id in local else difflib.get_close_matches(dataset_id, local, n=3, cutoff=0.75)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    if dataset_id not in local:
+        print(f"{dataset_id} is not in the local Minari store ({store}).{hint} Trying to download it...", flush=True)
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # its retry warnings would bury our one-line error
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:  # minari raises many types here: unknown id, no network, offline mode, bad id format
-        local = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise SystemExit(
-            f"error: cannot load Minari dataset '{dataset_id}' ({type(e).__name__}: {reason}); "
-            f"it is neither in the local store ({local}) nor downloadable. List local datasets with `minari list local`."
+            f"error: cannot load Minari dataset '{dataset_id}' ({reason})" if dataset_id in local else
+            f"error: Minari dataset '{dataset_id}' is not in the local store ({store}) and could not be downloaded ({reason}).{hint} "
+            "Set MINARI_DATASETS_PATH to use another store, HF_HUB_OFFLINE=1 to fail at once without a network; `minari list local` lists the stored ids."
         ) from None
+
+
+def import_robotics_envs(dataset_id: str) -> None:
+    """Import gymnasium-robotics (maze, Kitchen, Adroit envs) at the start. Its import prints a note on Adroit's reward
+    functions: shown for Adroit datasets, where it concerns the run, and silenced elsewhere (it came mid-log)."""
+    adroit = dataset_id.split("/")[1:2] in (["pen"], ["hammer"], ["door"], ["relocate"])
+    # any failure (not installed, a bad MUJOCO_GL) surfaces, explained, when the evaluation env is built
+    with contextlib.suppress(Exception), contextlib.nullcontext() if adroit else contextlib.redirect_stderr(io.StringIO()):
+        import gymnasium_robotics  # noqa: F401  (needed only by the datasets whose environments it holds)
 
 
 def flatten_observation(obs, space: gym.Space) -> np.ndarray:
@@ -306,7 +328,8 @@ def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
 
 
 def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None:
-    """Histograms of the raw data: what the dataset really holds, before any normalisation."""
+    """Histograms of the raw data: what the dataset really holds, before any normalisation. Counts are on a log scale
+    from 0.5, so that a count of 1 still shows; integer quantities get bins centred on integers (one per integer or per few)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -314,17 +337,21 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [
-        (data.rewards, f"step rewards ({len(data.rewards):,} steps)", "tab:red"),
-        (data.episode_lengths, f"episode lengths ({len(data.episode_lengths):,} episodes)", "tab:green"),
-        (data.episode_returns, "episode returns", "tab:blue"),
+        (data.rewards, f"step rewards ({len(data.rewards):,} steps)", "reward of a step", "steps", "tab:red"),
+        (data.episode_lengths, f"episode lengths ({len(data.episode_lengths):,} episodes)", "episode length (steps)", "episodes", "tab:green"),
+        (data.episode_returns, "episode returns", "episode return (sum of the raw rewards)", "episodes", "tab:blue"),
     ]
-    for ax, (values, title, color) in zip(axes.flat, panels):
-        ax.hist(values, bins=50, color=color)
-        ax.set_title(title)
-        ax.set_yscale("log")
+    for ax, (values, title, xlabel, counted, color) in zip(axes.flat, panels):
+        bins, integers = 50, bool(np.all(values == np.round(values)))
+        if integers:
+            lo, hi = int(values.min()), int(values.max())
+            bins = np.arange(lo - 0.5, hi + math.ceil((hi - lo + 1) / 50), math.ceil((hi - lo + 1) / 50))
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
+        ax.hist(values, bins=bins, color=color, rwidth=0.8 if integers else None)
+        ax.set(title=title, xlabel=xlabel, ylabel=f"{counted} (log scale)", yscale="log", ylim=(0.5, None))
     ends = [int(data.terminations.sum()), int(data.truncations.sum())]
-    axes[1, 1].bar(["terminations", "truncations"], ends, color=["tab:orange", "tab:purple"])
-    axes[1, 1].set_title(f"episode ends: {ends[0]:,} terminations, {ends[1]:,} truncations")
+    axes[1, 1].bar_label(axes[1, 1].bar(["terminations", "truncations"], ends, color=["tab:orange", "tab:purple"]))
+    axes[1, 1].set(title="how episodes end", ylabel="episodes", ymargin=0.1)
     fig.suptitle(dataset_id)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -557,6 +584,7 @@ def main(args: Args) -> dict:
         checkpoint = load_checkpoint(model if args.eval_only and os.path.exists(model) else os.path.join(saved_run, "checkpoint.pt"))
         args = stored_args(args, checkpoint["args"], MAY_CHANGE_ON_RESUME + (("final_eval_episodes", "cuda") if args.eval_only else ()))
     validate_args(args)
+    import_robotics_envs(args.env_id)
     dataset = load_minari_dataset(args.env_id)
     low, high = action_bounds(dataset.action_space)
     data = flatten_dataset(dataset)
@@ -565,6 +593,8 @@ def main(args: Args) -> dict:
     kept, return_threshold = top_episodes(data, args.top_fraction, args.top_by)
     rule = scoring_rule(dataset, args.env_id)
 
+    if args.exp_name is None:  # say what ran: bc, or bc_top10 for 10% BC
+        args.exp_name = "bc" if args.top_fraction == 1.0 else f"bc_top{100 * args.top_fraction:g}"
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -579,10 +609,10 @@ def main(args: Args) -> dict:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
 
-    actor = Actor(obs_dim, act_dim, args.hidden_dims, args.dropout, args.state_dependent_std).to(device)
-    optimizer = torch.optim.Adam(actor.parameters(), lr=args.lr, fused=True)
+    actor = Actor(obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std).to(device)
+    optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
     # lr_t = lr * (1 + cos(pi * t / steps)) / 2, like iql.py's actor
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps) if args.lr_schedule == "cosine" else None
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps) if args.actor_lr_schedule == "cosine" else None
     stateful = {"networks": {"actor": actor}, "optimizers": {"actor": optimizer}, "schedulers": {"actor": scheduler} if scheduler else {}}
 
     def make_env(render: bool = False):

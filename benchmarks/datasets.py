@@ -11,13 +11,14 @@ is appended to $MINARI_DATASETS_PATH/local_datasets.jsonl.
 
 import argparse
 import collections
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import sys
 
 import gymnasium as gym
-import gymnasium_robotics
 import minari
 import numpy as np
 from minari.data_collector import EpisodeBuffer
@@ -25,6 +26,9 @@ from minari.data_collector import EpisodeBuffer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, when run as a script
 import benchmarks.toy_envs  # noqa: F401  (registers the toy environments)
 from iql import stack_observations
+
+with contextlib.redirect_stderr(io.StringIO()):  # its note on Adroit reward functions concerns none of these datasets
+    import gymnasium_robotics
 
 gym.register_envs(gymnasium_robotics)
 
@@ -87,7 +91,7 @@ def record_summary(dataset, **extra) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The blog post's toy problems
+# The toy problems of Declan Oller's IQL blog post (https://declanoller.github.io/iql_1)
 # ---------------------------------------------------------------------------------------------
 def make_two_step_dataset(dataset_id="toy/twostep/fifty-v0", up_fraction=0.5, num_episodes=200, seed=0):
     """The two-step MDP with exactly `up_fraction` up actions at s0, and again among the episodes

@@ -47,7 +47,7 @@ def commands(dataset_id: str, seed: int, steps: int, runs_dir: str, extra: list,
     iql_runs = [["iql.py", *common, *iql_flags(dataset_id), "--policy-extraction", policy_extraction]]
     if expectiles:  # an expectile scan, e.g. on the toy MDPs
         iql_runs = [[*iql_runs[0], "--expectile", str(e)] for e in expectiles]
-    runs = {"iql": iql_runs, "bc": [["bc.py", *common, "--exp-name", "bc"]], "bc10": [["bc.py", *common, "--exp-name", "bc10", "--top-fraction", "0.1"]]}
+    runs = {"iql": iql_runs, "bc": [["bc.py", *common]], "bc10": [["bc.py", *common, "--top-fraction", "0.1"]]}  # run names: bc, bc_top10
     return [run + extra for algo in algos for run in runs[algo]]  # the user's flags come last, so they override the defaults
 
 

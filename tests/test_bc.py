@@ -6,6 +6,7 @@ import minari
 import numpy as np
 import pytest
 import torch
+import tyro
 
 import bc
 import iql
@@ -82,7 +83,7 @@ def train_bc(env_id, top_fraction, runs_dir, steps=1500, top_by="steps"):
     summary = bc.main(
         bc.Args(
             env_id=env_id, top_fraction=top_fraction, top_by=top_by, total_steps=steps, batch_size=64, hidden_dims=(32, 32),
-            lr=1e-3, eval_freq=0, final_eval_episodes=4, log_freq=500, save_model=True, runs_dir=str(runs_dir), cuda=False,
+            actor_lr=1e-3, eval_freq=0, final_eval_episodes=4, log_freq=500, save_model=True, runs_dir=str(runs_dir), cuda=False,
         )
     )
     checkpoint = torch.load(runs_dir / summary["run_name"] / "model.pt", weights_only=True)
@@ -134,7 +135,7 @@ def test_two_step_bc_imitates_the_mixture_top_bc_goes_up_twice(minari_store, tmp
 # ------------------------------------------------------------------ the two copies stay identical
 SHARED = [
     "D4RL_REFERENCE_RETURNS", "ACTION_CLIP_EPS", "LOG_STD_MIN", "LOG_STD_MAX",
-    "load_minari_dataset", "flatten_observation", "stack_observations", "OfflineData", "flatten_dataset", "action_bounds", "to_unit_box",
+    "load_minari_dataset", "import_robotics_envs", "flatten_observation", "stack_observations", "OfflineData", "flatten_dataset", "action_bounds", "to_unit_box",
     "subset_episodes", "dataset_family", "scoring_rule", "eval_env_kwargs", "cut_episodes_at_goal", "plot_dataset_overview", "orthogonal_linear", "mlp", "Actor", "gaussian_log_prob",
     "evaluate", "score_summary", "FIRST_LOG_STEP", "EVAL_SEED_BLOCK", "MAY_CHANGE_ON_RESUME", "act", "describe", "check_eval_env",
     "make_run_dir", "save_checkpoint", "load_checkpoint", "stored_args", "state_dicts", "load_state_dicts", "rng_states", "set_rng_states", "catch_stop_signals",
@@ -174,6 +175,16 @@ def test_data_and_evaluation_identical_in_both_files(minari_store):
     np.testing.assert_array_equal(iql.evaluate(actor_iql, *args)[0], episodes_iql[0])
 
 
+def test_both_scripts_take_the_same_flags_for_the_same_things():
+    """One vocabulary: a sweep or a shell loop can pass the policy's and the run's flags to either script."""
+    assert set(bc.Args.__dataclass_fields__) - set(iql.Args.__dataclass_fields__) == {"top_fraction", "top_by"}  # bc.py's own flags
+    flags = ["--actor-lr", "1e-3", "--actor-dropout", "0.1", "--actor-lr-schedule", "constant", "--hidden-dims", "64", "64",
+             "--state-dependent-std", "--batch-size", "32", "--torch-threads", "2", "--final-eval-episodes", "5"]
+    parsed = [vars(tyro.cli(script.Args, args=flags)) for script in (iql, bc)]
+    for field in ("actor_lr", "actor_dropout", "actor_lr_schedule", "hidden_dims", "state_dependent_std", "batch_size", "torch_threads"):
+        assert parsed[0][field] == parsed[1][field], field
+
+
 # ------------------------------------------------------------------ end to end and bad input
 def test_cli_runs_end_to_end(minari_store, tmp_path):
     result = run_cli(
@@ -195,6 +206,30 @@ def test_cli_runs_end_to_end(minari_store, tmp_path):
     assert f"top 0.5 by steps keeps {len(kept.episode_lengths)} episodes ({len(kept.rewards)} steps" in result.stdout
 
 
+def test_run_names_tell_bc_and_top_bc_apart(minari_store, tmp_path):
+    quick = dict(env_id="mujoco/hopper/tiny-v0", total_steps=2, batch_size=8, hidden_dims=(8,), eval_freq=0, final_eval_episodes=1, cuda=False)
+    names = []
+    for fraction, exp_name in ((1.0, None), (0.1, None), (0.25, None), (0.1, "mine")):
+        summary = bc.main(bc.Args(top_fraction=fraction, exp_name=exp_name, runs_dir=str(tmp_path), **quick))
+        names.append(summary["run_name"].split("__")[-3])
+        assert json.loads((tmp_path / summary["run_name"] / "args.json").read_text())["exp_name"] == names[-1]
+    assert names == ["bc", "bc_top10", "bc_top25", "mine"]
+
+
+def test_runs_use_one_torch_thread_unless_told(minari_store, tmp_path):
+    """Runs sharing a machine must not fight over its cores: both scripts default to one torch thread."""
+    assert iql.Args().torch_threads == 1 and bc.Args().torch_threads == 1
+    quick = dict(env_id="mujoco/hopper/tiny-v0", total_steps=2, batch_size=8, hidden_dims=(8,), eval_freq=0, final_eval_episodes=1, cuda=False)
+    try:
+        torch.set_num_threads(2)
+        bc.main(bc.Args(runs_dir=str(tmp_path), **quick))
+        assert torch.get_num_threads() == 1
+        bc.main(bc.Args(runs_dir=str(tmp_path), torch_threads=2, seed=2, **quick))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [(["--top-fraction", "0"], "--top-fraction must be in (0, 1]"), (["--top-fraction", "1.5"], "--top-fraction must be in (0, 1]")],
@@ -206,7 +241,11 @@ def test_bad_top_fraction(flags, message, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("flags", [["--env-id", "mujoco/nothing/here-v0"], ["--total-steps", "0"], ["--batch-size", "0"], ["--env-id", "toy/cartpole/tiny-v0"]])
+@pytest.mark.parametrize(
+    "flags",
+    [["--env-id", "mujoco/nothing/here-v0"], ["--total-steps", "0"], ["--batch-size", "0"], ["--env-id", "toy/cartpole/tiny-v0"],
+     ["--actor-lr", "-1"], ["--eval-episodes", "0"]],
+)
 def test_rejects_what_iql_rejects_the_same_way(flags, minari_store, tmp_path):
     results = [run_cli(script, *flags, cwd=tmp_path) for script in ("iql.py", "bc.py")]
     assert all(r.returncode != 0 for r in results)

@@ -173,8 +173,11 @@ def test_goal_terminal_cuts_episodes_at_the_first_goal_step():
 
 def test_maze_options_are_rejected_elsewhere(tmp_path):
     for script in (iql, bc):
-        with pytest.raises(SystemExit, match="apply to maze datasets"):
-            script.main(script.Args(env_id="mujoco/hopper/tiny-v0", goal_terminal=True, runs_dir=str(tmp_path)))
+        for flag, kwargs in (("--goal-terminal", {"goal_terminal": True}), ("--eval-terminate-at-goal", {"eval_terminate_at_goal": True})):
+            with pytest.raises(SystemExit) as error:
+                script.main(script.Args(env_id="mujoco/hopper/tiny-v0", runs_dir=str(tmp_path), **kwargs))
+            assert str(error.value) == f"error: {flag} applies to maze datasets (pointmaze, antmaze) only, got --env-id mujoco/hopper/tiny-v0"
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.iterdir())
 
 
 def test_capture_video_writes_a_video(minari_store, tmp_path):
@@ -184,3 +187,15 @@ def test_capture_video_writes_a_video(minari_store, tmp_path):
     )
     videos = list((tmp_path / summary["run_name"] / "videos" / "concurrent").glob("*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 1000
+
+
+def test_adroit_note_of_gymnasium_robotics_shows_only_for_adroit_datasets(minari_store, tmp_path):
+    from tests.test_iql import run_cli
+
+    note = "environment's reward functions were updated"
+    quick = ["--total-steps", "4", "--batch-size", "8", "--hidden-dims", "8", "--eval-freq", "0", "--final-eval-episodes", "1", "--log-freq", "4"]
+    maze = run_cli("iql.py", "--env-id", POINTMAZE, *quick, cwd=tmp_path)
+    assert maze.returncode == 0 and maze.stderr == ""  # the log holds only the run's own lines
+    assert note not in maze.stdout
+    pen = run_cli("bc.py", "--env-id", PEN, *quick, cwd=tmp_path)
+    assert pen.returncode == 0 and pen.stderr.count(note) == 1

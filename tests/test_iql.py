@@ -51,6 +51,32 @@ def test_flattening_keeps_transitions_aligned(minari_store):
     assert all((tuple(s.tolist()), tuple(s2.tolist())) in pairs for s, s2 in zip(batch.obs, batch.next_obs))
 
 
+def test_dataset_overview_shows_small_counts_with_labelled_axes_and_integer_bins(tmp_path, monkeypatch):
+    """A maze-like dataset: three 300-step episodes, a single reward-1 step among 900."""
+    import matplotlib.pyplot as plt
+
+    rewards = np.zeros(900, np.float32)
+    rewards[450] = 1.0
+    data = iql.OfflineData(
+        observations=np.zeros((903, 2), np.float32), actions=np.zeros((900, 1), np.float32), rewards=rewards,
+        terminations=np.zeros(900, bool), truncations=np.isin(np.arange(900), [299, 599, 899]), episode_lengths=np.array([300, 300, 300]),
+    )
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    iql.plot_dataset_overview(data, "D4RL/pointmaze/umaze-v1", str(tmp_path / "overview.png"))
+    assert (tmp_path / "overview.png").stat().st_size > 0
+    rewards_ax, lengths_ax, returns_ax, ends_ax = figures[0].axes
+    for ax, counted in ((rewards_ax, "steps"), (lengths_ax, "episodes"), (returns_ax, "episodes"), (ends_ax, "episodes")):
+        assert ax.get_xlabel() or ax is ends_ax
+        assert ax.get_ylabel().startswith(counted)
+    # one bar per integer value, centred on it, and a count of 1 stands above the bottom of the log axis
+    bars = {round(p.get_x() + p.get_width() / 2, 6): p.get_height() for p in rewards_ax.patches if p.get_height() > 0}
+    assert bars == {0.0: 899, 1.0: 1} and rewards_ax.get_ylim()[0] < 1
+    assert {round(p.get_x() + p.get_width() / 2, 6) for p in lengths_ax.patches if p.get_height() > 0} == {300.0}
+    assert all(tick == int(tick) for tick in lengths_ax.get_xticks())  # no ticks like 299.6
+    assert [p.get_height() for p in ends_ax.patches] == [0, 3]
+
+
 def test_dict_observations_flatten_like_gymnasium():
     space = gym.spaces.Dict(
         {
@@ -212,16 +238,25 @@ def test_help_documents_every_flag():
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--expectile", "1.0"], "--expectile must be in (0, 1)"),
-        (["--expectile", "0"], "--expectile must be in (0, 1)"),
-        (["--temperature", "-1"], "--temperature must be >= 0"),
-        (["--total-steps", "0"], "--total-steps must be positive"),
-        (["--batch-size", "-5"], "--batch-size must be positive"),
+        (["--expectile", "1.0"], "--expectile must be in (0, 1), got 1.0"),
+        (["--expectile", "0"], "--expectile must be in (0, 1), got 0.0"),
+        (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+        (["--total-steps", "0"], "--total-steps must be positive, got 0"),
+        (["--batch-size", "-5"], "--batch-size must be positive, got -5"),
+        # each message names the one flag that is wrong and the value it was given
+        (["--actor-lr", "-1"], "--actor-lr must be positive, got -1.0"),
+        (["--critic-lr", "0"], "--critic-lr must be positive, got 0.0"),
+        (["--value-lr", "-0.001"], "--value-lr must be positive, got -0.001"),
+        (["--eval-episodes", "0"], "--eval-episodes must be positive, got 0"),
+        (["--final-eval-episodes", "-2"], "--final-eval-episodes must be positive, got -2"),
+        (["--log-freq", "0"], "--log-freq must be positive, got 0"),
+        (["--torch-threads", "0"], "--torch-threads must be positive, got 0"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(flags, message, tmp_path):
-    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(SystemExit) as error:
         iql.main(iql.Args(env_id="does/not/exist-v0", runs_dir=str(tmp_path / "runs"), **parse(flags)))
+    assert str(error.value) == f"error: {message}"
     assert not (tmp_path / "runs").exists()
 
 
@@ -235,8 +270,26 @@ def test_unknown_dataset_is_one_clear_line_and_no_run_folder(minari_store, tmp_p
     result = run_cli("iql.py", "--env-id", "mujoco/nothing/here-v0", cwd=tmp_path)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "mujoco/nothing/here-v0" in lines[0] and "minari list local" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: Minari dataset 'mujoco/nothing/here-v0' is not in the local store")
+    # it says what failed and how to fail fast or look elsewhere; nothing stored is close enough to suggest
+    for words in ("could not be downloaded (OfflineModeIsEnabled", "HF_HUB_OFFLINE=1", "MINARI_DATASETS_PATH", "minari list local"):
+        assert words in lines[0]
+    assert "Did you mean" not in result.stdout + result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_mistyped_dataset_gets_the_closest_stored_ids_before_any_download(minari_store, tmp_path, capsys):
+    result = run_cli("bc.py", "--env-id", "mujoco/hoper/tiny-v0", cwd=tmp_path)
+    assert result.returncode != 0 and not (tmp_path / "runs").exists()
+    # said at once, before the download is tried (without HF_HUB_OFFLINE=1 that takes about 25 s offline) ...
+    assert result.stdout.splitlines()[0].startswith("mujoco/hoper/tiny-v0 is not in the local Minari store")
+    assert "Did you mean mujoco/hopper/tiny-v0?" in result.stdout.splitlines()[0]
+    # ... and again in the one-line error
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "could not be downloaded" in line and "Did you mean mujoco/hopper/tiny-v0?" in line
+    # a stored id loads without a word and without trying the network
+    assert iql.load_minari_dataset("mujoco/hopper/tiny-v0").total_episodes == 12
+    assert capsys.readouterr().out == ""
 
 
 def test_non_box_action_space_is_rejected(minari_store, tmp_path):
@@ -261,5 +314,5 @@ def test_each_training_seed_evaluates_on_its_own_start_states(minari_store, tmp_
     # env seeds 10_000 * seed + i: periodic and final evaluations of a seed share its block, other seeds never touch it
     assert calls == [(10_000, 2), (10_000, 3), (20_000, 2), (20_000, 3), (10_000, 2), (10_000, 3)]
     assert finals[0] == finals[2]  # reproducible
-    with pytest.raises(SystemExit, match="at most 10000 evaluation episodes"):
+    with pytest.raises(SystemExit, match="--final-eval-episodes must be at most 10000, the evaluation seeds of one training seed, got 10001"):
         iql.main(iql.Args(env_id="mujoco/hopper/tiny-v0", final_eval_episodes=10_001, runs_dir=str(tmp_path)))

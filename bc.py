@@ -10,8 +10,7 @@ episodes with the top 10% of returns. Same data loading, evaluation, scores and 
     python bc.py --env-id mujoco/hopper/medium-v0 --top-fraction 0.1  # 10% BC
     python bc.py --help
 
-Outputs go to runs/{run_name}/: args.json, dataset_overview.png,
-evaluations.jsonl, summary.json and (with --save-model) model.pt.
+Outputs go to runs/{run_name}/: args.json, dataset_overview.png, evaluations.jsonl, summary.json, checkpoint.pt, model.pt.
 """
 
 import contextlib
@@ -107,7 +106,6 @@ D4RL_REFERENCE_RETURNS = {
 }
 ACTION_CLIP_EPS = 1e-5
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-FIRST_LOG_STEP = 300  # an early progress line, with the speed and ETA
 EVAL_SEED_BLOCK = 10_000  # training seed k evaluates on env seeds 10_000 k + i: disjoint start states per seed
 
 
@@ -126,7 +124,7 @@ def validate_args(args: Args) -> None:
         (args.checkpoint_freq >= 0, f"--checkpoint-freq must be >= 0, got {args.checkpoint_freq}"),
         *((getattr(args, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(args, f)}") for f in ("eval_episodes", "final_eval_episodes", "log_freq")),
         *((getattr(args, f) <= EVAL_SEED_BLOCK, f"--{f.replace('_', '-')} must be at most {EVAL_SEED_BLOCK}, the evaluation seeds of one training seed, got {getattr(args, f)}") for f in ("eval_episodes", "final_eval_episodes")),
-        (dataset_family(args.env_id) == "maze" or not (args.goal_terminal or args.eval_terminate_at_goal),
+        (dataset_family(args.env_id).endswith("Maze") or not (args.goal_terminal or args.eval_terminate_at_goal),
          f"--{'goal-terminal' if args.goal_terminal else 'eval-terminate-at-goal'} applies to maze datasets (pointmaze, antmaze) only, got --env-id {args.env_id}"),
     ]
     for ok, message in checks:
@@ -136,8 +134,7 @@ def validate_args(args: Args) -> None:
 
 # Data -----------------------------------------------------------------------------------------
 def load_minari_dataset(dataset_id: str):
-    """Load a Minari dataset from the local store, else download it; one clear error line if neither works.
-    A mistyped id gets the closest stored ids at once, before any download is tried."""
+    """From the local store, else downloaded; a mistyped id gets the closest stored ids at once; one error line if neither works."""
     import minari
 
     store = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
@@ -150,26 +147,23 @@ def load_minari_dataset(dataset_id: str):
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:  # minari raises many types here: unknown id, no network, offline mode, bad id format
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise SystemExit(
-            f"error: cannot load Minari dataset '{dataset_id}' ({reason})" if dataset_id in local else
-            f"error: Minari dataset '{dataset_id}' is not in the local store ({store}) and could not be downloaded ({reason}).{hint} "
+            f"error: cannot load Minari dataset '{dataset_id}' ({describe(e)})" if dataset_id in local else
+            f"error: Minari dataset '{dataset_id}' is not in the local store ({store}) and could not be downloaded ({describe(e)}).{hint} "
             "Set MINARI_DATASETS_PATH to use another store, HF_HUB_OFFLINE=1 to fail at once without a network; `minari list local` lists the stored ids."
         ) from None
 
 
 def import_robotics_envs(dataset_id: str) -> None:
-    """Import gymnasium-robotics (maze, Kitchen, Adroit envs) at the start. Its import prints a note on Adroit's reward
-    functions: shown for Adroit datasets, where it concerns the run, and silenced elsewhere (it came mid-log)."""
-    adroit = dataset_id.split("/")[1:2] in (["pen"], ["hammer"], ["door"], ["relocate"])
+    """Import gymnasium-robotics first; its note on Adroit's rewards is shown for Adroit datasets only (it came mid-log)."""
+    adroit = dataset_family(dataset_id) == "Adroit"
     # any failure (not installed, a bad MUJOCO_GL) surfaces, explained, when the evaluation env is built
     with contextlib.suppress(Exception), contextlib.nullcontext() if adroit else contextlib.redirect_stderr(io.StringIO()):
         import gymnasium_robotics  # noqa: F401  (needed only by the datasets whose environments it holds)
 
 
 def flatten_observation(obs, space: gym.Space) -> np.ndarray:
-    """A (batched) observation as (batch, dim) float32; Dict parts concatenated recursively in the
-    space's (alphabetical) key order, each flattened row-major: the same vector as `gym.spaces.flatten`."""
+    """(batch, dim) float32; Dict parts concatenated recursively in key (alphabetical) order: the vector of gym.spaces.flatten."""
     if isinstance(space, gym.spaces.Dict):
         return np.concatenate([flatten_observation(obs[k], s) for k, s in space.spaces.items()], axis=1)
     return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
@@ -184,8 +178,7 @@ def stack_observations(observations: list):
 
 @dataclass
 class OfflineData:
-    """A Minari dataset flattened once into arrays. Every episode stores its T+1 observations
-    back to back, so s' of transition i is the row after s, and no observation is stored twice."""
+    """A dataset as arrays; each episode stores its T+1 observations back to back, so s' of a step is the row after s."""
 
     observations: np.ndarray  # (N + E, obs_dim) float32
     actions: np.ndarray  # (N, act_dim) float32, raw (as in the dataset)
@@ -196,8 +189,7 @@ class OfflineData:
 
     @property
     def obs_rows(self) -> np.ndarray:
-        """(N,) row of each transition's s in `observations`; s' is the next row. Transition j of
-        episode e sits at row (start of e) + e + j: each earlier episode has one extra row."""
+        """(N,) row of each transition's s; s' is the next row. Step j of episode e is at row start_e + e + j."""
         return np.arange(self.episode_lengths.sum()) + np.repeat(np.arange(len(self.episode_lengths)), self.episode_lengths)
 
     @property
@@ -211,19 +203,16 @@ class OfflineData:
 
 
 def flatten_dataset(dataset) -> OfflineData:
-    obs_space = dataset.observation_space
-    parts = {k: [] for k in ("observations", "actions", "rewards", "terminations", "truncations")}
-    lengths = []
-    for episode in dataset.iterate_episodes():
-        parts["observations"].append(flatten_observation(episode.observations, obs_space))
-        parts["actions"].append(np.asarray(episode.actions, dtype=np.float32).reshape(len(episode.rewards), -1))
-        parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
-        parts["terminations"].append(np.asarray(episode.terminations, dtype=bool))
-        parts["truncations"].append(np.asarray(episode.truncations, dtype=bool))
-        lengths.append(len(episode.rewards))
-    if not lengths:
+    episodes = list(dataset.iterate_episodes())
+    if not episodes:
         raise SystemExit(f"error: Minari dataset '{dataset.spec.dataset_id}' has no episodes")
-    return OfflineData(**{k: np.concatenate(v) for k, v in parts.items()}, episode_lengths=np.asarray(lengths, dtype=np.int64))
+    stack = lambda part, dtype: np.concatenate([np.asarray(part(e), dtype=dtype) for e in episodes])
+    return OfflineData(
+        observations=stack(lambda e: flatten_observation(e.observations, dataset.observation_space), np.float32),
+        actions=stack(lambda e: np.reshape(e.actions, (len(e.rewards), -1)), np.float32), rewards=stack(lambda e: e.rewards, np.float32),
+        terminations=stack(lambda e: e.terminations, bool), truncations=stack(lambda e: e.truncations, bool),
+        episode_lengths=np.array([len(e.rewards) for e in episodes], dtype=np.int64),
+    )
 
 
 def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray) -> OfflineData:
@@ -259,34 +248,30 @@ def top_episodes(data: OfflineData, fraction: float, by: str) -> Tuple[OfflineDa
 def action_bounds(space: gym.Space) -> Tuple[np.ndarray, np.ndarray]:
     if not isinstance(space, gym.spaces.Box):
         raise SystemExit(f"error: IQL needs a continuous (Box) action space, the dataset has {space}")
-    low, high = space.low.astype(np.float32).ravel(), space.high.astype(np.float32).ravel()
-    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
         raise SystemExit(f"error: the action space must be bounded, the dataset has {space}")
-    return low, high
+    return space.low.astype(np.float32).ravel(), space.high.astype(np.float32).ravel()
 
 
 def to_unit_box(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Map dataset actions affinely to [-1, 1], the range of the tanh mean (identity for [-1, 1] boxes),
-    then clip to [-1 + eps, 1 - eps] as the official data loader does."""
+    """Map dataset actions affinely to [-1, 1], the range of the tanh mean (identity for [-1, 1] boxes), then clip to [-1 + eps, 1 - eps] as the official data loader does."""
     unit = 2.0 * (actions - low) / (high - low) - 1.0
     return np.clip(unit, -1.0 + ACTION_CLIP_EPS, 1.0 - ACTION_CLIP_EPS).astype(np.float32)
 
 
 def dataset_family(dataset_id: str) -> str:
-    """`maze` (PointMaze, AntMaze), `kitchen`, or `return` for everything scored by normalised return."""
-    if "antmaze" in dataset_id or "pointmaze" in dataset_id:
-        return "maze"
-    return "kitchen" if "kitchen" in dataset_id else "return"
+    """AntMaze, PointMaze, Kitchen, Adroit, or MuJoCo: the paper's locomotion family, and the default for other ids."""
+    name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
+    return ("AntMaze" if "antmaze" in dataset_id else "PointMaze" if "pointmaze" in dataset_id else "Kitchen" if "kitchen" in dataset_id
+            else "Adroit" if name in ("pen", "hammer", "door", "relocate") else "MuJoCo")
 
 
 def scoring_rule(dataset, dataset_id: str) -> dict:
-    """The paper's score per family: success x100 (mazes), completed tasks / the dataset's tasks x100
-    (Kitchen), else the normalised return with the dataset's reference scores, or D4RL's. A
-    `max_episode_steps` overrides the evaluation spec's where the references need it."""
+    """The paper's score per family (success, Kitchen tasks, normalised return) and any evaluation episode length it needs."""
     family = dataset_family(dataset_id)
-    if family == "maze":
+    if family.endswith("Maze"):
         return {"kind": "success", "source": "success rate x100: the env's info['success'] at any step", "max_episode_steps": None}
-    if family == "kitchen":
+    if family == "Kitchen":
         num_tasks = len(dataset.env_spec.kwargs["tasks_to_complete"])
         return {"kind": "tasks", "num_tasks": num_tasks, "source": f"completed tasks / {num_tasks} x100", "max_episode_steps": None}
     metadata = dataset.storage.metadata
@@ -312,24 +297,19 @@ def eval_env_kwargs(rule: dict, terminate_at_goal: bool) -> dict:
 
 
 def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
-    """D4RL's maze convention: each episode ends, as a termination, at its first goal step (sparse
-    reward 1); the steps after it, spent at or around the goal, are dropped."""
+    """D4RL's maze convention: each episode ends, as a termination, at its first goal step (sparse reward 1); the steps after it, spent at or around the goal, are dropped."""
     starts = data.episode_starts
-    lengths, reached = data.episode_lengths.copy(), np.zeros(len(starts), bool)
-    for e, (start, length) in enumerate(zip(starts, data.episode_lengths)):
-        goal_steps = np.flatnonzero(data.rewards[start : start + length] >= 1.0)
-        if len(goal_steps):
-            lengths[e], reached[e] = goal_steps[0] + 1, True
+    goal_steps = [np.flatnonzero(data.rewards[start : start + n] >= 1.0) for start, n in zip(starts, data.episode_lengths)]
+    reached = np.array([len(g) > 0 for g in goal_steps], dtype=bool)
+    lengths = np.array([g[0] + 1 if len(g) else n for g, n in zip(goal_steps, data.episode_lengths)], dtype=np.int64)
     cut = subset_episodes(data, np.arange(len(lengths)), lengths)
-    ends = np.cumsum(lengths) - 1
-    cut.terminations[ends[reached]] = True
-    cut.truncations[ends[reached]] = False
+    ends = (np.cumsum(lengths) - 1)[reached]
+    cut.terminations[ends], cut.truncations[ends] = True, False
     return cut
 
 
 def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None:
-    """Histograms of the raw data: what the dataset really holds, before any normalisation. Counts are on a log scale
-    from 0.5, so that a count of 1 still shows; integer quantities get bins centred on integers (one per integer or per few)."""
+    """Histograms of the raw data, log counts from 0.5 (a count of 1 shows), integer bins for integer quantities."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -382,8 +362,7 @@ def mlp(in_dim: int, hidden_dims, out_dim: Optional[int], dropout: float = 0.0) 
 
 
 class Actor(nn.Module):
-    """Diagonal Gaussian with a tanh-squashed mean (the distribution itself is not squashed) and,
-    by default, a learned state-independent log-std clipped to [-5, 2], as in the official code."""
+    """Gaussian with a tanh-squashed mean (the distribution is not squashed); by default one learned log-std vector."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims, dropout: float, state_dependent_std: bool):
         super().__init__()
@@ -425,10 +404,7 @@ def act(actor: Actor, observations: list, obs_space, low, high, device) -> np.nd
 
 
 def evaluate(actor: Actor, make_env, num_episodes: int, first_seed: int, obs_space, low, high, device, video_dir=None):
-    """One episode per env (seeds first_seed + i), with the mean action, one policy call per step for
-    all unfinished envs; only those are stepped (a Gymnasium vector env would auto-reset finished ones
-    and simulate episodes we throw away). Per episode: the return, whether info['success'] was ever
-    true, and the most tasks completed."""
+    """One episode per env (seeds first_seed + i), mean actions, one policy call per step; only unfinished envs step."""
     envs = [make_env(render=video_dir is not None and i == 0) for i in range(num_episodes)]
     if video_dir is not None:
         envs[0] = gym.wrappers.RecordVideo(envs[0], video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
@@ -453,16 +429,11 @@ def evaluate(actor: Actor, make_env, num_episodes: int, first_seed: int, obs_spa
 def score_summary(episodes, rule: dict) -> dict:
     """Return and score statistics over episodes, scored by the family's rule (see scoring_rule)."""
     returns, successes, tasks = episodes
+    kind = rule["kind"]
+    scores = (100.0 * successes if kind == "success" else 100.0 * tasks / rule["num_tasks"] if kind == "tasks"
+              else 100.0 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"]) if kind == "return" else None)
     summary = {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "num_episodes": len(returns)}
-    if rule["kind"] == "success":
-        scores = 100.0 * successes
-    elif rule["kind"] == "tasks":
-        scores = 100.0 * tasks / rule["num_tasks"]
-    elif rule["kind"] == "return":
-        scores = 100.0 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"])
-    else:
-        return {**summary, "score_mean": None, "score_std": None}
-    return {**summary, "score_mean": float(scores.mean()), "score_std": float(scores.std())}
+    return {**summary, "score_mean": None if scores is None else float(scores.mean()), "score_std": None if scores is None else float(scores.std())}
 
 
 def describe(e: Exception) -> str:  # an exception in one line
@@ -470,22 +441,20 @@ def describe(e: Exception) -> str:  # an exception in one line
 
 
 def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, high, device) -> int:
-    """Build one evaluation env (rendering a frame if videos are asked for) and act once in it, so
-    that a broken env fails before training instead of after it. Returns its episode length."""
+    """Build one evaluation env (a frame rendered for videos) and act once, to fail before training; its episode length."""
     try:
         env = make_env(render=capture_video)
         obs = env.reset(seed=0)[0]
         if capture_video and env.render() is None:
             raise RuntimeError("render() returned no frame")
     except Exception as e:
-        fix = "; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video" if capture_video else ""
-        raise SystemExit(f"error: cannot build the dataset's evaluation environment ({describe(e)}): install the package that provides it{fix}") from None
+        raise SystemExit(f"error: cannot build the dataset's evaluation environment ({describe(e)}): install the package that provides it"
+                         + ("; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video" if capture_video else "")) from None
     try:
         env.step(act(actor, [obs], obs_space, low, high, device)[0].reshape(env.action_space.shape))
+        return env.close() or env.spec.max_episode_steps
     except Exception as e:
         raise SystemExit(f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): its spaces differ from the dataset's") from None
-    env.close()
-    return env.spec.max_episode_steps
 
 
 # Run folders, checkpoints, resuming -----------------------------------------------------------
@@ -493,13 +462,11 @@ def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, 
 MAY_CHANGE_ON_RESUME = ("track", "wandb_project_name", "wandb_entity", "torch_threads", "log_freq", "checkpoint_freq", "capture_video", "save_model")
 
 
-def make_run_dir(runs_dir: str, run_name: str) -> str:
-    run_dir = os.path.join(runs_dir, run_name)
+def make_run_dir(run_dir: str) -> str:
     try:
-        os.makedirs(run_dir)
+        return os.makedirs(run_dir) or run_dir
     except OSError as e:
         raise SystemExit(f"error: cannot create the run folder {run_dir} ({describe(e)}); give a writable --runs-dir") from None
-    return run_dir
 
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:
@@ -537,21 +504,10 @@ def stored_args(given: Args, stored: dict, may_change) -> Args:
     return Args(**merged)
 
 
-def state_dicts(groups: dict) -> dict:
-    """{"networks": {name: state dict}, "optimizers": ..., "schedulers": ...}, and back with load_state_dicts."""
-    return {group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in groups.items()}
-
-
-def load_state_dicts(groups: dict, stored: dict) -> None:
-    for group, objects in groups.items():
-        for name, obj in objects.items():
-            obj.load_state_dict(stored[group][name])
-
-
 def rng_states(generator: torch.Generator) -> dict:
     name, keys, *rest = np.random.get_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"minibatches": generator.get_state(), "torch": torch.get_rng_state(), "cuda": cuda, "numpy": [name, torch.as_tensor(keys.astype(np.int64)), *rest], "python": random.getstate()}
+    return {"minibatches": generator.get_state(), "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [name, torch.as_tensor(keys.astype(np.int64)), *rest], "python": random.getstate()}
 
 
 def set_rng_states(states: dict, generator: torch.Generator) -> None:
@@ -565,11 +521,10 @@ def set_rng_states(states: dict, generator: torch.Generator) -> None:
 
 
 def catch_stop_signals(catch: bool = True) -> list:
-    """While training, SIGTERM (preemption) and SIGINT (Ctrl-C) only note the signal, so the loop
-    can finish its update and write a checkpoint; catch=False restores the defaults."""
+    """SIGTERM and SIGINT only note the signal, so the loop can checkpoint first; catch=False restores the defaults."""
     received = []
-    signal.signal(signal.SIGTERM, (lambda signum, frame: received.append(signum)) if catch else signal.SIG_DFL)
-    signal.signal(signal.SIGINT, (lambda signum, frame: received.append(signum)) if catch else signal.default_int_handler)
+    for sig, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+        signal.signal(sig, (lambda signum, frame: received.append(signum)) if catch else default)
     return received
 
 
@@ -622,7 +577,9 @@ def main(args: Args) -> dict:
     rule["max_episode_steps"] = check_eval_env(make_env, actor, args.capture_video, dataset.observation_space, low, high, device)
     progress = {"phase": "train", "step": 0, "evaluations": [], "train_time_s": 0.0, "eval_time_s": 0.0, "wall_time_s": 0.0, "wandb_id": None}
     if saved_run:
-        load_state_dicts(stateful, checkpoint)
+        for group, objects in stateful.items():
+            for name, obj in objects.items():
+                obj.load_state_dict(checkpoint[group][name])
         if args.resume:
             set_rng_states(checkpoint["rng"], generator)
         progress = checkpoint["progress"]
@@ -634,7 +591,8 @@ def main(args: Args) -> dict:
     def make_checkpoint() -> dict:
         """Everything to continue as if never stopped, or to use the policy: plain tensors, numbers and strings."""
         return {
-            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(generator), **state_dicts(stateful),
+            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(generator),
+            **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in stateful.items()},
             "normalization": {"action_low": low.tolist(), "action_high": high.tolist()}, "data_selection": selection,
         }
 
@@ -659,7 +617,7 @@ def main(args: Args) -> dict:
 
     # Everything is checked: only now does a new run get its folder.
     run_name = os.path.basename(os.path.normpath(args.resume)) if args.resume else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.resume or make_run_dir(args.runs_dir, run_name)
+    run_dir = args.resume or make_run_dir(os.path.join(args.runs_dir, run_name))
     if not args.resume:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
@@ -720,7 +678,7 @@ def main(args: Args) -> dict:
             progress["step"] = step
             progress["train_time_s"] += time.perf_counter() - tick
 
-            log_now = step % args.log_freq == 0 or step in (FIRST_LOG_STEP, steps)
+            log_now = step % args.log_freq == 0 or step in (300, steps)  # an early line: speed and ETA
             stopping = bool(stop)  # read once: a signal may arrive while this step is being wrapped up
             checkpoint_now = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
             eval_now = args.eval_freq > 0 and step % args.eval_freq == 0 and step < steps

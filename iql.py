@@ -1,18 +1,14 @@
 """Implicit Q-Learning (IQL) on Minari datasets, in one file.
-
 Copyright (c) 2026 the single-file offline RL authors. MIT License: see LICENSE, or https://opensource.org/license/mit
 
-Paper: Kostrikov, Nair & Levine, "Offline Reinforcement Learning with Implicit
-Q-Learning" (2021), https://arxiv.org/abs/2110.06169
+Paper: Kostrikov, Nair & Levine, "Offline Reinforcement Learning with Implicit Q-Learning" (2021), https://arxiv.org/abs/2110.06169
 Official code: https://github.com/ikostrikov/implicit_q_learning
 
     python iql.py --env-id mujoco/hopper/medium-v0 --expectile 0.7 --temperature 3
-    python iql.py --env-id D4RL/antmaze/umaze-v1 --expectile 0.9 --temperature 10
-    python iql.py --env-id D4RL/pen/human-v2 --expectile 0.7 --temperature 0.5 --actor-dropout 0.1
-    python iql.py --help
+    python iql.py --env-id D4RL/antmaze/umaze-v1      # unset flags take the paper's settings for the dataset's family
+    python iql.py --resume runs/{run_name}            # continue a stopped run; --help documents every flag
 
-Outputs go to runs/{run_name}/: args.json, dataset_overview.png,
-evaluations.jsonl, summary.json and (with --save-model) model.pt.
+Outputs go to runs/{run_name}/: args.json, dataset_overview.png, evaluations.jsonl, summary.json, checkpoint.pt, model.pt.
 """
 
 import collections
@@ -125,7 +121,6 @@ D4RL_REFERENCE_RETURNS = {
 }
 ACTION_CLIP_EPS = 1e-5
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-FIRST_LOG_STEP = 300  # an early progress line, with the speed and ETA
 EVAL_SEED_BLOCK = 10_000  # training seed k evaluates on env seeds 10_000 k + i: disjoint start states per seed
 # The paper's (expectile, temperature, actor dropout) per dataset family, from the official configs;
 # datasets outside these families get MuJoCo's, as the official code's default config does.
@@ -133,12 +128,9 @@ PAPER_SETTINGS = {"MuJoCo": (0.7, 3.0, 0.0), "AntMaze": (0.9, 10.0, 0.0), "Kitch
 
 
 def resolve_paper_settings(args: Args) -> Tuple[Args, str]:
-    """Fill --expectile, --temperature and --actor-dropout left unset (None) with the paper's values
-    for the dataset's family, and `auto` reward normalisation with the paper's rule (mujoco/*:
-    locomotion, AntMaze: antmaze, else none); flags given explicitly win. Returns the args and a
-    line saying which values came from where."""
-    env_name = args.env_id.split("/")[1] if args.env_id.count("/") >= 2 else ""
-    family = "AntMaze" if "antmaze" in args.env_id else "Kitchen" if "kitchen" in args.env_id else "Adroit" if env_name in ("pen", "hammer", "door", "relocate") else "MuJoCo"
+    """The paper's settings for the dataset's family where --expectile, --temperature, --actor-dropout are None and
+    rewards `auto` (mujoco/*: locomotion, AntMaze: antmaze, else none); flags given win. Also a line saying which is which."""
+    family = dataset_family(args.env_id).replace("PointMaze", "MuJoCo")  # the paper has no PointMaze settings
     rewards = {"auto": "locomotion" if args.env_id.startswith("mujoco/") else "antmaze" if family == "AntMaze" else "none"}.get(args.reward_normalization, args.reward_normalization)
     names = ("expectile", "temperature", "actor_dropout")
     given = [getattr(args, n) is not None for n in names]
@@ -149,25 +141,17 @@ def resolve_paper_settings(args: Args) -> Tuple[Args, str]:
 
 def validate_args(args: Args) -> None:
     """Reject bad settings before any work is done."""
+    positive = ("total_steps", "batch_size", "posthoc_steps", "exp_adv_max", "actor_lr", "critic_lr", "value_lr", "torch_threads", "eval_episodes", "final_eval_episodes", "log_freq")
     checks = [
         (0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}"),
-        (args.temperature >= 0.0, f"--temperature must be >= 0, got {args.temperature}"),
-        (args.total_steps > 0, f"--total-steps must be positive, got {args.total_steps}"),
-        (args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}"),
-        (args.posthoc_steps is None or args.posthoc_steps > 0, f"--posthoc-steps must be positive, got {args.posthoc_steps}"),
+        *((getattr(args, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(args, f)}") for f in positive if getattr(args, f) is not None),
+        *((getattr(args, f) >= 0, f"--{f.replace('_', '-')} must be >= 0, got {getattr(args, f)}") for f in ("temperature", "seed", "eval_freq", "checkpoint_freq")),
         (0.0 <= args.discount <= 1.0, f"--discount must be in [0, 1], got {args.discount}"),
         (0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}"),
-        (args.exp_adv_max > 0.0, f"--exp-adv-max must be positive, got {args.exp_adv_max}"),
-        *((getattr(args, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(args, f)}") for f in ("actor_lr", "critic_lr", "value_lr")),
         (len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0, f"--hidden-dims must be positive sizes, got {args.hidden_dims}"),
         (0.0 <= args.actor_dropout < 1.0, f"--actor-dropout must be in [0, 1), got {args.actor_dropout}"),
-        (args.torch_threads is None or args.torch_threads > 0, f"--torch-threads must be positive, got {args.torch_threads}"),
-        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
-        (args.eval_freq >= 0, f"--eval-freq must be >= 0, got {args.eval_freq}"),
-        (args.checkpoint_freq >= 0, f"--checkpoint-freq must be >= 0, got {args.checkpoint_freq}"),
-        *((getattr(args, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(args, f)}") for f in ("eval_episodes", "final_eval_episodes", "log_freq")),
         *((getattr(args, f) <= EVAL_SEED_BLOCK, f"--{f.replace('_', '-')} must be at most {EVAL_SEED_BLOCK}, the evaluation seeds of one training seed, got {getattr(args, f)}") for f in ("eval_episodes", "final_eval_episodes")),
-        (dataset_family(args.env_id) == "maze" or not (args.goal_terminal or args.eval_terminate_at_goal),
+        (dataset_family(args.env_id).endswith("Maze") or not (args.goal_terminal or args.eval_terminate_at_goal),
          f"--{'goal-terminal' if args.goal_terminal else 'eval-terminate-at-goal'} applies to maze datasets (pointmaze, antmaze) only, got --env-id {args.env_id}"),
     ]
     for ok, message in checks:
@@ -177,8 +161,7 @@ def validate_args(args: Args) -> None:
 
 # Data -----------------------------------------------------------------------------------------
 def load_minari_dataset(dataset_id: str):
-    """Load a Minari dataset from the local store, else download it; one clear error line if neither works.
-    A mistyped id gets the closest stored ids at once, before any download is tried."""
+    """From the local store, else downloaded; a mistyped id gets the closest stored ids at once; one error line if neither works."""
     import minari
 
     store = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
@@ -191,26 +174,23 @@ def load_minari_dataset(dataset_id: str):
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:  # minari raises many types here: unknown id, no network, offline mode, bad id format
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise SystemExit(
-            f"error: cannot load Minari dataset '{dataset_id}' ({reason})" if dataset_id in local else
-            f"error: Minari dataset '{dataset_id}' is not in the local store ({store}) and could not be downloaded ({reason}).{hint} "
+            f"error: cannot load Minari dataset '{dataset_id}' ({describe(e)})" if dataset_id in local else
+            f"error: Minari dataset '{dataset_id}' is not in the local store ({store}) and could not be downloaded ({describe(e)}).{hint} "
             "Set MINARI_DATASETS_PATH to use another store, HF_HUB_OFFLINE=1 to fail at once without a network; `minari list local` lists the stored ids."
         ) from None
 
 
 def import_robotics_envs(dataset_id: str) -> None:
-    """Import gymnasium-robotics (maze, Kitchen, Adroit envs) at the start. Its import prints a note on Adroit's reward
-    functions: shown for Adroit datasets, where it concerns the run, and silenced elsewhere (it came mid-log)."""
-    adroit = dataset_id.split("/")[1:2] in (["pen"], ["hammer"], ["door"], ["relocate"])
+    """Import gymnasium-robotics first; its note on Adroit's rewards is shown for Adroit datasets only (it came mid-log)."""
+    adroit = dataset_family(dataset_id) == "Adroit"
     # any failure (not installed, a bad MUJOCO_GL) surfaces, explained, when the evaluation env is built
     with contextlib.suppress(Exception), contextlib.nullcontext() if adroit else contextlib.redirect_stderr(io.StringIO()):
         import gymnasium_robotics  # noqa: F401  (needed only by the datasets whose environments it holds)
 
 
 def flatten_observation(obs, space: gym.Space) -> np.ndarray:
-    """A (batched) observation as (batch, dim) float32; Dict parts concatenated recursively in the
-    space's (alphabetical) key order, each flattened row-major: the same vector as `gym.spaces.flatten`."""
+    """(batch, dim) float32; Dict parts concatenated recursively in key (alphabetical) order: the vector of gym.spaces.flatten."""
     if isinstance(space, gym.spaces.Dict):
         return np.concatenate([flatten_observation(obs[k], s) for k, s in space.spaces.items()], axis=1)
     return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
@@ -225,8 +205,7 @@ def stack_observations(observations: list):
 
 @dataclass
 class OfflineData:
-    """A Minari dataset flattened once into arrays. Every episode stores its T+1 observations
-    back to back, so s' of transition i is the row after s, and no observation is stored twice."""
+    """A dataset as arrays; each episode stores its T+1 observations back to back, so s' of a step is the row after s."""
 
     observations: np.ndarray  # (N + E, obs_dim) float32
     actions: np.ndarray  # (N, act_dim) float32, raw (as in the dataset)
@@ -237,8 +216,7 @@ class OfflineData:
 
     @property
     def obs_rows(self) -> np.ndarray:
-        """(N,) row of each transition's s in `observations`; s' is the next row. Transition j of
-        episode e sits at row (start of e) + e + j: each earlier episode has one extra row."""
+        """(N,) row of each transition's s; s' is the next row. Step j of episode e is at row start_e + e + j."""
         return np.arange(self.episode_lengths.sum()) + np.repeat(np.arange(len(self.episode_lengths)), self.episode_lengths)
 
     @property
@@ -252,19 +230,16 @@ class OfflineData:
 
 
 def flatten_dataset(dataset) -> OfflineData:
-    obs_space = dataset.observation_space
-    parts = {k: [] for k in ("observations", "actions", "rewards", "terminations", "truncations")}
-    lengths = []
-    for episode in dataset.iterate_episodes():
-        parts["observations"].append(flatten_observation(episode.observations, obs_space))
-        parts["actions"].append(np.asarray(episode.actions, dtype=np.float32).reshape(len(episode.rewards), -1))
-        parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
-        parts["terminations"].append(np.asarray(episode.terminations, dtype=bool))
-        parts["truncations"].append(np.asarray(episode.truncations, dtype=bool))
-        lengths.append(len(episode.rewards))
-    if not lengths:
+    episodes = list(dataset.iterate_episodes())
+    if not episodes:
         raise SystemExit(f"error: Minari dataset '{dataset.spec.dataset_id}' has no episodes")
-    return OfflineData(**{k: np.concatenate(v) for k, v in parts.items()}, episode_lengths=np.asarray(lengths, dtype=np.int64))
+    stack = lambda part, dtype: np.concatenate([np.asarray(part(e), dtype=dtype) for e in episodes])
+    return OfflineData(
+        observations=stack(lambda e: flatten_observation(e.observations, dataset.observation_space), np.float32),
+        actions=stack(lambda e: np.reshape(e.actions, (len(e.rewards), -1)), np.float32), rewards=stack(lambda e: e.rewards, np.float32),
+        terminations=stack(lambda e: e.terminations, bool), truncations=stack(lambda e: e.truncations, bool),
+        episode_lengths=np.array([len(e.rewards) for e in episodes], dtype=np.int64),
+    )
 
 
 def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray) -> OfflineData:
@@ -280,47 +255,39 @@ def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray
 
 def reward_transform(mode: str, episode_returns: np.ndarray) -> Tuple[float, float]:
     """(scale, shift) such that the training reward is scale * r + shift."""
-    if mode == "locomotion":
-        return_range = float(episode_returns.max() - episode_returns.min())
-        if return_range <= 0.0:
-            raise SystemExit("error: every episode has the same return, so `locomotion` reward normalisation is undefined; use --reward-normalization none")
-        return 1000.0 / return_range, 0.0
-    if mode == "antmaze":
-        return 1.0, -1.0
-    return 1.0, 0.0
+    return_range = float(episode_returns.max() - episode_returns.min())
+    if mode == "locomotion" and return_range <= 0.0:
+        raise SystemExit("error: every episode has the same return, so `locomotion` reward normalisation is undefined; use --reward-normalization none")
+    return {"locomotion": (1000.0 / max(return_range, 1e-12), 0.0), "antmaze": (1.0, -1.0)}.get(mode, (1.0, 0.0))
 
 
 def action_bounds(space: gym.Space) -> Tuple[np.ndarray, np.ndarray]:
     if not isinstance(space, gym.spaces.Box):
         raise SystemExit(f"error: IQL needs a continuous (Box) action space, the dataset has {space}")
-    low, high = space.low.astype(np.float32).ravel(), space.high.astype(np.float32).ravel()
-    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
         raise SystemExit(f"error: the action space must be bounded, the dataset has {space}")
-    return low, high
+    return space.low.astype(np.float32).ravel(), space.high.astype(np.float32).ravel()
 
 
 def to_unit_box(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Map dataset actions affinely to [-1, 1], the range of the tanh mean (identity for [-1, 1] boxes),
-    then clip to [-1 + eps, 1 - eps] as the official data loader does."""
+    """Map dataset actions affinely to [-1, 1], the range of the tanh mean (identity for [-1, 1] boxes), then clip to [-1 + eps, 1 - eps] as the official data loader does."""
     unit = 2.0 * (actions - low) / (high - low) - 1.0
     return np.clip(unit, -1.0 + ACTION_CLIP_EPS, 1.0 - ACTION_CLIP_EPS).astype(np.float32)
 
 
 def dataset_family(dataset_id: str) -> str:
-    """`maze` (PointMaze, AntMaze), `kitchen`, or `return` for everything scored by normalised return."""
-    if "antmaze" in dataset_id or "pointmaze" in dataset_id:
-        return "maze"
-    return "kitchen" if "kitchen" in dataset_id else "return"
+    """AntMaze, PointMaze, Kitchen, Adroit, or MuJoCo: the paper's locomotion family, and the default for other ids."""
+    name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
+    return ("AntMaze" if "antmaze" in dataset_id else "PointMaze" if "pointmaze" in dataset_id else "Kitchen" if "kitchen" in dataset_id
+            else "Adroit" if name in ("pen", "hammer", "door", "relocate") else "MuJoCo")
 
 
 def scoring_rule(dataset, dataset_id: str) -> dict:
-    """The paper's score per family: success x100 (mazes), completed tasks / the dataset's tasks x100
-    (Kitchen), else the normalised return with the dataset's reference scores, or D4RL's. A
-    `max_episode_steps` overrides the evaluation spec's where the references need it."""
+    """The paper's score per family (success, Kitchen tasks, normalised return) and any evaluation episode length it needs."""
     family = dataset_family(dataset_id)
-    if family == "maze":
+    if family.endswith("Maze"):
         return {"kind": "success", "source": "success rate x100: the env's info['success'] at any step", "max_episode_steps": None}
-    if family == "kitchen":
+    if family == "Kitchen":
         num_tasks = len(dataset.env_spec.kwargs["tasks_to_complete"])
         return {"kind": "tasks", "num_tasks": num_tasks, "source": f"completed tasks / {num_tasks} x100", "max_episode_steps": None}
     metadata = dataset.storage.metadata
@@ -346,24 +313,19 @@ def eval_env_kwargs(rule: dict, terminate_at_goal: bool) -> dict:
 
 
 def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
-    """D4RL's maze convention: each episode ends, as a termination, at its first goal step (sparse
-    reward 1); the steps after it, spent at or around the goal, are dropped."""
+    """D4RL's maze convention: each episode ends, as a termination, at its first goal step (sparse reward 1); the steps after it, spent at or around the goal, are dropped."""
     starts = data.episode_starts
-    lengths, reached = data.episode_lengths.copy(), np.zeros(len(starts), bool)
-    for e, (start, length) in enumerate(zip(starts, data.episode_lengths)):
-        goal_steps = np.flatnonzero(data.rewards[start : start + length] >= 1.0)
-        if len(goal_steps):
-            lengths[e], reached[e] = goal_steps[0] + 1, True
+    goal_steps = [np.flatnonzero(data.rewards[start : start + n] >= 1.0) for start, n in zip(starts, data.episode_lengths)]
+    reached = np.array([len(g) > 0 for g in goal_steps], dtype=bool)
+    lengths = np.array([g[0] + 1 if len(g) else n for g, n in zip(goal_steps, data.episode_lengths)], dtype=np.int64)
     cut = subset_episodes(data, np.arange(len(lengths)), lengths)
-    ends = np.cumsum(lengths) - 1
-    cut.terminations[ends[reached]] = True
-    cut.truncations[ends[reached]] = False
+    ends = (np.cumsum(lengths) - 1)[reached]
+    cut.terminations[ends], cut.truncations[ends] = True, False
     return cut
 
 
 def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None:
-    """Histograms of the raw data: what the dataset really holds, before any normalisation. Counts are on a log scale
-    from 0.5, so that a count of 1 still shows; integer quantities get bins centred on integers (one per integer or per few)."""
+    """Histograms of the raw data, log counts from 0.5 (a count of 1 shows), integer bins for integer quantities."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -415,8 +377,7 @@ def mlp(in_dim: int, hidden_dims, out_dim: Optional[int], dropout: float = 0.0) 
 
 
 class TwinQ(nn.Module):
-    """Both Q networks as one batched network: each layer is a (2, in, out) weight, so one
-    matmul per layer serves both critics. Returns Q of shape (2, batch)."""
+    """Both Q networks as one batched network: each layer is a (2, in, out) weight, so one matmul per layer serves both critics. Returns Q of shape (2, batch)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims):
         super().__init__()
@@ -433,8 +394,7 @@ class TwinQ(nn.Module):
 
 
 class Actor(nn.Module):
-    """Diagonal Gaussian with a tanh-squashed mean (the distribution itself is not squashed) and,
-    by default, a learned state-independent log-std clipped to [-5, 2], as in the official code."""
+    """Gaussian with a tanh-squashed mean (the distribution is not squashed); by default one learned log-std vector."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims, dropout: float, state_dependent_std: bool):
         super().__init__()
@@ -484,8 +444,7 @@ def make_optimizer(module: nn.Module, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(module.parameters(), lr=lr, fused=True)
 
 
-# masks = 1 - termination: a step truncated by a time limit still bootstraps
-Batch = collections.namedtuple("Batch", ["obs", "actions", "rewards", "next_obs", "masks"])
+Batch = collections.namedtuple("Batch", ["obs", "actions", "rewards", "next_obs", "masks"])  # masks: 1 - termination (truncations bootstrap)
 
 
 class DeviceData:
@@ -503,11 +462,6 @@ class DeviceData:
         i = torch.randint(len(self.obs_rows), (batch_size,), device=self.obs_rows.device, generator=self.generator)
         rows = self.obs_rows[i]
         return Batch(self.observations[rows], self.actions[i], self.rewards[i], self.observations[rows + 1], self.masks[i])
-
-
-def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
-    with torch.no_grad():
-        torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
 
 
 def update_value_and_critic(batch: Batch, value, critic, target_critic, value_opt, critic_opt, args: Args):
@@ -529,7 +483,8 @@ def update_value_and_critic(batch: Batch, value, critic, target_critic, value_op
     critic_opt.zero_grad(set_to_none=True)
     q_loss.backward()
     critic_opt.step()
-    soft_update(target_critic, critic, args.tau)
+    with torch.no_grad():  # Polyak averaging of the target critics, one fused op for all tensors
+        torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
     metrics = torch.stack([v_loss.detach(), q_loss.detach(), v.detach().mean(), q.detach().mean()])
     return metrics, q_target - v_new
 
@@ -558,10 +513,7 @@ def act(actor: Actor, observations: list, obs_space, low, high, device) -> np.nd
 
 
 def evaluate(actor: Actor, make_env, num_episodes: int, first_seed: int, obs_space, low, high, device, video_dir=None):
-    """One episode per env (seeds first_seed + i), with the mean action, one policy call per step for
-    all unfinished envs; only those are stepped (a Gymnasium vector env would auto-reset finished ones
-    and simulate episodes we throw away). Per episode: the return, whether info['success'] was ever
-    true, and the most tasks completed."""
+    """One episode per env (seeds first_seed + i), mean actions, one policy call per step; only unfinished envs step."""
     envs = [make_env(render=video_dir is not None and i == 0) for i in range(num_episodes)]
     if video_dir is not None:
         envs[0] = gym.wrappers.RecordVideo(envs[0], video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
@@ -586,16 +538,11 @@ def evaluate(actor: Actor, make_env, num_episodes: int, first_seed: int, obs_spa
 def score_summary(episodes, rule: dict) -> dict:
     """Return and score statistics over episodes, scored by the family's rule (see scoring_rule)."""
     returns, successes, tasks = episodes
+    kind = rule["kind"]
+    scores = (100.0 * successes if kind == "success" else 100.0 * tasks / rule["num_tasks"] if kind == "tasks"
+              else 100.0 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"]) if kind == "return" else None)
     summary = {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "num_episodes": len(returns)}
-    if rule["kind"] == "success":
-        scores = 100.0 * successes
-    elif rule["kind"] == "tasks":
-        scores = 100.0 * tasks / rule["num_tasks"]
-    elif rule["kind"] == "return":
-        scores = 100.0 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"])
-    else:
-        return {**summary, "score_mean": None, "score_std": None}
-    return {**summary, "score_mean": float(scores.mean()), "score_std": float(scores.std())}
+    return {**summary, "score_mean": None if scores is None else float(scores.mean()), "score_std": None if scores is None else float(scores.std())}
 
 
 def describe(e: Exception) -> str:  # an exception in one line
@@ -603,22 +550,20 @@ def describe(e: Exception) -> str:  # an exception in one line
 
 
 def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, high, device) -> int:
-    """Build one evaluation env (rendering a frame if videos are asked for) and act once in it, so
-    that a broken env fails before training instead of after it. Returns its episode length."""
+    """Build one evaluation env (a frame rendered for videos) and act once, to fail before training; its episode length."""
     try:
         env = make_env(render=capture_video)
         obs = env.reset(seed=0)[0]
         if capture_video and env.render() is None:
             raise RuntimeError("render() returned no frame")
     except Exception as e:
-        fix = "; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video" if capture_video else ""
-        raise SystemExit(f"error: cannot build the dataset's evaluation environment ({describe(e)}): install the package that provides it{fix}") from None
+        raise SystemExit(f"error: cannot build the dataset's evaluation environment ({describe(e)}): install the package that provides it"
+                         + ("; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video" if capture_video else "")) from None
     try:
         env.step(act(actor, [obs], obs_space, low, high, device)[0].reshape(env.action_space.shape))
+        return env.close() or env.spec.max_episode_steps
     except Exception as e:
         raise SystemExit(f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): its spaces differ from the dataset's") from None
-    env.close()
-    return env.spec.max_episode_steps
 
 
 # Run folders, checkpoints, resuming -----------------------------------------------------------
@@ -626,13 +571,11 @@ def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, 
 MAY_CHANGE_ON_RESUME = ("track", "wandb_project_name", "wandb_entity", "torch_threads", "log_freq", "checkpoint_freq", "capture_video", "save_model")
 
 
-def make_run_dir(runs_dir: str, run_name: str) -> str:
-    run_dir = os.path.join(runs_dir, run_name)
+def make_run_dir(run_dir: str) -> str:
     try:
-        os.makedirs(run_dir)
+        return os.makedirs(run_dir) or run_dir
     except OSError as e:
         raise SystemExit(f"error: cannot create the run folder {run_dir} ({describe(e)}); give a writable --runs-dir") from None
-    return run_dir
 
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:
@@ -670,21 +613,10 @@ def stored_args(given: Args, stored: dict, may_change) -> Args:
     return Args(**merged)
 
 
-def state_dicts(groups: dict) -> dict:
-    """{"networks": {name: state dict}, "optimizers": ..., "schedulers": ...}, and back with load_state_dicts."""
-    return {group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in groups.items()}
-
-
-def load_state_dicts(groups: dict, stored: dict) -> None:
-    for group, objects in groups.items():
-        for name, obj in objects.items():
-            obj.load_state_dict(stored[group][name])
-
-
 def rng_states(generator: torch.Generator) -> dict:
     name, keys, *rest = np.random.get_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"minibatches": generator.get_state(), "torch": torch.get_rng_state(), "cuda": cuda, "numpy": [name, torch.as_tensor(keys.astype(np.int64)), *rest], "python": random.getstate()}
+    return {"minibatches": generator.get_state(), "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [name, torch.as_tensor(keys.astype(np.int64)), *rest], "python": random.getstate()}
 
 
 def set_rng_states(states: dict, generator: torch.Generator) -> None:
@@ -698,11 +630,10 @@ def set_rng_states(states: dict, generator: torch.Generator) -> None:
 
 
 def catch_stop_signals(catch: bool = True) -> list:
-    """While training, SIGTERM (preemption) and SIGINT (Ctrl-C) only note the signal, so the loop
-    can finish its update and write a checkpoint; catch=False restores the defaults."""
+    """SIGTERM and SIGINT only note the signal, so the loop can checkpoint first; catch=False restores the defaults."""
     received = []
-    signal.signal(signal.SIGTERM, (lambda signum, frame: received.append(signum)) if catch else signal.SIG_DFL)
-    signal.signal(signal.SIGINT, (lambda signum, frame: received.append(signum)) if catch else signal.default_int_handler)
+    for sig, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+        signal.signal(sig, (lambda signum, frame: received.append(signum)) if catch else default)
     return received
 
 
@@ -715,34 +646,26 @@ def main(args: Args) -> dict:
     if saved_run:
         model = os.path.join(saved_run, "model.pt")
         checkpoint = load_checkpoint(model if args.eval_only and os.path.exists(model) else os.path.join(saved_run, "checkpoint.pt"))
-        args = stored_args(args, checkpoint["args"], MAY_CHANGE_ON_RESUME + (("final_eval_episodes", "cuda") if args.eval_only else ()))
-        settings = "the run's stored settings"
+        args, settings = stored_args(args, checkpoint["args"], MAY_CHANGE_ON_RESUME + (("final_eval_episodes", "cuda") if args.eval_only else ())), "the run's stored settings"
     else:
         args, settings = resolve_paper_settings(args)
     validate_args(args)
     import_robotics_envs(args.env_id)
     dataset = load_minari_dataset(args.env_id)
     low, high = action_bounds(dataset.action_space)
-    data = flatten_dataset(dataset)
-    if args.goal_terminal:
-        data = cut_episodes_at_goal(data)
-    reward_mode = args.reward_normalization
-    reward_scale, reward_shift = reward_transform(reward_mode, data.episode_returns)
+    data = cut_episodes_at_goal(flatten_dataset(dataset)) if args.goal_terminal else flatten_dataset(dataset)
+    reward_scale, reward_shift = reward_transform(args.reward_normalization, data.episode_returns)
     rule = scoring_rule(dataset, args.env_id)
     posthoc_steps = args.posthoc_steps or args.total_steps
-
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    train_actions = to_unit_box(data.actions, low, high)
     train_rewards = (reward_scale * data.rewards + reward_shift).astype(np.float32)
-    buffer = DeviceData(data, train_rewards, train_actions, device, args.seed)
+    buffer = DeviceData(data, train_rewards, to_unit_box(data.actions, low, high), device, args.seed)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-
     value = mlp(obs_dim, args.hidden_dims, 1).to(device)
     critic = TwinQ(obs_dim, act_dim, args.hidden_dims).to(device)
     target_critic = TwinQ(obs_dim, act_dim, args.hidden_dims).to(device)
@@ -755,7 +678,7 @@ def main(args: Args) -> dict:
     # lr_t = lr * (1 + cos(pi * t / steps)) / 2, optax's cosine_decay_schedule as in the official code
     schedulers = {n: torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[n], T_max=actor_steps[n]) for n in actors if args.actor_lr_schedule == "cosine"}
     networks = {"value": value, "critic": critic, "target_critic": target_critic, **{f"actor_{n}": a for n, a in actors.items()}}
-    stateful = {"networks": networks, "optimizers": optimizers, "schedulers": schedulers}
+    stateful = {"networks": networks, "optimizers": optimizers, "schedulers": schedulers}  # everything with a state_dict
 
     def make_env(render: bool = False):
         kwargs = eval_env_kwargs(rule, args.eval_terminate_at_goal)
@@ -764,7 +687,9 @@ def main(args: Args) -> dict:
     rule["max_episode_steps"] = check_eval_env(make_env, actors[policies[0]], args.capture_video, dataset.observation_space, low, high, device)
     progress = {"phase": "train", "step": 0, "evaluations": [], "train_time_s": 0.0, "eval_time_s": 0.0, "wall_time_s": 0.0, "wandb_id": None}
     if saved_run:
-        load_state_dicts(stateful, checkpoint)
+        for group, objects in stateful.items():
+            for name, obj in objects.items():
+                obj.load_state_dict(checkpoint[group][name])
         if args.resume:
             set_rng_states(checkpoint["rng"], buffer.generator)
         progress = checkpoint["progress"]
@@ -772,8 +697,9 @@ def main(args: Args) -> dict:
     def make_checkpoint() -> dict:
         """Everything to continue as if never stopped, or to use the policies: plain tensors, numbers and strings."""
         return {
-            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(buffer.generator), **state_dicts(stateful),
-            "normalization": {"reward_mode": reward_mode, "reward_scale": reward_scale, "reward_shift": reward_shift, "action_low": low.tolist(), "action_high": high.tolist()},
+            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(buffer.generator),
+            **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in stateful.items()},
+            "normalization": {"reward_scale": reward_scale, "reward_shift": reward_shift, "action_low": low.tolist(), "action_high": high.tolist()},
         }
 
     def evaluate_policy(name: str, episodes: int, video_dir=None) -> dict:
@@ -789,8 +715,7 @@ def main(args: Args) -> dict:
 
     if args.eval_only:
         results = {name: evaluate_policy(name, args.final_eval_episodes) for name in policies}
-        for name, result in results.items():
-            print(f"{name} policy at {progress['phase']} step {progress['step']}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {result['score_mean']}")
+        print(f"{saved_run} at {progress['phase']} step {progress['step']}: " + json.dumps(results))
         with open(os.path.join(saved_run, "eval_only.json"), "w") as f:
             json.dump({"policies": results, "progress": {"phase": progress["phase"], "step": progress["step"]}, "scoring": rule}, f, indent=2)
         if args.capture_video:
@@ -799,7 +724,7 @@ def main(args: Args) -> dict:
 
     # Everything is checked: only now does a new run get its folder.
     run_name = os.path.basename(os.path.normpath(args.resume)) if args.resume else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = args.resume or make_run_dir(args.runs_dir, run_name)
+    run_dir = args.resume or make_run_dir(os.path.join(args.runs_dir, run_name))
     if not args.resume:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
@@ -808,15 +733,14 @@ def main(args: Args) -> dict:
         f.writelines(json.dumps(record) + "\n" for record in progress["evaluations"])
     print(
         f"{args.env_id}: {len(data.rewards):,} transitions in {len(data.episode_lengths):,} episodes; "
-        f"reward normalisation '{reward_mode}' (r * {reward_scale:.4g} + {reward_shift:g}); {settings}; "
+        f"reward normalisation '{args.reward_normalization}' (r * {reward_scale:.4g} + {reward_shift:g}); {settings}; "
         f"score: {rule['source']}, evaluation episodes of {rule['max_episode_steps'] or 'unlimited'} steps"
         + (f"; resuming at {progress['phase']} step {progress['step']}" if args.resume else "")
     )
     if args.track:
         import wandb
 
-        run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, dir=run_dir, id=progress["wandb_id"], resume="allow")
-        progress["wandb_id"] = run.id
+        progress["wandb_id"] = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, dir=run_dir, id=progress["wandb_id"], resume="allow").id
         if not args.resume:
             wandb.log({"charts/dataset_overview": wandb.Image(os.path.join(run_dir, "dataset_overview.png"))}, step=0)
 
@@ -831,15 +755,14 @@ def main(args: Args) -> dict:
         score = "n/a" if result["score_mean"] is None else f"{result['score_mean']:.1f}"
         print(f"eval {name} @ {step}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {score} ({episodes} episodes)")
         if args.track:
-            prefix = f"eval/{name}_final/" if final else f"eval/{name}/"
-            wandb.log({prefix + k: v for k, v in result.items() if v is not None}, step=wandb_step)
+            wandb.log({f"eval/{name}{'_final' if final else ''}/{k}": v for k, v in result.items() if v is not None}, step=wandb_step)
         return result
 
     sitting_start, wall_before = time.perf_counter(), progress["wall_time_s"]
 
-    def write_checkpoint() -> None:
+    def write_checkpoint(path: str) -> None:
         progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
-        save_checkpoint(make_checkpoint(), os.path.join(run_dir, "checkpoint.pt"))
+        save_checkpoint(make_checkpoint(), os.path.join(run_dir, path))
 
     value_names = ["losses/value_loss", "losses/critic_loss", "charts/v_mean", "charts/q_mean"]
     actor_names = ["losses/actor_loss", "charts/advantage_mean", "charts/awr_weight_mean"]
@@ -854,8 +777,7 @@ def main(args: Args) -> dict:
         for index, (phase, steps, wandb_offset, policy, names) in enumerate(phases):
             if order.index(progress["phase"]) > index:
                 continue
-            first_step, phase_start = progress["step"] + 1, time.perf_counter()
-            last = (progress["step"], progress["train_time_s"])
+            first_step, phase_start, last = progress["step"] + 1, time.perf_counter(), (progress["step"], progress["train_time_s"])
             nonfinite_at = None  # per metric, the first step it was NaN or infinite (-1: never), kept on the device
             for step in range(first_step, steps + 1):
                 tick = time.perf_counter()
@@ -868,55 +790,50 @@ def main(args: Args) -> dict:
                 if policy is not None:
                     actor_metrics = update_actor(batch, adv, actors[policy], optimizers[policy], schedulers.get(policy), args)
                     metrics = actor_metrics if phase == "posthoc" else torch.cat([metrics, actor_metrics])
-                nonfinite_at = torch.where((nonfinite_at < 0) & ~torch.isfinite(metrics), step, nonfinite_at) if nonfinite_at is not None else torch.where(torch.isfinite(metrics), -1, step)
+                bad = ~torch.isfinite(metrics)
+                nonfinite_at = torch.where(bad, step, -1) if nonfinite_at is None else torch.where((nonfinite_at < 0) & bad, step, nonfinite_at)
                 progress["step"] = step
                 progress["train_time_s"] += time.perf_counter() - tick
-
-                log_now = step % args.log_freq == 0 or step in (FIRST_LOG_STEP, steps)
+                log_now = step % args.log_freq == 0 or step in (300, steps)  # an early line: speed and ETA
                 stopping = bool(stop)  # read once: a signal may arrive while this step is being wrapped up
                 checkpoint_now = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
                 eval_now = policy is not None and args.eval_freq > 0 and step % args.eval_freq == 0 and step < steps
-                if log_now or checkpoint_now or eval_now or step % 1000 == 0:
-                    bad = nonfinite_at.tolist()  # a host sync: only every so often
-                    if max(bad) >= 0:
-                        first = min(s for s in bad if s >= 0)
-                        which = ", ".join(n.split("/")[1] for n, s in zip(names, bad) if s == first)
-                        raise SystemExit(f"error: the run diverged: {which} became NaN or infinite at {phase} step {first}; the last checkpoint before it stays in {run_dir}")
+                if (log_now or checkpoint_now or eval_now or step % 1000 == 0) and nonfinite_at.max() >= 0:  # a host sync, every so often
+                    first = int(nonfinite_at[nonfinite_at >= 0].min())
+                    which = ", ".join(n.split("/")[1] for n, s in zip(names, nonfinite_at.tolist()) if s == first)
+                    raise SystemExit(f"error: the run diverged: {which} became NaN or infinite at {phase} step {first}; the last checkpoint before it stays in {run_dir}")
                 if log_now:
                     rate = (step - last[0]) / max(progress["train_time_s"] - last[1], 1e-9)
                     eta = (steps - step) * (time.perf_counter() - phase_start) / (step - first_step + 1)
-                    values = dict(zip(names, metrics.tolist()))
+                    values, last = dict(zip(names, metrics.tolist())), (step, progress["train_time_s"])
                     print(f"{phase} step {step:>8}/{steps} | {rate:7.0f} upd/s | ETA {eta / 60:5.1f} min | " + " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in values.items()))
                     if args.track:
                         wandb.log({**values, "charts/updates_per_second": rate}, step=wandb_offset + step)
-                    last = (step, progress["train_time_s"])
                 if eval_now:
                     run_evaluation(policy, step, args.eval_episodes, wandb_offset + step)
                 if checkpoint_now:
-                    write_checkpoint()
+                    write_checkpoint("checkpoint.pt")
                 if stopping:
-                    script = os.path.basename(__file__)
-                    print(f"stopped at {phase} step {step}; continue with: python {script} --resume {run_dir}", flush=True)
+                    print(f"stopped at {phase} step {step}; continue with: python {os.path.basename(__file__)} --resume {run_dir}", flush=True)
                     raise SystemExit(128 + stop[0])
             progress.update(phase=order[index + 1], step=0)
     finally:
         catch_stop_signals(False)
     if args.checkpoint_freq > 0:
-        write_checkpoint()  # a run stopped during the final evaluation resumes there
+        write_checkpoint("checkpoint.pt")  # a run stopped during the final evaluation resumes there
 
     updates = args.total_steps + (posthoc_steps if "posthoc" in actors else 0)  # also the last W&B step
     results = {name: run_evaluation(name, actor_steps[name], args.final_eval_episodes, updates, final=True) for name in policies}
     progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
     summary = {
         "env_id": args.env_id, "run_name": run_name, "seed": args.seed, "policies": results, "scoring": rule,
-        "reward_normalization": reward_mode, "total_steps": args.total_steps, "device": str(device),
-        "updates_per_second": updates / progress["train_time_s"],
-        **{k: progress[k] for k in ("train_time_s", "eval_time_s", "wall_time_s")},
+        "reward_normalization": args.reward_normalization, "total_steps": args.total_steps, "device": str(device),
+        "updates_per_second": updates / progress["train_time_s"], **{k: progress[k] for k in ("train_time_s", "eval_time_s", "wall_time_s")},
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if args.save_model:
-        save_checkpoint(make_checkpoint(), os.path.join(run_dir, "model.pt"))
+        write_checkpoint("model.pt")
     if args.capture_video:
         record_videos(run_dir)
     if args.track:

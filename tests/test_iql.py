@@ -223,7 +223,7 @@ def test_cli_runs_end_to_end_with_both_extractions(minari_store, tmp_path):
     checkpoint = torch.load(run_dir / "model.pt", weights_only=True)
     assert set(checkpoint["networks"]) == {"value", "critic", "target_critic", "actor_concurrent", "actor_posthoc"}
     assert {"optimizers", "schedulers", "normalization", "args", "rng", "progress"} <= set(checkpoint)
-    assert checkpoint["normalization"]["reward_mode"] == "locomotion"
+    assert checkpoint["args"]["reward_normalization"] == "locomotion"  # `auto`, resolved
 
 
 def test_help_documents_every_flag():

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Tuple
@@ -282,10 +283,9 @@ def scoring_rule(dataset, dataset_id: str) -> dict:
         ref, source = D4RL_REFERENCE_RETURNS[env_name], f"D4RL reference returns of {env_name}"
     else:
         return {"kind": "none", "source": "none (the dataset carries no reference scores)", "max_episode_steps": None}
-    # D4RL's pen references are returns of 100-step episodes; other pen references (Minari's own
-    # datasets are recorded with 200-step episodes) go with the dataset's evaluation spec.
+    # D4RL's pen references are returns of 100-step episodes; others go with the dataset's spec (Minari's pen: 200)
     d4rl_pen = env_name == "pen" and np.allclose(ref, D4RL_REFERENCE_RETURNS["pen"], rtol=1e-6)
-    return {"kind": "return", "ref_min": ref[0], "ref_max": ref[1], "source": f"normalised return, {source}", "max_episode_steps": 100 if d4rl_pen else None}
+    return {"kind": "return", "ref_min": ref[0], "ref_max": ref[1], "source": f"normalised return, references {ref[0]:g} and {ref[1]:g} from {source}", "max_episode_steps": 100 if d4rl_pen else None}
 
 
 def eval_env_kwargs(rule: dict, terminate_at_goal: bool) -> dict:
@@ -310,10 +310,9 @@ def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
 
 def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None:
     """Histograms of the raw data, log counts from 0.5 (a count of 1 shows), integer bins for integer quantities."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    plt.switch_backend("Agg")
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [
@@ -326,7 +325,7 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
         if integers:
             lo, hi = int(values.min()), int(values.max())
             bins = np.arange(lo - 0.5, hi + math.ceil((hi - lo + 1) / 50), math.ceil((hi - lo + 1) / 50))
-            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
+            ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True, min_n_ticks=1))
         ax.hist(values, bins=bins, color=color, rwidth=0.8 if integers else None)
         ax.set(title=title, xlabel=xlabel, ylabel=f"{counted} (log scale)", yscale="log", ylim=(0.5, None))
     ends = [int(data.terminations.sum()), int(data.truncations.sum())]
@@ -459,7 +458,7 @@ def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, 
 
 # Run folders, checkpoints, resuming -----------------------------------------------------------
 # What `--resume` and `--eval-only` may change: logging and resources, never the algorithm or the data.
-MAY_CHANGE_ON_RESUME = ("track", "wandb_project_name", "wandb_entity", "torch_threads", "log_freq", "checkpoint_freq", "capture_video", "save_model")
+MAY_CHANGE_ON_RESUME = ("track", "wandb_project_name", "wandb_entity", "log_freq", "checkpoint_freq", "capture_video", "save_model")
 
 
 def make_run_dir(run_dir: str) -> str:
@@ -487,7 +486,7 @@ def load_checkpoint(path: str) -> dict:
         raise SystemExit(f"error: cannot read the checkpoint {path} ({describe(e)}): it is truncated or corrupt") from None
 
 
-def stored_args(given: Args, stored: dict, may_change) -> Args:
+def stored_args(given: Args, stored: dict, may_change, named: Optional[set] = None) -> Args:
     """A saved run's arguments, with those of `may_change` the user gave; any other flag that differs is refused."""
     fields = Args.__dataclass_fields__
     if set(stored) != set(fields):
@@ -495,9 +494,10 @@ def stored_args(given: Args, stored: dict, may_change) -> Args:
     merged = {}
     for name, field in fields.items():
         value, old = getattr(given, name), tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
-        if name in ("resume", "eval_only") or (name in may_change and value != field.default):
+        is_named = name in named if named is not None else value != field.default  # None: a call from Python, no command line
+        if name in ("resume", "eval_only") or (name in may_change and is_named):
             merged[name] = value
-        elif value in (field.default, old):
+        elif not is_named or value == old:
             merged[name] = old
         else:
             raise SystemExit(f"error: --{name.replace('_', '-')} {value} differs from the run's {old}; a saved run keeps the arguments that define it (start a new run instead)")
@@ -529,7 +529,7 @@ def catch_stop_signals(catch: bool = True) -> list:
 
 
 # Training -------------------------------------------------------------------------------------
-def main(args: Args) -> dict:
+def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags: those given on the command line
     saved_run = args.resume or args.eval_only
     if args.resume and os.path.exists(os.path.join(args.resume, "summary.json")):
         print(f"{args.resume} has finished (its summary.json is written); nothing to resume")
@@ -537,7 +537,7 @@ def main(args: Args) -> dict:
     if saved_run:
         model = os.path.join(saved_run, "model.pt")
         checkpoint = load_checkpoint(model if args.eval_only and os.path.exists(model) else os.path.join(saved_run, "checkpoint.pt"))
-        args = stored_args(args, checkpoint["args"], MAY_CHANGE_ON_RESUME + (("final_eval_episodes", "cuda") if args.eval_only else ()))
+        args = stored_args(args, checkpoint["args"], MAY_CHANGE_ON_RESUME + (("final_eval_episodes", "cuda", "torch_threads") if args.eval_only else ()), named_flags)
     validate_args(args)
     import_robotics_envs(args.env_id)
     dataset = load_minari_dataset(args.env_id)
@@ -608,9 +608,7 @@ def main(args: Args) -> dict:
 
     if args.eval_only:
         result = evaluate_policy(args.final_eval_episodes)
-        print(f"bc policy at step {progress['step']}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {result['score_mean']}")
-        with open(os.path.join(saved_run, "eval_only.json"), "w") as f:
-            json.dump({"policies": {"bc": result}, "progress": {"phase": progress["phase"], "step": progress["step"]}, "scoring": rule}, f, indent=2)
+        print(json.dumps({"run": saved_run, "phase": progress["phase"], "step": progress["step"], "policies": {"bc": result}}))
         if args.capture_video:
             record_video(saved_run)
         return {"policies": {"bc": result}}
@@ -622,6 +620,7 @@ def main(args: Args) -> dict:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
         plot_dataset_overview(data, args.env_id, os.path.join(run_dir, "dataset_overview.png"))
+    progress["evaluations"] = [r for r in progress["evaluations"] if not r["final"]]  # a stop during the final evaluation redoes it
     with open(os.path.join(run_dir, "evaluations.jsonl"), "w") as f:  # on resume, drop evaluations made after the checkpoint
         f.writelines(json.dumps(record) + "\n" for record in progress["evaluations"])
     print(
@@ -656,9 +655,14 @@ def main(args: Args) -> dict:
 
     sitting_start, wall_before = time.perf_counter(), progress["wall_time_s"]
 
-    def write_checkpoint() -> None:
+    def write_checkpoint(path: str) -> None:
         progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
-        save_checkpoint(make_checkpoint(), os.path.join(run_dir, "checkpoint.pt"))
+        save_checkpoint(make_checkpoint(), os.path.join(run_dir, path))
+
+    def stop_here(where: str) -> None:  # after SIGTERM or SIGINT: a checkpoint, how to continue, exit code 143 or 130
+        write_checkpoint("checkpoint.pt")
+        print(f"stopped at {where}; continue with: python {os.path.basename(__file__)} --resume {run_dir}", flush=True)
+        raise SystemExit(128 + stop[0])
 
     steps, first_step, phase_start = args.total_steps, progress["step"] + 1, time.perf_counter()
     last = (progress["step"], progress["train_time_s"])
@@ -680,7 +684,7 @@ def main(args: Args) -> dict:
 
             log_now = step % args.log_freq == 0 or step in (300, steps)  # an early line: speed and ETA
             stopping = bool(stop)  # read once: a signal may arrive while this step is being wrapped up
-            checkpoint_now = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
+            checkpoint_now = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)  # checked for NaN first
             eval_now = args.eval_freq > 0 and step % args.eval_freq == 0 and step < steps
             if (log_now or checkpoint_now or eval_now or step % 1000 == 0) and first_nonfinite.item() >= 0:  # a host sync: only every so often
                 raise SystemExit(f"error: the run diverged: bc_loss became NaN or infinite at step {first_nonfinite.item()}; the last checkpoint before it stays in {run_dir}")
@@ -694,29 +698,30 @@ def main(args: Args) -> dict:
                 last = (step, progress["train_time_s"])
             if eval_now:
                 run_evaluation(step, args.eval_episodes)
-            if checkpoint_now:
-                write_checkpoint()
             if stopping:
-                print(f"stopped at train step {step}; continue with: python {os.path.basename(__file__)} --resume {run_dir}", flush=True)
-                raise SystemExit(128 + stop[0])
+                stop_here(f"train step {step}")
+            if checkpoint_now:
+                write_checkpoint("checkpoint.pt")
+        progress.update(phase="done", step=0)
+        if stop:
+            stop_here("the end of training")
+        if args.checkpoint_freq > 0:
+            write_checkpoint("checkpoint.pt")  # a run stopped during the final evaluation resumes there
+        result = run_evaluation(args.total_steps, args.final_eval_episodes, final=True)
+        if stop:
+            stop_here("the final evaluation")
+        progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
+        summary = {
+            "env_id": args.env_id, "run_name": run_name, "seed": args.seed, "policies": {"bc": result}, "scoring": rule,
+            "data_selection": selection, "total_steps": args.total_steps, "device": str(device),
+            "updates_per_second": args.total_steps / progress["train_time_s"], **{k: progress[k] for k in ("train_time_s", "eval_time_s", "wall_time_s")},
+        }
+        if args.save_model:  # before summary.json, whose presence means the run is finished
+            write_checkpoint("model.pt")
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     finally:
         catch_stop_signals(False)
-    progress.update(phase="done", step=0)
-    if args.checkpoint_freq > 0:
-        write_checkpoint()  # a run stopped during the final evaluation resumes there
-
-    result = run_evaluation(args.total_steps, args.final_eval_episodes, final=True)
-    progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
-    summary = {
-        "env_id": args.env_id, "run_name": run_name, "seed": args.seed, "policies": {"bc": result}, "scoring": rule,
-        "data_selection": selection, "total_steps": args.total_steps, "device": str(device),
-        "updates_per_second": args.total_steps / progress["train_time_s"],
-        **{k: progress[k] for k in ("train_time_s", "eval_time_s", "wall_time_s")},
-    }
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    if args.save_model:
-        save_checkpoint(make_checkpoint(), os.path.join(run_dir, "model.pt"))
     if args.capture_video:
         record_video(run_dir)
     if args.track:
@@ -726,5 +731,5 @@ def main(args: Args) -> dict:
     return summary
 
 
-if __name__ == "__main__":
-    main(tyro.cli(Args))
+if __name__ == "__main__":  # tyro writes --flag, --flag=value and, for booleans, --no-flag
+    main(tyro.cli(Args), {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in sys.argv[1:] if a.startswith("--")})

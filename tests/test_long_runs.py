@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import gymnasium as gym
 import minari
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def assert_same_state(a, b):
         for name in flat_a:
             if isinstance(flat_a[name], torch.Tensor):
                 assert torch.equal(flat_a[name], flat_b[name]), f"{key}/{name} differs"
-            elif name != "python" and not name.endswith("last_epoch"):
+            else:
                 assert flat_a[name] == flat_b[name], f"{key}/{name} differs"
 
 
@@ -54,18 +55,21 @@ def flatten(tree, prefix=""):
 
 
 @pytest.mark.parametrize(
-    "script, flags, kill_at",
+    "script, flags, kill_at, stored_step",
     [
         # checkpoints at 150 and 300: killed before writing the second, after the step-200 evaluation
-        ("iql", ["--total-steps", "300", "--eval-freq", "100"], 2),
+        ("iql", ["--total-steps", "300", "--eval-freq", "100"], 2, 150),
         # checkpoints at V/Q step 150, post-hoc steps 150 and 300: killed during the post-hoc phase, after its step-200 evaluation
-        ("iql", ["--total-steps", "200", "--policy-extraction", "both", "--posthoc-steps", "300", "--eval-freq", "100"], 3),
-        ("bc", ["--total-steps", "300", "--eval-freq", "100", "--top-fraction", "0.5"], 2),
+        ("iql", ["--total-steps", "200", "--policy-extraction", "both", "--posthoc-steps", "300", "--eval-freq", "100"], 3, 150),
+        ("bc", ["--total-steps", "300", "--eval-freq", "100", "--top-fraction", "0.5"], 2, 150),
+        # killed while writing model.pt, after the final evaluation: not finished, so it resumes at the end of training
+        ("iql", ["--total-steps", "200", "--eval-freq", "100"], 3, 0),
     ],
-    ids=["iql", "iql-posthoc", "bc"],
+    ids=["iql", "iql-posthoc", "bc", "iql-model-write"],
 )
-def test_a_crashed_run_resumes_as_if_never_stopped(script, flags, kill_at, minari_store, tmp_path):
-    common = [*SMALL, *flags, "--checkpoint-freq", "150", "--save-model"]
+def test_a_crashed_run_resumes_as_if_never_stopped(script, flags, kill_at, stored_step, minari_store, tmp_path):
+    # dropout draws from torch's global RNG at every update: its state must be restored too
+    common = [*SMALL, *flags, "--checkpoint-freq", "150", "--save-model", "--actor-dropout", "0.1"]
     (tmp_path / "straight").mkdir()
     (tmp_path / "crashed").mkdir()
     assert run_cli(f"{script}.py", *common, cwd=tmp_path / "straight").returncode == 0
@@ -73,7 +77,7 @@ def test_a_crashed_run_resumes_as_if_never_stopped(script, flags, kill_at, minar
     crashed = crash(script, kill_at, *common, cwd=tmp_path / "crashed")
     assert not (crashed / "summary.json").exists()
     stored = torch.load(crashed / "checkpoint.pt", weights_only=True)
-    assert stored["progress"]["step"] == 150
+    assert stored["progress"]["step"] == stored_step
     assert len(records(crashed)) > len(stored["progress"]["evaluations"])  # an evaluation made after the checkpoint...
 
     result = run_cli(f"{script}.py", "--resume", str(crashed), cwd=tmp_path / "crashed")
@@ -113,11 +117,14 @@ def test_preemption_checkpoints_and_prints_how_to_continue(script, sig, code, mi
 
 
 def test_broken_checkpoints_and_changed_flags_are_one_clear_line(minari_store, tmp_path):
-    run_dir = crash("iql", 2, *SMALL, "--total-steps", "300", "--eval-freq", "100", "--checkpoint-freq", "150", cwd=tmp_path)
+    run_dir = crash("iql", 2, *SMALL, "--total-steps", "300", "--eval-freq", "100", "--checkpoint-freq", "150", "--seed", "2", cwd=tmp_path)
     path = run_dir / "checkpoint.pt"
     whole = path.read_bytes()
-    refused = run_cli("iql.py", "--resume", str(run_dir), "--expectile", "0.9", cwd=tmp_path)
-    assert refused.returncode != 0 and refused.stderr.strip().splitlines() == ["error: --expectile 0.9 differs from the run's 0.7; a saved run keeps the arguments that define it (start a new run instead)"]
+    # a flag that shapes the run is refused, even when given at its default value (--seed 1)
+    for flag, value, stored in (("--expectile", "0.9", "0.7"), ("--seed", "1", "2")):
+        refused = run_cli("iql.py", "--resume", str(run_dir), flag, value, cwd=tmp_path)
+        assert refused.returncode != 0
+        assert refused.stderr.strip().splitlines() == [f"error: {flag} {value} differs from the run's {stored}; a saved run keeps the arguments that define it (start a new run instead)"]
     evaluations = (run_dir / "evaluations.jsonl").read_text()
     for broken in (whole[: len(whole) // 2], b"not a checkpoint"):
         path.write_bytes(broken)
@@ -130,7 +137,20 @@ def test_broken_checkpoints_and_changed_flags_are_one_clear_line(minari_store, t
 
 
 def test_a_broken_environment_or_runs_dir_fails_before_training(minari_store, tmp_path, monkeypatch):
-    # no OpenGL for --capture-video: the error names the fix, and no run folder is made
+    # a renderer that fails only when a frame is asked for: --capture-video fails before training, naming the fix
+    class NoOpenGL(gym.Wrapper):
+        def render(self):
+            raise RuntimeError("no OpenGL context")
+
+    recover = minari.MinariDataset.recover_environment
+    monkeypatch.setattr(minari.MinariDataset, "recover_environment", lambda self, eval_env=False, **kw: NoOpenGL(recover(self, eval_env=eval_env, **kw)))
+    with pytest.raises(SystemExit, match="RuntimeError: no OpenGL context.*set MUJOCO_GL=osmesa"):
+        iql.main(iql.Args(env_id=HOPPER, total_steps=10, capture_video=True, runs_dir=str(tmp_path / "runs"), cuda=False))
+    assert not (tmp_path / "runs").exists()
+    assert iql.main(iql.Args(env_id=HOPPER, total_steps=10, final_eval_episodes=1, runs_dir=str(tmp_path / "ok"), cuda=False))["policies"]  # no video, no render
+    monkeypatch.undo()
+
+    # no OpenGL at all (an invalid MUJOCO_GL): the same one line, and no run folder
     env = {**os.environ, "PYTHONPATH": REPO, "MUJOCO_GL": "invalid"}
     result = subprocess.run([sys.executable, os.path.join(REPO, "iql.py"), *SMALL, "--capture-video"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
@@ -185,6 +205,12 @@ def test_eval_only_reproduces_the_final_evaluation(script, flags, minari_store, 
     module = iql if script == "iql" else bc
     again = module.main(module.Args(eval_only=str(run_dir), cuda=False))
     assert again["policies"] == summary["policies"]
+    # --final-eval-episodes given at its default value (100) is still the user's; without model.pt, checkpoint.pt serves
+    (run_dir / "model.pt").rename(run_dir / "saved.pt")
+    result = run_cli(f"{script}.py", "--eval-only", str(run_dir), "--final-eval-episodes", "100", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert {p["num_episodes"] for p in json.loads(result.stdout.strip().splitlines()[-1])["policies"].values()} == {100}
+    (run_dir / "saved.pt").rename(run_dir / "model.pt")
 
     # the saved file opens with torch.load's safe default, and its policy acts as the README shows
     checkpoint = torch.load(run_dir / "model.pt")

@@ -4,6 +4,8 @@
     python benchmarks/run_grid.py --datasets local/pointmaze/umaze-v0 local/hopper/medium-v0 --seeds 1 2 3 --steps 20000
     # the paper's grid on the real Minari datasets (needs internet for the first download), 1M steps
     python benchmarks/run_grid.py --paper
+    # after an interruption: continue every unfinished run under --runs-dir from its checkpoint
+    python benchmarks/run_grid.py --resume-all --runs-dir logs/bench_runs
 
 Each run writes runs/{run_name}/ under --runs-dir; benchmarks/tables.py turns them into tables.
 iql.py applies the paper's per-family hyperparameters itself; the grid adds only what the paper
@@ -11,6 +13,8 @@ has no family for (below). BC uses its defaults everywhere.
 """
 
 import argparse
+import glob
+import json
 import os
 import re
 import subprocess
@@ -51,6 +55,16 @@ def commands(dataset_id: str, seed: int, steps: int, runs_dir: str, extra: list,
     return [run + extra for algo in algos for run in runs[algo]]  # the user's flags come last, so they override the defaults
 
 
+def unfinished_runs(runs_dir: str) -> list:
+    """(script, run folder) of every run under runs_dir that has no summary.json yet, oldest first."""
+    runs = []
+    for run_dir in sorted(glob.glob(os.path.join(runs_dir, "*", "args.json")), key=os.path.getmtime):
+        run_dir = os.path.dirname(run_dir)
+        if not os.path.exists(os.path.join(run_dir, "summary.json")):
+            runs.append(("bc.py" if "top_fraction" in json.load(open(os.path.join(run_dir, "args.json"))) else "iql.py", run_dir))
+    return runs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="*", default=[])
@@ -62,7 +76,17 @@ def main():
     parser.add_argument("--expectiles", nargs="*", type=float, default=[], help="run IQL once per expectile")
     parser.add_argument("--policy-extraction", choices=["both", "concurrent", "posthoc"], default="both", help="IQL's; BC has none")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--resume-all", action="store_true", help="continue every unfinished run under --runs-dir (with a checkpoint), and nothing else")
     args, extra = parser.parse_known_args()  # anything else goes to every run of both scripts, e.g. --eval-freq 5000
+    if args.resume_all:
+        for script, run_dir in unfinished_runs(args.runs_dir):
+            if not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+                print(f"# {run_dir}: stopped before its first checkpoint; nothing to continue (start it again by hand if wanted)", flush=True)
+                continue
+            print(f"python {script} --resume {run_dir}", flush=True)
+            if not args.dry_run:
+                subprocess.run([sys.executable, os.path.join(REPO, script), "--resume", run_dir, *extra], check=True)
+        return
     datasets = PAPER_DATASETS if args.paper else args.datasets
     steps = args.steps or 1_000_000
     for dataset_id in datasets:

@@ -223,3 +223,21 @@ def test_eval_only_reproduces_the_final_evaluation(script, flags, minari_store, 
         mean, _ = actor.eval()(torch.zeros(1, checkpoint["obs_dim"]))
     action = low + (mean[0].numpy() + 1) / 2 * (high - low)
     assert action.shape == (3,) and np.all((low <= action) & (action <= high))
+
+
+def test_the_grid_runner_continues_exactly_the_unfinished_runs(minari_store, tmp_path):
+    runs = tmp_path / "runs"
+    assert run_cli("bc.py", *SMALL, "--total-steps", "50", "--eval-freq", "0", cwd=tmp_path).returncode == 0  # finished
+    (tmp_path / "crashes").mkdir()
+    crashed = crash("iql", 2, *SMALL, "--total-steps", "300", "--eval-freq", "0", "--checkpoint-freq", "150", cwd=tmp_path / "crashes")
+    crashed = crashed.rename(runs / crashed.name)
+    never = crash("bc", 1, *SMALL, "--total-steps", "300", "--eval-freq", "0", "--checkpoint-freq", "150", cwd=tmp_path / "crashes")
+    never = never.rename(runs / never.name)  # killed before its first checkpoint was written
+    grid = [sys.executable, os.path.join(REPO, "benchmarks", "run_grid.py"), "--resume-all", "--runs-dir", str(runs)]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    result = subprocess.run(grid, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("python ", "# "))]
+    expected = [f"python iql.py --resume {crashed}", f"# {never}: stopped before its first checkpoint; nothing to continue (start it again by hand if wanted)"]
+    assert sorted(lines) == sorted(expected)  # the finished bc run is left alone
+    assert (crashed / "summary.json").exists() and not (never / "summary.json").exists()

@@ -656,6 +656,8 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     sitting_start, wall_before = time.perf_counter(), progress["wall_time_s"]
 
     def write_checkpoint(path: str) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in actor.parameters()):  # a NaN gradient of a finite loss
+            raise SystemExit(f"error: the run diverged: the weights became NaN or infinite by step {progress['step']}; the last checkpoint before it stays in {run_dir}")
         progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
         save_checkpoint(make_checkpoint(), os.path.join(run_dir, path))
 

@@ -681,8 +681,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     stateful = {"networks": networks, "optimizers": optimizers, "schedulers": schedulers}  # everything with a state_dict
 
     def make_env(render: bool = False):
-        kwargs = eval_env_kwargs(rule, args.eval_terminate_at_goal)
-        return dataset.recover_environment(eval_env=True, **kwargs, **({"render_mode": "rgb_array"} if render else {}))
+        return dataset.recover_environment(eval_env=True, **eval_env_kwargs(rule, args.eval_terminate_at_goal), **({"render_mode": "rgb_array"} if render else {}))
 
     rule["max_episode_steps"] = check_eval_env(make_env, actors[policies[0]], args.capture_video, dataset.observation_space, low, high, device)
     progress = {"phase": "train", "step": 0, "evaluations": [], "train_time_s": 0.0, "eval_time_s": 0.0, "wall_time_s": 0.0, "wandb_id": None}
@@ -757,6 +756,8 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     sitting_start, wall_before = time.perf_counter(), progress["wall_time_s"]
 
     def write_checkpoint(path: str) -> None:
+        if not all(bool(torch.isfinite(p).all()) for net in networks.values() for p in net.parameters()):  # a NaN gradient of a finite loss
+            raise SystemExit(f"error: the run diverged: the weights became NaN or infinite by {progress['phase']} step {progress['step']}; the last checkpoint before it stays in {run_dir}")
         progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
         save_checkpoint(make_checkpoint(), os.path.join(run_dir, path))
 
@@ -764,8 +765,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         write_checkpoint("checkpoint.pt")
         print(f"stopped at {where}; continue with: python {os.path.basename(__file__)} --resume {run_dir}", flush=True)
         raise SystemExit(128 + stop[0])
-    value_names = ["losses/value_loss", "losses/critic_loss", "charts/v_mean", "charts/q_mean"]
-    actor_names = ["losses/actor_loss", "charts/advantage_mean", "charts/awr_weight_mean"]
+    value_names, actor_names = ["losses/value_loss", "losses/critic_loss", "charts/v_mean", "charts/q_mean"], ["losses/actor_loss", "charts/advantage_mean", "charts/awr_weight_mean"]
     # (phase, steps, W&B step of its step 0, the actor it trains, its metric names); the post-hoc
     # actor learns from the frozen final V and target Q, and its W&B steps follow the V/Q ones.
     phases = [("train", args.total_steps, 0, "concurrent" if "concurrent" in actors else None, value_names + (actor_names if "concurrent" in actors else []))]

@@ -241,3 +241,24 @@ def test_the_grid_runner_continues_exactly_the_unfinished_runs(minari_store, tmp
     expected = [f"python iql.py --resume {crashed}", f"# {never}: stopped before its first checkpoint; nothing to continue (start it again by hand if wanted)"]
     assert sorted(lines) == sorted(expected)  # the finished bc run is left alone
     assert (crashed / "summary.json").exists() and not (never / "summary.json").exists()
+
+
+def test_a_checkpoint_is_never_written_from_weights_gone_bad(minari_store, tmp_path, monkeypatch):
+    # finite losses, then weights poisoned by the update of step 200 itself (as a non-finite gradient would):
+    # only the check of the weights before writing catches it
+    update, calls = iql.update_value_and_critic, []
+
+    def poisoned(batch, value, critic, *rest):
+        out = update(batch, value, critic, *rest)
+        calls.append(1)
+        if len(calls) == 200:
+            with torch.no_grad():
+                critic.weights[0][0, 0, 0] = math.inf
+        return out
+
+    monkeypatch.setattr(iql, "update_value_and_critic", poisoned)
+    args = iql.Args(env_id=HOPPER, total_steps=1000, batch_size=32, hidden_dims=(32, 32), eval_freq=0, log_freq=500, checkpoint_freq=100, runs_dir=str(tmp_path), cuda=False)
+    with pytest.raises(SystemExit, match="the weights became NaN or infinite by train step 200; the last checkpoint before it stays in"):
+        iql.main(args)
+    (run_dir,) = tmp_path.iterdir()
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["progress"]["step"] == 100

@@ -614,7 +614,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         return {"policies": {"bc": result}}
 
     # Everything is checked: only now does a new run get its folder.
-    run_name = os.path.basename(os.path.normpath(args.resume)) if args.resume else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = os.path.basename(os.path.normpath(args.resume)) if args.resume else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{time.time_ns() // 1_000_000}"  # ms: runs started together stay apart
     run_dir = args.resume or make_run_dir(os.path.join(args.runs_dir, run_name))
     if not args.resume:
         with open(os.path.join(run_dir, "args.json"), "w") as f:

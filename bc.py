@@ -451,9 +451,10 @@ def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, 
                          + ("; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video" if capture_video else "")) from None
     try:
         env.step(act(actor, [obs], obs_space, low, high, device)[0].reshape(env.action_space.shape))
-        return env.close() or env.spec.max_episode_steps
     except Exception as e:
         raise SystemExit(f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): its spaces differ from the dataset's") from None
+    env.close()
+    return env.spec.max_episode_steps
 
 
 # Run folders, checkpoints, resuming -----------------------------------------------------------
@@ -601,6 +602,8 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         return score_summary(evaluate(actor, make_env, episodes, seed, dataset.observation_space, low, high, device, video_dir), rule)
 
     def record_video(run_dir: str) -> None:
+        if not args.capture_video:
+            return
         try:  # the first final-evaluation episode again, recorded once the results are safe
             evaluate_policy(1, video_dir=os.path.join(run_dir, "videos", "bc"))
         except Exception as e:
@@ -609,13 +612,11 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     if args.eval_only:
         result = evaluate_policy(args.final_eval_episodes)
         print(json.dumps({"run": saved_run, "phase": progress["phase"], "step": progress["step"], "policies": {"bc": result}}))
-        if args.capture_video:
-            record_video(saved_run)
+        record_video(saved_run)
         return {"policies": {"bc": result}}
 
-    # Everything is checked: only now does a new run get its folder.
     run_name = os.path.basename(os.path.normpath(args.resume)) if args.resume else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{time.time_ns() // 1_000_000}"  # ms: runs started together stay apart
-    run_dir = args.resume or make_run_dir(os.path.join(args.runs_dir, run_name))
+    run_dir = args.resume or make_run_dir(os.path.join(args.runs_dir, run_name))  # only now, everything checked, a new run gets a folder
     if not args.resume:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
@@ -724,8 +725,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
             json.dump(summary, f, indent=2)
     finally:
         catch_stop_signals(False)
-    if args.capture_video:
-        record_video(run_dir)
+    record_video(run_dir)
     if args.track:
         wandb.summary.update({f"final/bc/{k}": v for k, v in result.items()})
         wandb.finish()

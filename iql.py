@@ -259,7 +259,7 @@ def reward_transform(mode: str, episode_returns: np.ndarray) -> Tuple[float, flo
     return_range = float(episode_returns.max() - episode_returns.min())
     if mode == "locomotion" and return_range <= 0.0:
         raise SystemExit("error: every episode has the same return, so `locomotion` reward normalisation is undefined; use --reward-normalization none")
-    return {"locomotion": (1000.0 / max(return_range, 1e-12), 0.0), "antmaze": (1.0, -1.0)}.get(mode, (1.0, 0.0))
+    return (1000.0 / return_range, 0.0) if mode == "locomotion" else (1.0, -1.0) if mode == "antmaze" else (1.0, 0.0)
 
 
 def action_bounds(space: gym.Space) -> Tuple[np.ndarray, np.ndarray]:
@@ -560,9 +560,10 @@ def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, 
                          + ("; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video" if capture_video else "")) from None
     try:
         env.step(act(actor, [obs], obs_space, low, high, device)[0].reshape(env.action_space.shape))
-        return env.close() or env.spec.max_episode_steps
     except Exception as e:
         raise SystemExit(f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): its spaces differ from the dataset's") from None
+    env.close()
+    return env.spec.max_episode_steps
 
 
 # Run folders, checkpoints, resuming -----------------------------------------------------------
@@ -706,6 +707,8 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         return score_summary(evaluate(actors[name], make_env, episodes, seed, dataset.observation_space, low, high, device, video_dir), rule)
 
     def record_videos(run_dir: str) -> None:
+        if not args.capture_video:
+            return
         for name in policies:  # the first final-evaluation episode again, recorded once the results are safe
             try:
                 evaluate_policy(name, 1, video_dir=os.path.join(run_dir, "videos", name))
@@ -714,13 +717,11 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     if args.eval_only:
         results = {name: evaluate_policy(name, args.final_eval_episodes) for name in policies}
         print(json.dumps({"run": saved_run, "phase": progress["phase"], "step": progress["step"], "policies": results}))
-        if args.capture_video:
-            record_videos(saved_run)
+        record_videos(saved_run)
         return {"policies": results}
 
-    # Everything is checked: only now does a new run get its folder.
     run_name = os.path.basename(os.path.normpath(args.resume)) if args.resume else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{time.time_ns() // 1_000_000}"  # ms: runs started together stay apart
-    run_dir = args.resume or make_run_dir(os.path.join(args.runs_dir, run_name))
+    run_dir = args.resume or make_run_dir(os.path.join(args.runs_dir, run_name))  # only now, everything checked, a new run gets a folder
     if not args.resume:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
@@ -836,8 +837,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
             json.dump(summary, f, indent=2)
     finally:
         catch_stop_signals(False)
-    if args.capture_video:
-        record_videos(run_dir)
+    record_videos(run_dir)
     if args.track:
         wandb.summary.update({f"final/{name}/{k}": v for name, r in results.items() for k, v in r.items()})
         wandb.finish()

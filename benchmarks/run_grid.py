@@ -7,18 +7,25 @@
     # after an interruption: continue every unfinished run under --runs-dir from its checkpoint
     python benchmarks/run_grid.py --resume-all --runs-dir logs/bench_runs
 
+Running a grid's command again continues it: a run already finished under --runs-dir is skipped, one
+with a checkpoint is resumed, and only the runs not yet started (or stopped before any checkpoint) start.
+
 Each run writes runs/{run_name}/ under --runs-dir; benchmarks/tables.py turns them into tables.
 iql.py applies the paper's per-family hyperparameters itself; the grid adds only what the paper
 has no family for (below). BC uses its defaults everywhere.
 """
 
 import argparse
+import dataclasses
 import glob
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
+
+import tyro
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +58,8 @@ def commands(dataset_id: str, seed: int, steps: int, runs_dir: str, extra: list,
     iql_runs = [["iql.py", *common, *iql_flags(dataset_id), "--policy-extraction", policy_extraction]]
     if expectiles:  # an expectile scan, e.g. on the toy MDPs
         iql_runs = [[*iql_runs[0], "--expectile", str(e)] for e in expectiles]
-    runs = {"iql": iql_runs, "bc": [["bc.py", *common]], "bc10": [["bc.py", *common, "--top-fraction", "0.1"]]}  # run names: bc, bc_top10
+    # BC names its --top-fraction even at 1, so that every planned run differs from the others in a flag it names
+    runs = {"iql": iql_runs, "bc": [["bc.py", *common, "--top-fraction", "1.0"]], "bc10": [["bc.py", *common, "--top-fraction", "0.1"]]}
     return [run + extra for algo in algos for run in runs[algo]]  # the user's flags come last, so they override the defaults
 
 
@@ -63,6 +71,26 @@ def unfinished_runs(runs_dir: str) -> list:
         if not os.path.exists(os.path.join(run_dir, "summary.json")):
             runs.append(("bc.py" if "top_fraction" in json.load(open(os.path.join(run_dir, "args.json"))) else "iql.py", run_dir))
     return runs
+
+
+def earlier_run(runs_dir: str, command: list):
+    """The run folder under runs_dir that `command` already made: same script, the same value for every flag it
+    names. A finished one comes first, then one that can be resumed; None when the run has to start."""
+    sys.path.insert(0, REPO)
+    module = importlib.import_module(command[0][: -len(".py")])
+    planned = dataclasses.asdict(tyro.cli(module.Args, args=command[1:]))
+    named = [flag[2:].replace("-", "_") for flag in command[1:] if flag.startswith("--") and flag != "--runs-dir"]  # where it lives is what the search is for
+    found = []
+    for path in glob.glob(os.path.join(runs_dir, "*", "args.json")):
+        stored, run_dir = json.load(open(path)), os.path.dirname(path)
+        stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+        if ("top_fraction" in stored) == (command[0] == "bc.py") and all(stored.get(k) == planned[k] for k in named):
+            found.append(run_dir)
+    for done in ("summary.json", "checkpoint.pt"):
+        for run_dir in found:
+            if os.path.exists(os.path.join(run_dir, done)):
+                return run_dir
+    return None
 
 
 def main():
@@ -92,6 +120,12 @@ def main():
     for dataset_id in datasets:
         for seed in args.seeds:
             for command in commands(dataset_id, seed, steps, args.runs_dir, extra, args.expectiles, args.algos, args.policy_extraction):
+                run_dir = earlier_run(args.runs_dir, command)
+                if run_dir and os.path.exists(os.path.join(run_dir, "summary.json")):
+                    print(f"# done: {run_dir}", flush=True)
+                    continue
+                if run_dir:
+                    command = [command[0], "--resume", run_dir]
                 print(" ".join(["python", *command]), flush=True)
                 if not args.dry_run:
                     subprocess.run([sys.executable, os.path.join(REPO, command[0]), *command[1:]], check=True)

@@ -243,6 +243,26 @@ def test_the_grid_runner_continues_exactly_the_unfinished_runs(minari_store, tmp
     assert (crashed / "summary.json").exists() and not (never / "summary.json").exists()
 
 
+def test_running_a_grid_again_continues_it_without_repeating_a_run(minari_store, tmp_path):
+    runs = tmp_path / "runs"
+    extra = SMALL[2:] + ["--eval-freq", "0", "--checkpoint-freq", "150"]
+    # the grid's IQL run, cut off after its first checkpoint
+    crashed = crash("iql", 2, "--env-id", HOPPER, "--seed", "1", "--total-steps", "300", "--policy-extraction", "both", *extra, cwd=tmp_path)
+    grid = [sys.executable, os.path.join(REPO, "benchmarks", "run_grid.py"), "--datasets", HOPPER, "--seeds", "1", "--steps", "300", "--algos", "iql", "bc", "bc10", "--runs-dir", str(runs), *extra]
+    env = {**os.environ, "PYTHONPATH": REPO}
+
+    def run_grid():
+        result = subprocess.run(grid, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        return [line for line in result.stdout.splitlines() if line.startswith(("python ", "# "))]
+
+    first = run_grid()
+    assert first[0] == f"python iql.py --resume {crashed}"
+    assert [line.split(" --top-fraction ")[1].split()[0] for line in first[1:]] == ["1.0", "0.1"]  # BC and 10% BC start
+    assert len(list(runs.iterdir())) == 3 and all((run / "summary.json").exists() for run in runs.iterdir())
+    assert sorted(run_grid()) == sorted(f"# done: {run}" for run in runs.iterdir())
+
+
 def test_a_checkpoint_is_never_written_from_weights_gone_bad(minari_store, tmp_path, monkeypatch):
     # finite losses, then weights poisoned by the update of step 200 itself (as a non-finite gradient would):
     # only the check of the weights before writing catches it

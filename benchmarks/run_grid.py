@@ -93,6 +93,21 @@ def earlier_run(runs_dir: str, command: list):
     return None
 
 
+def pin_code_version(runs_dir: str) -> str:
+    """The commit the code is at ("-dirty" with uncommitted changes), written to runs_dir/commit.txt by the first grid
+    run there; a later grid run there from other code is refused, so that one table never mixes code versions."""
+    def git(*words):
+        return subprocess.run(["git", "-C", REPO, *words], capture_output=True, text=True, check=True).stdout.strip()
+    commit = git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    path = os.path.join(runs_dir, "commit.txt")
+    if os.path.exists(path) and open(path).read().strip() != commit:
+        sys.exit(f"run_grid.py: the runs in {runs_dir} come from commit {open(path).read().strip()}, this checkout is at {commit}")
+    os.makedirs(runs_dir, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(commit + "\n")
+    return commit
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="*", default=[])
@@ -106,6 +121,8 @@ def main():
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--resume-all", action="store_true", help="continue every unfinished run under --runs-dir (with a checkpoint), and nothing else")
     args, extra = parser.parse_known_args()  # anything else goes to every run of both scripts, e.g. --eval-freq 5000
+    if not args.dry_run:
+        print(f"# code: commit {pin_code_version(args.runs_dir)}", flush=True)
     if args.resume_all:
         for script, run_dir in unfinished_runs(args.runs_dir):
             if not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):

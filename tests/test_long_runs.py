@@ -237,7 +237,7 @@ def test_the_grid_runner_continues_exactly_the_unfinished_runs(minari_store, tmp
     env = {**os.environ, "PYTHONPATH": REPO}
     result = subprocess.run(grid, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stdout.splitlines() if line.startswith(("python ", "# "))]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("python ", "# ")) and not line.startswith("# code: ")]
     expected = [f"python iql.py --resume {crashed}", f"# {never}: stopped before its first checkpoint; nothing to continue (start it again by hand if wanted)"]
     assert sorted(lines) == sorted(expected)  # the finished bc run is left alone
     assert (crashed / "summary.json").exists() and not (never / "summary.json").exists()
@@ -254,13 +254,17 @@ def test_running_a_grid_again_continues_it_without_repeating_a_run(minari_store,
     def run_grid():
         result = subprocess.run(grid, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
-        return [line for line in result.stdout.splitlines() if line.startswith(("python ", "# "))]
+        return [line for line in result.stdout.splitlines() if line.startswith(("python ", "# ")) and not line.startswith("# code: ")]
 
     first = run_grid()
     assert first[0] == f"python iql.py --resume {crashed}"
     assert [line.split(" --top-fraction ")[1].split()[0] for line in first[1:]] == ["1.0", "0.1"]  # BC and 10% BC start
-    assert len(list(runs.iterdir())) == 3 and all((run / "summary.json").exists() for run in runs.iterdir())
-    assert sorted(run_grid()) == sorted(f"# done: {run}" for run in runs.iterdir())
+    assert len(list(runs.glob("*__*"))) == 3 and all((run / "summary.json").exists() for run in runs.glob("*__*"))
+    assert sorted(run_grid()) == sorted(f"# done: {run}" for run in runs.glob("*__*"))
+    # the grid's runs come from one version of the code: a checkout at another commit may not add to them
+    (runs / "commit.txt").write_text("0" * 40 + "\n")
+    result = subprocess.run(grid, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and f"come from commit {'0' * 40}" in result.stderr
 
 
 def test_a_checkpoint_is_never_written_from_weights_gone_bad(minari_store, tmp_path, monkeypatch):

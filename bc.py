@@ -19,7 +19,6 @@ import io
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -41,6 +40,8 @@ class Args:
     """the Minari dataset id; the policy is evaluated in the dataset's own evaluation environment"""
     seed: int = 1
     """seed of the network and the minibatches; evaluation episode i uses env seed 10_000 * seed + i"""
+    num_seeds: int = 1
+    """train seeds seed, ..., seed + num_seeds - 1 in one process, in lockstep: each as it would train alone, every layer one batched matmul for all"""
     cuda: bool = True
     """if toggled, train on the GPU when one is available"""
     torch_threads: Optional[int] = 1
@@ -114,6 +115,7 @@ def validate_args(args: Args) -> None:
     """Reject bad settings before any work is done."""
     checks = [
         (0.0 < args.top_fraction <= 1.0, f"--top-fraction must be in (0, 1], got {args.top_fraction}"),
+        (args.num_seeds > 0, f"--num-seeds must be positive, got {args.num_seeds}"),
         (args.total_steps > 0, f"--total-steps must be positive, got {args.total_steps}"),
         (args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}"),
         (args.actor_lr > 0.0, f"--actor-lr must be positive, got {args.actor_lr}"),
@@ -289,11 +291,8 @@ def scoring_rule(dataset, dataset_id: str) -> dict:
 
 
 def eval_env_kwargs(rule: dict, terminate_at_goal: bool) -> dict:
-    """Overrides of the dataset's evaluation environment spec."""
-    kwargs = {"max_episode_steps": rule["max_episode_steps"]} if rule["max_episode_steps"] else {}
-    if terminate_at_goal:
-        kwargs["continuing_task"] = False  # D4RL's mazes: the episode ends at the goal
-    return kwargs
+    """Overrides of the dataset's evaluation environment spec; with terminate_at_goal, D4RL's mazes: the episode ends at the goal."""
+    return {**({"max_episode_steps": rule["max_episode_steps"]} if rule["max_episode_steps"] else {}), **({"continuing_task": False} if terminate_at_goal else {})}
 
 
 def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
@@ -339,42 +338,45 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
 
 
 # Networks and loss ----------------------------------------------------------------------------
-def orthogonal_linear(in_dim: int, out_dim: int, gain: float) -> nn.Linear:
-    """The official code initialises every layer orthogonally with zero biases."""
-    layer = nn.Linear(in_dim, out_dim)
-    nn.init.orthogonal_(layer.weight, gain)
-    nn.init.zeros_(layer.bias)
-    return layer
+class Ensemble(nn.Module):
+    """`members` independent ReLU MLPs, each layer one (members, in, out) weight and (members, 1, out) bias: one batched matmul serves
+    all. Input (members, or fewer repeated to them, batch, in), output (members, batch, out); dropout after each hidden activation.
+    Orthogonal weights (gain sqrt 2, the last layer's last_gain) and zero biases as in the official code, member m's from generators[m]."""
 
+    def __init__(self, in_dim: int, hidden_dims, out_dim: Optional[int], members: int, generators=None, dropout: float = 0.0, last_gain: float = math.sqrt(2)):
+        super().__init__()
+        dims, self.dropout, self.activate_last = [in_dim, *hidden_dims, *([out_dim] if out_dim else [])], dropout, out_dim is None
+        self.weights = nn.ParameterList([nn.Parameter(torch.empty(members, i, o)) for i, o in zip(dims, dims[1:])])
+        self.biases = nn.ParameterList([nn.Parameter(torch.zeros(members, 1, o)) for o in dims[1:]])
+        for i, w in enumerate(self.weights):  # each drawn as nn.Linear holds it, (out, in), then transposed
+            gain = last_gain if out_dim and i == len(self.weights) - 1 else math.sqrt(2)
+            w.data.copy_(torch.stack([nn.init.orthogonal_(torch.empty(w.shape[2], w.shape[1]), gain, generator=generators[m] if generators else None).T for m in range(members)]))
 
-def mlp(in_dim: int, hidden_dims, out_dim: Optional[int], dropout: float = 0.0) -> nn.Sequential:
-    """ReLU MLP; dropout after each hidden activation; no output layer when out_dim is None."""
-    layers, dim = [], in_dim
-    for h in hidden_dims:
-        layers += [orthogonal_linear(dim, h, math.sqrt(2)), nn.ReLU()]
-        if dropout > 0.0:
-            layers.append(nn.Dropout(dropout))
-        dim = h
-    if out_dim is not None:
-        layers.append(orthogonal_linear(dim, out_dim, math.sqrt(2)))
-    return nn.Sequential(*layers)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x if len(x) == len(self.weights[0]) else x.repeat_interleave(len(self.weights[0]) // len(x), dim=0)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if i < len(self.weights) - 1 or self.activate_last:
+                x = nn.functional.dropout(torch.relu(x), self.dropout, self.training)
+        return x
 
 
 class Actor(nn.Module):
-    """Gaussian with a tanh-squashed mean (the distribution is not squashed); by default one learned log-std vector."""
+    """Gaussian with a tanh-squashed mean (the distribution is not squashed); by default one learned log-std vector.
+    A member per seed: observations (members, batch, obs_dim) give a mean and a log-std, each (members, batch, act_dim)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims, dropout: float, state_dependent_std: bool):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims, dropout: float, state_dependent_std: bool, members: int = 1, generators=None):
         super().__init__()
-        self.trunk = mlp(obs_dim, hidden_dims, None, dropout)
-        self.mean = orthogonal_linear(hidden_dims[-1], act_dim, math.sqrt(2))
+        self.trunk = Ensemble(obs_dim, hidden_dims, None, members, generators, dropout)
+        self.mean = Ensemble(hidden_dims[-1], (), act_dim, members, generators)
         if state_dependent_std:
-            self.log_std_layer = orthogonal_linear(hidden_dims[-1], act_dim, 1e-3)
+            self.log_std_layer = Ensemble(hidden_dims[-1], (), act_dim, members, generators, last_gain=1e-3)
         else:
-            self.log_std = nn.Parameter(torch.zeros(act_dim))
+            self.log_std = nn.Parameter(torch.zeros(members, 1, act_dim))
 
     def forward(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         h = self.trunk(obs)
-        log_std = self.log_std_layer(h) if hasattr(self, "log_std_layer") else self.log_std.expand(len(obs), -1)
+        log_std = self.log_std_layer(h) if hasattr(self, "log_std_layer") else self.log_std.expand(len(h), h.shape[1], -1)
         return torch.tanh(self.mean(h)), log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
@@ -385,44 +387,47 @@ def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.
 
 
 def bc_loss(log_prob: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of the dataset actions."""
-    return -log_prob.mean()
+    """Negative log-likelihood of the dataset actions: the mean over the batch, summed over seeds (leading axes), whose
+    parameters are disjoint, so that each seed's gradients and Adam steps are exactly those it would get alone."""
+    return -log_prob.mean(-1).sum()
 
 
 
 # Evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
 def act(actor: Actor, observations: list, obs_space, low, high, device) -> np.ndarray:
-    """The policy's mean actions (dropout off) for a list of env observations, mapped to the action bounds."""
+    """The policies' mean actions (dropout off), (seeds, envs, act_dim), for observations[k]: a list of env observations per seed."""
     was_training = actor.training
     actor.eval()
-    obs = torch.as_tensor(flatten_observation(stack_observations(observations), obs_space), device=device)
+    obs = torch.as_tensor(np.stack([flatten_observation(stack_observations(o), obs_space) for o in observations]), device=device)
     mean = actor(obs)[0].cpu().numpy()
     actor.train(was_training)
     return np.clip(low + (mean + 1.0) * 0.5 * (high - low), low, high)
 
 
-def evaluate(actor: Actor, make_env, num_episodes: int, first_seed: int, obs_space, low, high, device, video_dir=None):
-    """One episode per env (seeds first_seed + i), mean actions, one policy call per step; only unfinished envs step."""
-    envs = [make_env(render=video_dir is not None and i == 0) for i in range(num_episodes)]
+def evaluate(actor: Actor, make_env, num_episodes: int, first_seeds: list, obs_space, low, high, device, video_dir=None) -> list:
+    """Per seed k, num_episodes episodes of its policy, one per env (env seeds first_seeds[k] + i), mean actions; one policy call
+    per step serves every env of every seed, and only unfinished envs step. Per seed: the returns, successes and completed tasks."""
+    shape = (len(first_seeds), num_episodes)
+    envs = [[make_env(render=video_dir is not None and k == i == 0) for i in range(num_episodes)] for k in range(shape[0])]
     if video_dir is not None:
-        envs[0] = gym.wrappers.RecordVideo(envs[0], video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
-    observations = [env.reset(seed=first_seed + i)[0] for i, env in enumerate(envs)]
-    returns, successes, tasks = np.zeros(num_episodes), np.zeros(num_episodes, bool), np.zeros(num_episodes, int)
-    active = list(range(num_episodes))
+        envs[0][0] = gym.wrappers.RecordVideo(envs[0][0], video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
+    observations = [[env.reset(seed=seed + i)[0] for i, env in enumerate(row)] for seed, row in zip(first_seeds, envs)]
+    returns, successes, tasks = np.zeros(shape), np.zeros(shape, bool), np.zeros(shape, int)
+    active = [(k, i) for k in range(shape[0]) for i in range(num_episodes)]
     while active:
-        still_active = []
-        for i, action in zip(active, act(actor, [observations[i] for i in active], obs_space, low, high, device)):
-            observations[i], reward, terminated, truncated, info = envs[i].step(action.reshape(envs[i].action_space.shape))
-            returns[i] += reward
-            successes[i] |= bool(info.get("success", False))
-            tasks[i] = max(tasks[i], len(info.get("episode_task_completions", ())))
+        actions, still_active = act(actor, observations, obs_space, low, high, device), []  # a finished env keeps its last observation
+        for k, i in active:
+            observations[k][i], reward, terminated, truncated, info = envs[k][i].step(actions[k, i].reshape(envs[k][i].action_space.shape))
+            returns[k, i] += reward
+            successes[k, i] |= bool(info.get("success", False))
+            tasks[k, i] = max(tasks[k, i], len(info.get("episode_task_completions", ())))
             if not (terminated or truncated):
-                still_active.append(i)
+                still_active.append((k, i))
         active = still_active
-    for env in envs:
+    for env in sum(envs, []):
         env.close()
-    return returns, successes, tasks
+    return list(zip(returns, successes, tasks))
 
 
 def score_summary(episodes, rule: dict) -> dict:
@@ -433,6 +438,14 @@ def score_summary(episodes, rule: dict) -> dict:
               else 100.0 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"]) if kind == "return" else None)
     summary = {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "num_episodes": len(returns)}
     return {**summary, "score_mean": None if scores is None else float(scores.mean()), "score_std": None if scores is None else float(scores.std())}
+
+
+def over_seeds(results: list, seeds: list) -> dict:
+    """One seed's summary as it is; for several, the mean and std over seeds of each seed's mean, and each seed's own under `seeds`."""
+    if len(results) == 1:
+        return results[0]
+    stats = {f"{q}_{f.__name__}": None if results[0][f"{q}_mean"] is None else float(f([r[f"{q}_mean"] for r in results])) for q in ("return", "score") for f in (np.mean, np.std)}
+    return {**stats, "num_episodes": results[0]["num_episodes"], "num_seeds": len(results), "seeds": [{"seed": s, **r} for s, r in zip(seeds, results)]}
 
 
 def describe(e: Exception) -> str:  # an exception in one line
@@ -450,7 +463,7 @@ def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, 
         raise SystemExit(f"error: cannot build the dataset's evaluation environment ({describe(e)}): install the package that provides it"
                          + ("; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video" if capture_video else "")) from None
     try:
-        env.step(act(actor, [obs], obs_space, low, high, device)[0].reshape(env.action_space.shape))
+        env.step(act(actor, [[obs]], obs_space, low, high, device)[0, 0].reshape(env.action_space.shape))
     except Exception as e:
         raise SystemExit(f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): its spaces differ from the dataset's") from None
     env.close()
@@ -491,7 +504,7 @@ def stored_args(given: Args, stored: dict, may_change, named: Optional[set] = No
     """A saved run's arguments, with those of `may_change` the user gave; any other flag that differs is refused."""
     fields = Args.__dataclass_fields__
     if set(stored) != set(fields):
-        raise SystemExit("error: that checkpoint was written by another script")
+        raise SystemExit("error: that checkpoint was written by another script, or another version of this one")
     merged = {}
     for name, field in fields.items():
         value, old = getattr(given, name), tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
@@ -505,20 +518,16 @@ def stored_args(given: Args, stored: dict, may_change, named: Optional[set] = No
     return Args(**merged)
 
 
-def rng_states(generator: torch.Generator) -> dict:
-    name, keys, *rest = np.random.get_state()
-    return {"minibatches": generator.get_state(), "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [name, torch.as_tensor(keys.astype(np.int64)), *rest], "python": random.getstate()}
+def rng_states(generators: list) -> dict:  # numpy's and Python's generators draw nothing in training: not saved
+    return {"minibatches": [g.get_state() for g in generators], "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def set_rng_states(states: dict, generator: torch.Generator) -> None:
-    generator.set_state(states["minibatches"])
+def set_rng_states(states: dict, generators: list) -> None:
+    for generator, state in zip(generators, states["minibatches"], strict=True):
+        generator.set_state(state)
     torch.set_rng_state(states["torch"])
     if states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(states["python"])
 
 
 def catch_stop_signals(catch: bool = True) -> list:
@@ -551,9 +560,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
 
     if args.exp_name is None:  # say what ran: bc, or bc_top10 for 10% BC
         args.exp_name = "bc" if args.top_fraction == 1.0 else f"bc_top{100 * args.top_fraction:g}"
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # dropout's masks; every other draw in training has a generator of its own
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -562,10 +569,11 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     observations = torch.as_tensor(kept.observations, device=device)
     obs_rows = torch.as_tensor(kept.obs_rows, device=device)
     actions = torch.as_tensor(to_unit_box(kept.actions, low, high), device=device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]  # each seed's minibatches
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-
-    actor = Actor(obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std).to(device)
+    inits = [torch.Generator().manual_seed(seed) for seed in seeds]  # each seed's initial weights, from a stream of its own
+    actor = Actor(obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std, len(seeds), inits).to(device)
     optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
     # lr_t = lr * (1 + cos(pi * t / steps)) / 2, like iql.py's actor
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps) if args.actor_lr_schedule == "cosine" else None
@@ -582,7 +590,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
             for name, obj in objects.items():
                 obj.load_state_dict(checkpoint[group][name])
         if args.resume:
-            set_rng_states(checkpoint["rng"], generator)
+            set_rng_states(checkpoint["rng"], generators)
         progress = checkpoint["progress"]
     selection = {
         "top_fraction": args.top_fraction, "top_by": args.top_by, "episodes_kept": len(kept.episode_lengths),
@@ -592,14 +600,14 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     def make_checkpoint() -> dict:
         """Everything to continue as if never stopped, or to use the policy: plain tensors, numbers and strings."""
         return {
-            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(generator),
+            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(generators),
             **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in stateful.items()},
             "normalization": {"action_low": low.tolist(), "action_high": high.tolist()}, "data_selection": selection,
         }
 
-    def evaluate_policy(episodes: int, video_dir=None) -> dict:
-        seed = EVAL_SEED_BLOCK * args.seed
-        return score_summary(evaluate(actor, make_env, episodes, seed, dataset.observation_space, low, high, device, video_dir), rule)
+    def evaluate_policy(episodes: int, video_dir=None) -> list:  # a summary per seed
+        episodes = evaluate(actor, make_env, episodes, [EVAL_SEED_BLOCK * seed for seed in seeds], dataset.observation_space, low, high, device, video_dir)
+        return [score_summary(e, rule) for e in episodes]
 
     def record_video(run_dir: str) -> None:
         if not args.capture_video:
@@ -610,12 +618,12 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
             print(f"warning: no video of the bc policy ({describe(e)})")
 
     if args.eval_only:
-        result = evaluate_policy(args.final_eval_episodes)
+        result = over_seeds(evaluate_policy(args.final_eval_episodes), seeds)
         print(json.dumps({"run": saved_run, "phase": progress["phase"], "step": progress["step"], "policies": {"bc": result}}))
         record_video(saved_run)
         return {"policies": {"bc": result}}
 
-    run_name = os.path.basename(os.path.normpath(args.resume)) if args.resume else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{time.time_ns() // 1_000_000}"  # ms: runs started together stay apart
+    run_name = os.path.basename(os.path.normpath(args.resume)) if args.resume else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}{f'-{seeds[-1]}' if len(seeds) > 1 else ''}__{time.time_ns() // 1_000_000}"  # ms: runs started together stay apart
     run_dir = args.resume or make_run_dir(os.path.join(args.runs_dir, run_name))  # only now, everything checked, a new run gets a folder
     if not args.resume:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
@@ -641,17 +649,19 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
 
     def run_evaluation(step: int, episodes: int, final: bool = False) -> dict:
         start = time.perf_counter()
-        result = evaluate_policy(episodes)
+        per_seed = evaluate_policy(episodes)
         progress["eval_time_s"] += time.perf_counter() - start
-        record = {"policy": "bc", "step": step, "final": final, **result}
-        progress["evaluations"].append(record)
+        records = [{"policy": "bc", "step": step, "final": final, "seed": seed, **r} for seed, r in zip(seeds, per_seed)]
+        progress["evaluations"] += records
         with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.writelines(json.dumps(record) + "\n" for record in records)
+        result = over_seeds(per_seed, seeds)
         score = "n/a" if result["score_mean"] is None else f"{result['score_mean']:.1f}"
-        print(f"eval bc @ {step}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {score} ({episodes} episodes)")
-        if args.track:
+        print(f"eval bc @ {step}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {score} ({episodes} episodes{f' x {len(seeds)} seeds; +- over seeds' if len(seeds) > 1 else ''})")
+        if args.track:  # with several seeds, eval/bc/ holds the mean over seeds (what a sweep should optimise)
             prefix = "eval/bc_final/" if final else "eval/bc/"
-            wandb.log({prefix + k: v for k, v in result.items() if v is not None}, step=step)
+            per_seed_logs = {f"{prefix}seed_{seed}/{k}": v for seed, r in zip(seeds, per_seed) for k, v in r.items() if len(seeds) > 1 and v is not None}
+            wandb.log({**{prefix + k: v for k, v in result.items() if k != "seeds" and v is not None}, **per_seed_logs}, step=step)
         return result
 
     sitting_start, wall_before = time.perf_counter(), progress["wall_time_s"]
@@ -674,7 +684,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     try:
         for step in range(first_step, steps + 1 if progress["phase"] == "train" else first_step):
             tick = time.perf_counter()
-            i = torch.randint(len(obs_rows), (args.batch_size,), device=device, generator=generator)
+            i = torch.stack([torch.randint(len(obs_rows), (args.batch_size,), device=device, generator=g) for g in generators])  # (seeds, batch)
             loss = bc_loss(gaussian_log_prob(*actor(observations[obs_rows[i]]), actions[i]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -694,7 +704,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
             if log_now:
                 rate = (step - last[0]) / max(progress["train_time_s"] - last[1], 1e-9)
                 eta = (steps - step) * (time.perf_counter() - phase_start) / (step - first_step + 1)
-                loss_value = loss.item()
+                loss_value = loss.item() / len(seeds)  # the mean over seeds
                 print(f"train step {step:>8}/{steps} | {rate:7.0f} upd/s | ETA {eta / 60:5.1f} min | bc_loss {loss_value:.4g}")
                 if args.track:
                     wandb.log({"losses/bc_loss": loss_value, "charts/updates_per_second": rate}, step=step)
@@ -715,7 +725,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
             stop_here("the final evaluation")
         progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
         summary = {
-            "env_id": args.env_id, "run_name": run_name, "seed": args.seed, "policies": {"bc": result}, "scoring": rule,
+            "env_id": args.env_id, "run_name": run_name, "seed": args.seed, "seeds": seeds, "policies": {"bc": result}, "scoring": rule,
             "data_selection": selection, "total_steps": args.total_steps, "device": str(device),
             "updates_per_second": args.total_steps / progress["train_time_s"], **{k: progress[k] for k in ("train_time_s", "eval_time_s", "wall_time_s")},
         }
@@ -727,7 +737,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         catch_stop_signals(False)
     record_video(run_dir)
     if args.track:
-        wandb.summary.update({f"final/bc/{k}": v for k, v in result.items()})
+        wandb.summary.update({f"final/bc/{k}": v for k, v in result.items() if k != "seeds"})
         wandb.finish()
     print(f"done in {summary['wall_time_s']:.0f} s ({summary['updates_per_second']:.0f} updates/s, {summary['eval_time_s']:.0f} s evaluating); results in {run_dir}")
     return summary

@@ -13,12 +13,12 @@ Outputs go to runs/{run_name}/: args.json, dataset_overview.png, evaluations.jso
 
 import collections
 import contextlib
+import copy
 import difflib
 import io
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -40,6 +40,8 @@ class Args:
     """the Minari dataset id; the policy is evaluated in the dataset's own evaluation environment"""
     seed: int = 1
     """seed of the networks and the minibatches; evaluation episode i uses env seed 10_000 * seed + i"""
+    num_seeds: int = 1
+    """train seeds seed, ..., seed + num_seeds - 1 in one process, in lockstep: each as it would train alone, every layer one batched matmul for all"""
     cuda: bool = True
     """if toggled, train on the GPU when one is available"""
     torch_threads: Optional[int] = 1
@@ -129,8 +131,7 @@ PAPER_SETTINGS = {"MuJoCo": (0.7, 3.0, 0.0), "AntMaze": (0.9, 10.0, 0.0), "Kitch
 
 
 def resolve_paper_settings(args: Args) -> Tuple[Args, str]:
-    """The paper's settings for the dataset's family where --expectile, --temperature, --actor-dropout are None and
-    rewards `auto` (mujoco/*: locomotion, AntMaze: antmaze, else none); flags given win. Also a line saying which is which."""
+    """The paper's settings for the dataset's family where --expectile, --temperature, --actor-dropout are None and rewards `auto`; and a line saying which."""
     family = dataset_family(args.env_id).replace("PointMaze", "MuJoCo")  # the paper has no PointMaze settings
     rewards = {"auto": "locomotion" if args.env_id.startswith("mujoco/") else "antmaze" if family == "AntMaze" else "none"}.get(args.reward_normalization, args.reward_normalization)
     names = ("expectile", "temperature", "actor_dropout")
@@ -142,7 +143,7 @@ def resolve_paper_settings(args: Args) -> Tuple[Args, str]:
 
 def validate_args(args: Args) -> None:
     """Reject bad settings before any work is done."""
-    positive = ("total_steps", "batch_size", "posthoc_steps", "exp_adv_max", "actor_lr", "critic_lr", "value_lr", "torch_threads", "eval_episodes", "final_eval_episodes", "log_freq")
+    positive = ("num_seeds", "total_steps", "batch_size", "posthoc_steps", "exp_adv_max", "actor_lr", "critic_lr", "value_lr", "torch_threads", "eval_episodes", "final_eval_episodes", "log_freq")
     checks = [
         (0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}"),
         *((getattr(args, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(args, f)}") for f in positive if getattr(args, f) is not None),
@@ -305,11 +306,8 @@ def scoring_rule(dataset, dataset_id: str) -> dict:
 
 
 def eval_env_kwargs(rule: dict, terminate_at_goal: bool) -> dict:
-    """Overrides of the dataset's evaluation environment spec."""
-    kwargs = {"max_episode_steps": rule["max_episode_steps"]} if rule["max_episode_steps"] else {}
-    if terminate_at_goal:
-        kwargs["continuing_task"] = False  # D4RL's mazes: the episode ends at the goal
-    return kwargs
+    """Overrides of the dataset's evaluation environment spec; with terminate_at_goal, D4RL's mazes: the episode ends at the goal."""
+    return {**({"max_episode_steps": rule["max_episode_steps"]} if rule["max_episode_steps"] else {}), **({"continuing_task": False} if terminate_at_goal else {})}
 
 
 def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
@@ -354,72 +352,73 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
 
 
 # Networks -------------------------------------------------------------------------------------
-def orthogonal_linear(in_dim: int, out_dim: int, gain: float) -> nn.Linear:
-    """The official code initialises every layer orthogonally with zero biases."""
-    layer = nn.Linear(in_dim, out_dim)
-    nn.init.orthogonal_(layer.weight, gain)
-    nn.init.zeros_(layer.bias)
-    return layer
+class Ensemble(nn.Module):
+    """`members` independent ReLU MLPs, each layer one (members, in, out) weight and (members, 1, out) bias: one batched matmul serves
+    all. Input (members, or fewer repeated to them, batch, in), output (members, batch, out); dropout after each hidden activation.
+    Orthogonal weights (gain sqrt 2, the last layer's last_gain) and zero biases as in the official code, member m's from generators[m]."""
 
-
-def mlp(in_dim: int, hidden_dims, out_dim: Optional[int], dropout: float = 0.0) -> nn.Sequential:
-    """ReLU MLP; dropout after each hidden activation; no output layer when out_dim is None."""
-    layers, dim = [], in_dim
-    for h in hidden_dims:
-        layers += [orthogonal_linear(dim, h, math.sqrt(2)), nn.ReLU()]
-        if dropout > 0.0:
-            layers.append(nn.Dropout(dropout))
-        dim = h
-    if out_dim is not None:
-        layers.append(orthogonal_linear(dim, out_dim, math.sqrt(2)))
-    return nn.Sequential(*layers)
-
-
-class TwinQ(nn.Module):
-    """Both Q networks as one batched network: each layer is a (2, in, out) weight, so one matmul per layer serves both critics. Returns Q of shape (2, batch)."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims):
+    def __init__(self, in_dim: int, hidden_dims, out_dim: Optional[int], members: int, generators=None, dropout: float = 0.0, last_gain: float = math.sqrt(2)):
         super().__init__()
-        twins = [[m for m in mlp(obs_dim + act_dim, hidden_dims, 1) if isinstance(m, nn.Linear)] for _ in range(2)]
-        self.weights = nn.ParameterList([nn.Parameter(torch.stack([layer.weight.T for layer in pair])) for pair in zip(*twins)])
-        self.biases = nn.ParameterList([nn.Parameter(torch.stack([layer.bias[None] for layer in pair])) for pair in zip(*twins)])
+        dims, self.dropout, self.activate_last = [in_dim, *hidden_dims, *([out_dim] if out_dim else [])], dropout, out_dim is None
+        self.weights = nn.ParameterList([nn.Parameter(torch.empty(members, i, o)) for i, o in zip(dims, dims[1:])])
+        self.biases = nn.ParameterList([nn.Parameter(torch.zeros(members, 1, o)) for o in dims[1:]])
+        for i, w in enumerate(self.weights):  # each drawn as nn.Linear holds it, (out, in), then transposed
+            gain = last_gain if out_dim and i == len(self.weights) - 1 else math.sqrt(2)
+            w.data.copy_(torch.stack([nn.init.orthogonal_(torch.empty(w.shape[2], w.shape[1]), gain, generator=generators[m] if generators else None).T for m in range(members)]))
 
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs, actions], dim=-1).expand(2, -1, -1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x if len(x) == len(self.weights[0]) else x.repeat_interleave(len(self.weights[0]) // len(x), dim=0)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = torch.baddbmm(b, x, w)
-            x = torch.relu(x) if i < len(self.weights) - 1 else x
-        return x.squeeze(-1)
+            if i < len(self.weights) - 1 or self.activate_last:
+                x = nn.functional.dropout(torch.relu(x), self.dropout, self.training)
+        return x
+
+
+def twin_q(critic: Ensemble, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:  # (seeds, 2, batch): seed k's are members 2k, 2k+1
+    return critic(torch.cat([obs, actions], dim=-1)).view(len(obs), 2, -1)
 
 
 class Actor(nn.Module):
-    """Gaussian with a tanh-squashed mean (the distribution is not squashed); by default one learned log-std vector."""
+    """Gaussian with a tanh-squashed mean (the distribution is not squashed); by default one learned log-std vector.
+    A member per seed: observations (members, batch, obs_dim) give a mean and a log-std, each (members, batch, act_dim)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims, dropout: float, state_dependent_std: bool):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims, dropout: float, state_dependent_std: bool, members: int = 1, generators=None):
         super().__init__()
-        self.trunk = mlp(obs_dim, hidden_dims, None, dropout)
-        self.mean = orthogonal_linear(hidden_dims[-1], act_dim, math.sqrt(2))
+        self.trunk = Ensemble(obs_dim, hidden_dims, None, members, generators, dropout)
+        self.mean = Ensemble(hidden_dims[-1], (), act_dim, members, generators)
         if state_dependent_std:
-            self.log_std_layer = orthogonal_linear(hidden_dims[-1], act_dim, 1e-3)
+            self.log_std_layer = Ensemble(hidden_dims[-1], (), act_dim, members, generators, last_gain=1e-3)
         else:
-            self.log_std = nn.Parameter(torch.zeros(act_dim))
+            self.log_std = nn.Parameter(torch.zeros(members, 1, act_dim))
 
     def forward(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         h = self.trunk(obs)
-        log_std = self.log_std_layer(h) if hasattr(self, "log_std_layer") else self.log_std.expand(len(obs), -1)
+        log_std = self.log_std_layer(h) if hasattr(self, "log_std_layer") else self.log_std.expand(len(h), h.shape[1], -1)
         return torch.tanh(self.mean(h)), log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
+def make_networks(obs_dim: int, act_dim: int, args: Args, seeds: list, policies: list):
+    """V, twin critics, their target, an actor per policy; a member per seed (critics: two), drawn from the seed's own stream."""
+    inits = [torch.Generator().manual_seed(seed) for seed in seeds]
+    value = Ensemble(obs_dim, args.hidden_dims, 1, len(seeds), inits)
+    critic = Ensemble(obs_dim + act_dim, args.hidden_dims, 1, 2 * len(seeds), [g for g in inits for _ in range(2)])
+    actors = nn.ModuleDict({name: Actor(obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std, len(seeds), inits) for name in policies})
+    return value, critic, copy.deepcopy(critic).requires_grad_(False), actors
+
+
 # Losses: small pure functions, each checkable by hand -----------------------------------------
+# Each loss is a mean over the batch, summed over seeds (leading axes): the seeds' parameters are disjoint, so each
+# seed's gradients, and Adam's steps, are exactly those it would get alone.
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
     """mean(|expectile - 1(u < 0)| * u^2) of u = Q - V; at expectile 0.5 it is mean(0.5 * u^2)."""
     weight = torch.where(diff < 0, 1.0 - expectile, expectile)
-    return (weight * diff.square()).mean()
+    return (weight * diff.square()).mean(-1).sum()
 
 
 def critic_loss(q: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Sum over the twins of the mean squared TD error; q is (2, batch), target (batch,)."""
-    return (q - target).square().mean(dim=1).sum()
+    """Sum over the twins of the mean squared TD error; q is ([seeds,] 2, batch), target ([seeds,] batch)."""
+    return (q - target.unsqueeze(-2)).square().mean(-1).sum()
 
 
 def awr_weights(adv: torch.Tensor, temperature: float, exp_adv_max: float) -> torch.Tensor:
@@ -434,7 +433,7 @@ def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.
 
 def actor_loss(log_prob: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Advantage-weighted regression: -mean(w * log pi(a|s)); w carries no gradient."""
-    return -(weights.detach() * log_prob).mean()
+    return -(weights.detach() * log_prob).mean(-1).sum()
 
 
 # Update steps ---------------------------------------------------------------------------------
@@ -449,16 +448,17 @@ Batch = collections.namedtuple("Batch", ["obs", "actions", "rewards", "next_obs"
 class DeviceData:
     """The training data on the training device; minibatches are drawn there, with no host round-trip."""
 
-    def __init__(self, data: OfflineData, rewards: np.ndarray, actions: np.ndarray, device: torch.device, seed: int):
+    def __init__(self, data: OfflineData, rewards: np.ndarray, actions: np.ndarray, device: torch.device, seeds: list):
         self.observations = torch.as_tensor(data.observations, device=device)
         self.obs_rows = torch.as_tensor(data.obs_rows, device=device)
         self.actions = torch.as_tensor(actions, device=device)
         self.rewards = torch.as_tensor(rewards, device=device)
         self.masks = torch.as_tensor(1.0 - data.terminations.astype(np.float32), device=device)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
 
     def sample(self, batch_size: int) -> Batch:
-        i = torch.randint(len(self.obs_rows), (batch_size,), device=self.obs_rows.device, generator=self.generator)
+        """A minibatch per seed, each from its own generator: every tensor is (seeds, batch, ...)."""
+        i = torch.stack([torch.randint(len(self.obs_rows), (batch_size,), device=self.obs_rows.device, generator=g) for g in self.generators])
         rows = self.obs_rows[i]
         return Batch(self.observations[rows], self.actions[i], self.rewards[i], self.observations[rows + 1], self.masks[i])
 
@@ -466,7 +466,7 @@ class DeviceData:
 def update_value_and_critic(batch: Batch, value, critic, target_critic, value_opt, critic_opt, args: Args):
     """V then Q, in the official order; returns metrics and the advantage Q_target - V_new for the actor."""
     with torch.no_grad():
-        q_target = target_critic(batch.obs, batch.actions).min(dim=0).values
+        q_target = twin_q(target_critic, batch.obs, batch.actions).min(dim=1).values
     v = value(batch.obs).squeeze(-1)
     v_loss = expectile_loss(q_target - v, args.expectile)
     value_opt.zero_grad(set_to_none=True)
@@ -475,16 +475,16 @@ def update_value_and_critic(batch: Batch, value, critic, target_critic, value_op
 
     # The actor and the Q target both use the freshly updated V, as the official code does.
     with torch.no_grad():
-        v_new, v_next = value(torch.cat([batch.obs, batch.next_obs])).squeeze(-1).chunk(2)
+        v_new, v_next = value(torch.cat([batch.obs, batch.next_obs], dim=1)).squeeze(-1).chunk(2, dim=1)
         td_target = batch.rewards + args.discount * batch.masks * v_next
-    q = critic(batch.obs, batch.actions)
+    q = twin_q(critic, batch.obs, batch.actions)
     q_loss = critic_loss(q, td_target)
     critic_opt.zero_grad(set_to_none=True)
     q_loss.backward()
     critic_opt.step()
     with torch.no_grad():  # Polyak averaging of the target critics, one fused op for all tensors
         torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
-    metrics = torch.stack([v_loss.detach(), q_loss.detach(), v.detach().mean(), q.detach().mean()])
+    metrics = torch.stack([v_loss.detach() / len(v), q_loss.detach() / len(v), v.detach().mean(), q.detach().mean()])  # means over seeds
     return metrics, q_target - v_new
 
 
@@ -496,42 +496,44 @@ def update_actor(batch: Batch, adv: torch.Tensor, actor: Actor, optimizer, sched
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return torch.stack([loss.detach(), adv.mean(), weights.mean()])
+    return torch.stack([loss.detach() / len(adv), adv.mean(), weights.mean()])
 
 
 # Evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
 def act(actor: Actor, observations: list, obs_space, low, high, device) -> np.ndarray:
-    """The policy's mean actions (dropout off) for a list of env observations, mapped to the action bounds."""
+    """The policies' mean actions (dropout off), (seeds, envs, act_dim), for observations[k]: a list of env observations per seed."""
     was_training = actor.training
     actor.eval()
-    obs = torch.as_tensor(flatten_observation(stack_observations(observations), obs_space), device=device)
+    obs = torch.as_tensor(np.stack([flatten_observation(stack_observations(o), obs_space) for o in observations]), device=device)
     mean = actor(obs)[0].cpu().numpy()
     actor.train(was_training)
     return np.clip(low + (mean + 1.0) * 0.5 * (high - low), low, high)
 
 
-def evaluate(actor: Actor, make_env, num_episodes: int, first_seed: int, obs_space, low, high, device, video_dir=None):
-    """One episode per env (seeds first_seed + i), mean actions, one policy call per step; only unfinished envs step."""
-    envs = [make_env(render=video_dir is not None and i == 0) for i in range(num_episodes)]
+def evaluate(actor: Actor, make_env, num_episodes: int, first_seeds: list, obs_space, low, high, device, video_dir=None) -> list:
+    """Per seed k, num_episodes episodes of its policy, one per env (env seeds first_seeds[k] + i), mean actions; one policy call
+    per step serves every env of every seed, and only unfinished envs step. Per seed: the returns, successes and completed tasks."""
+    shape = (len(first_seeds), num_episodes)
+    envs = [[make_env(render=video_dir is not None and k == i == 0) for i in range(num_episodes)] for k in range(shape[0])]
     if video_dir is not None:
-        envs[0] = gym.wrappers.RecordVideo(envs[0], video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
-    observations = [env.reset(seed=first_seed + i)[0] for i, env in enumerate(envs)]
-    returns, successes, tasks = np.zeros(num_episodes), np.zeros(num_episodes, bool), np.zeros(num_episodes, int)
-    active = list(range(num_episodes))
+        envs[0][0] = gym.wrappers.RecordVideo(envs[0][0], video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
+    observations = [[env.reset(seed=seed + i)[0] for i, env in enumerate(row)] for seed, row in zip(first_seeds, envs)]
+    returns, successes, tasks = np.zeros(shape), np.zeros(shape, bool), np.zeros(shape, int)
+    active = [(k, i) for k in range(shape[0]) for i in range(num_episodes)]
     while active:
-        still_active = []
-        for i, action in zip(active, act(actor, [observations[i] for i in active], obs_space, low, high, device)):
-            observations[i], reward, terminated, truncated, info = envs[i].step(action.reshape(envs[i].action_space.shape))
-            returns[i] += reward
-            successes[i] |= bool(info.get("success", False))
-            tasks[i] = max(tasks[i], len(info.get("episode_task_completions", ())))
+        actions, still_active = act(actor, observations, obs_space, low, high, device), []  # a finished env keeps its last observation
+        for k, i in active:
+            observations[k][i], reward, terminated, truncated, info = envs[k][i].step(actions[k, i].reshape(envs[k][i].action_space.shape))
+            returns[k, i] += reward
+            successes[k, i] |= bool(info.get("success", False))
+            tasks[k, i] = max(tasks[k, i], len(info.get("episode_task_completions", ())))
             if not (terminated or truncated):
-                still_active.append(i)
+                still_active.append((k, i))
         active = still_active
-    for env in envs:
+    for env in sum(envs, []):
         env.close()
-    return returns, successes, tasks
+    return list(zip(returns, successes, tasks))
 
 
 def score_summary(episodes, rule: dict) -> dict:
@@ -542,6 +544,14 @@ def score_summary(episodes, rule: dict) -> dict:
               else 100.0 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"]) if kind == "return" else None)
     summary = {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "num_episodes": len(returns)}
     return {**summary, "score_mean": None if scores is None else float(scores.mean()), "score_std": None if scores is None else float(scores.std())}
+
+
+def over_seeds(results: list, seeds: list) -> dict:
+    """One seed's summary as it is; for several, the mean and std over seeds of each seed's mean, and each seed's own under `seeds`."""
+    if len(results) == 1:
+        return results[0]
+    stats = {f"{q}_{f.__name__}": None if results[0][f"{q}_mean"] is None else float(f([r[f"{q}_mean"] for r in results])) for q in ("return", "score") for f in (np.mean, np.std)}
+    return {**stats, "num_episodes": results[0]["num_episodes"], "num_seeds": len(results), "seeds": [{"seed": s, **r} for s, r in zip(seeds, results)]}
 
 
 def describe(e: Exception) -> str:  # an exception in one line
@@ -559,7 +569,7 @@ def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, 
         raise SystemExit(f"error: cannot build the dataset's evaluation environment ({describe(e)}): install the package that provides it"
                          + ("; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video" if capture_video else "")) from None
     try:
-        env.step(act(actor, [obs], obs_space, low, high, device)[0].reshape(env.action_space.shape))
+        env.step(act(actor, [[obs]], obs_space, low, high, device)[0, 0].reshape(env.action_space.shape))
     except Exception as e:
         raise SystemExit(f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): its spaces differ from the dataset's") from None
     env.close()
@@ -600,7 +610,7 @@ def stored_args(given: Args, stored: dict, may_change, named: Optional[set] = No
     """A saved run's arguments, with those of `may_change` the user gave; any other flag that differs is refused."""
     fields = Args.__dataclass_fields__
     if set(stored) != set(fields):
-        raise SystemExit("error: that checkpoint was written by another script")
+        raise SystemExit("error: that checkpoint was written by another script, or another version of this one")
     merged = {}
     for name, field in fields.items():
         value, old = getattr(given, name), tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
@@ -614,20 +624,16 @@ def stored_args(given: Args, stored: dict, may_change, named: Optional[set] = No
     return Args(**merged)
 
 
-def rng_states(generator: torch.Generator) -> dict:
-    name, keys, *rest = np.random.get_state()
-    return {"minibatches": generator.get_state(), "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [name, torch.as_tensor(keys.astype(np.int64)), *rest], "python": random.getstate()}
+def rng_states(generators: list) -> dict:  # numpy's and Python's generators draw nothing in training: not saved
+    return {"minibatches": [g.get_state() for g in generators], "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def set_rng_states(states: dict, generator: torch.Generator) -> None:
-    generator.set_state(states["minibatches"])
+def set_rng_states(states: dict, generators: list) -> None:
+    for generator, state in zip(generators, states["minibatches"], strict=True):
+        generator.set_state(state)
     torch.set_rng_state(states["torch"])
     if states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(states["python"])
 
 
 def catch_stop_signals(catch: bool = True) -> list:
@@ -657,24 +663,17 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     data = cut_episodes_at_goal(flatten_dataset(dataset)) if args.goal_terminal else flatten_dataset(dataset)
     reward_scale, reward_shift = reward_transform(args.reward_normalization, data.episode_returns)
     rule = scoring_rule(dataset, args.env_id)
-    posthoc_steps = args.posthoc_steps or args.total_steps
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # dropout's masks; every other draw in training has a generator of its own
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     train_rewards = (reward_scale * data.rewards + reward_shift).astype(np.float32)
-    buffer = DeviceData(data, train_rewards, to_unit_box(data.actions, low, high), device, args.seed)
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    buffer = DeviceData(data, train_rewards, to_unit_box(data.actions, low, high), device, seeds)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    value = mlp(obs_dim, args.hidden_dims, 1).to(device)
-    critic = TwinQ(obs_dim, act_dim, args.hidden_dims).to(device)
-    target_critic = TwinQ(obs_dim, act_dim, args.hidden_dims).to(device)
-    target_critic.load_state_dict(critic.state_dict())
-    target_critic.requires_grad_(False)
     policies = ["concurrent", "posthoc"] if args.policy_extraction == "both" else [args.policy_extraction]
-    actors = {name: Actor(obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std).to(device) for name in policies}
-    actor_steps = {"concurrent": args.total_steps, "posthoc": posthoc_steps}  # each actor's own updates; its cosine runs over them
+    value, critic, target_critic, actors = (net.to(device) for net in make_networks(obs_dim, act_dim, args, seeds, policies))
+    actor_steps = {"concurrent": args.total_steps, "posthoc": args.posthoc_steps or args.total_steps}  # each actor's own updates; its cosine runs over them
     optimizers = {"value": make_optimizer(value, args.value_lr), "critic": make_optimizer(critic, args.critic_lr), **{n: make_optimizer(a, args.actor_lr) for n, a in actors.items()}}
     # lr_t = lr * (1 + cos(pi * t / steps)) / 2, optax's cosine_decay_schedule as in the official code
     schedulers = {n: torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[n], T_max=actor_steps[n]) for n in actors if args.actor_lr_schedule == "cosine"}
@@ -691,20 +690,20 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
             for name, obj in objects.items():
                 obj.load_state_dict(checkpoint[group][name])
         if args.resume:
-            set_rng_states(checkpoint["rng"], buffer.generator)
+            set_rng_states(checkpoint["rng"], buffer.generators)
         progress = checkpoint["progress"]
 
     def make_checkpoint() -> dict:
         """Everything to continue as if never stopped, or to use the policies: plain tensors, numbers and strings."""
         return {
-            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(buffer.generator),
+            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(buffer.generators),
             **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in stateful.items()},
             "normalization": {"reward_scale": reward_scale, "reward_shift": reward_shift, "action_low": low.tolist(), "action_high": high.tolist()},
         }
 
-    def evaluate_policy(name: str, episodes: int, video_dir=None) -> dict:
-        seed = EVAL_SEED_BLOCK * args.seed
-        return score_summary(evaluate(actors[name], make_env, episodes, seed, dataset.observation_space, low, high, device, video_dir), rule)
+    def evaluate_policy(name: str, episodes: int, video_dir=None) -> list:  # a summary per seed
+        episodes = evaluate(actors[name], make_env, episodes, [EVAL_SEED_BLOCK * seed for seed in seeds], dataset.observation_space, low, high, device, video_dir)
+        return [score_summary(e, rule) for e in episodes]
 
     def record_videos(run_dir: str) -> None:
         if not args.capture_video:
@@ -715,12 +714,12 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
             except Exception as e:
                 print(f"warning: no video of the {name} policy ({describe(e)})")
     if args.eval_only:
-        results = {name: evaluate_policy(name, args.final_eval_episodes) for name in policies}
+        results = {name: over_seeds(evaluate_policy(name, args.final_eval_episodes), seeds) for name in policies}
         print(json.dumps({"run": saved_run, "phase": progress["phase"], "step": progress["step"], "policies": results}))
         record_videos(saved_run)
         return {"policies": results}
 
-    run_name = os.path.basename(os.path.normpath(args.resume)) if args.resume else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}__{time.time_ns() // 1_000_000}"  # ms: runs started together stay apart
+    run_name = os.path.basename(os.path.normpath(args.resume)) if args.resume else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}{f'-{seeds[-1]}' if len(seeds) > 1 else ''}__{time.time_ns() // 1_000_000}"  # ms: runs started together stay apart
     run_dir = args.resume or make_run_dir(os.path.join(args.runs_dir, run_name))  # only now, everything checked, a new run gets a folder
     if not args.resume:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
@@ -743,16 +742,19 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
 
     def run_evaluation(name: str, step: int, episodes: int, wandb_step: int, final: bool = False) -> dict:
         start = time.perf_counter()
-        result = evaluate_policy(name, episodes)
+        per_seed = evaluate_policy(name, episodes)
         progress["eval_time_s"] += time.perf_counter() - start
-        record = {"policy": name, "step": step, "final": final, **result}  # step: the policy's own updates
-        progress["evaluations"].append(record)
+        records = [{"policy": name, "step": step, "final": final, "seed": seed, **r} for seed, r in zip(seeds, per_seed)]  # step: the policy's own updates
+        progress["evaluations"] += records
         with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.writelines(json.dumps(record) + "\n" for record in records)
+        result = over_seeds(per_seed, seeds)
         score = "n/a" if result["score_mean"] is None else f"{result['score_mean']:.1f}"
-        print(f"eval {name} @ {step}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {score} ({episodes} episodes)")
-        if args.track:
-            wandb.log({f"eval/{name}{'_final' if final else ''}/{k}": v for k, v in result.items() if v is not None}, step=wandb_step)
+        print(f"eval {name} @ {step}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {score} ({episodes} episodes{f' x {len(seeds)} seeds; +- over seeds' if len(seeds) > 1 else ''})")
+        if args.track:  # with several seeds, eval/{name}/ holds the mean over seeds (what a sweep should optimise)
+            prefix = f"eval/{name}{'_final' if final else ''}/"
+            per_seed_logs = {f"{prefix}seed_{seed}/{k}": v for seed, r in zip(seeds, per_seed) for k, v in r.items() if len(seeds) > 1 and v is not None}
+            wandb.log({**{prefix + k: v for k, v in result.items() if k != "seeds" and v is not None}, **per_seed_logs}, step=wandb_step)
         return result
     sitting_start, wall_before = time.perf_counter(), progress["wall_time_s"]
 
@@ -767,11 +769,10 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         print(f"stopped at {where}; continue with: python {os.path.basename(__file__)} --resume {run_dir}", flush=True)
         raise SystemExit(128 + stop[0])
     value_names, actor_names = ["losses/value_loss", "losses/critic_loss", "charts/v_mean", "charts/q_mean"], ["losses/actor_loss", "charts/advantage_mean", "charts/awr_weight_mean"]
-    # (phase, steps, W&B step of its step 0, the actor it trains, its metric names); the post-hoc
-    # actor learns from the frozen final V and target Q, and its W&B steps follow the V/Q ones.
+    # (phase, steps, W&B step of its step 0, the actor it trains, its metrics); the post-hoc actor learns from the final V and target Q
     phases = [("train", args.total_steps, 0, "concurrent" if "concurrent" in actors else None, value_names + (actor_names if "concurrent" in actors else []))]
     if "posthoc" in actors:
-        phases.append(("posthoc", posthoc_steps, args.total_steps, "posthoc", [n.replace("/", "/posthoc_") for n in actor_names]))
+        phases.append(("posthoc", actor_steps["posthoc"], args.total_steps, "posthoc", [n.replace("/", "/posthoc_") for n in actor_names]))
     order = [phase[0] for phase in phases] + ["done"]
     stop = catch_stop_signals()
     try:
@@ -779,7 +780,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
             if order.index(progress["phase"]) > index:
                 continue
             first_step, phase_start, last = progress["step"] + 1, time.perf_counter(), (progress["step"], progress["train_time_s"])
-            nonfinite_at = None  # per metric, the first step it was NaN or infinite (-1: never), kept on the device
+            nonfinite_at = -1  # per metric, the first step it was NaN or infinite (-1: never), kept on the device
             for step in range(first_step, steps + 1):
                 tick = time.perf_counter()
                 batch = buffer.sample(args.batch_size)
@@ -787,12 +788,11 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
                     metrics, adv = update_value_and_critic(batch, value, critic, target_critic, optimizers["value"], optimizers["critic"], args)
                 else:
                     with torch.no_grad():
-                        adv = target_critic(batch.obs, batch.actions).min(dim=0).values - value(batch.obs).squeeze(-1)
+                        adv = twin_q(target_critic, batch.obs, batch.actions).min(dim=1).values - value(batch.obs).squeeze(-1)
                 if policy is not None:
                     actor_metrics = update_actor(batch, adv, actors[policy], optimizers[policy], schedulers.get(policy), args)
                     metrics = actor_metrics if phase == "posthoc" else torch.cat([metrics, actor_metrics])
-                bad = ~torch.isfinite(metrics)
-                nonfinite_at = torch.where(bad, step, -1) if nonfinite_at is None else torch.where((nonfinite_at < 0) & bad, step, nonfinite_at)
+                nonfinite_at = torch.where((nonfinite_at < 0) & ~torch.isfinite(metrics), step, nonfinite_at)
                 progress["step"] = step
                 progress["train_time_s"] += time.perf_counter() - tick
                 log_now = step % args.log_freq == 0 or step in (300, steps)  # an early line: speed and ETA
@@ -821,13 +821,13 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
             stop_here("the end of training")
         if args.checkpoint_freq > 0:
             write_checkpoint("checkpoint.pt")  # a run stopped during the final evaluation resumes there
-        updates = args.total_steps + (posthoc_steps if "posthoc" in actors else 0)  # also the last W&B step
+        updates = args.total_steps + (actor_steps["posthoc"] if "posthoc" in actors else 0)  # also the last W&B step
         results = {name: run_evaluation(name, actor_steps[name], args.final_eval_episodes, updates, final=True) for name in policies}
         if stop:
             stop_here("the final evaluation")
         progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
         summary = {
-            "env_id": args.env_id, "run_name": run_name, "seed": args.seed, "policies": results, "scoring": rule,
+            "env_id": args.env_id, "run_name": run_name, "seed": args.seed, "seeds": seeds, "policies": results, "scoring": rule,
             "reward_normalization": args.reward_normalization, "total_steps": args.total_steps, "device": str(device),
             "updates_per_second": updates / progress["train_time_s"], **{k: progress[k] for k in ("train_time_s", "eval_time_s", "wall_time_s")},
         }
@@ -839,7 +839,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         catch_stop_signals(False)
     record_videos(run_dir)
     if args.track:
-        wandb.summary.update({f"final/{name}/{k}": v for name, r in results.items() for k, v in r.items()})
+        wandb.summary.update({f"final/{name}/{k}": v for name, r in results.items() for k, v in r.items() if k != "seeds"})
         wandb.finish()
     print(f"done in {summary['wall_time_s']:.0f} s ({summary['updates_per_second']:.0f} updates/s, {summary['eval_time_s']:.0f} s evaluating); results in {run_dir}")
     return summary

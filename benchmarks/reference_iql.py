@@ -125,27 +125,27 @@ class ReferenceIQL:
         return {"value_loss": value_loss.detach(), "critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach()}
 
 
+def member_layers(ensemble, k: int) -> list:
+    """Member k of an iql.Ensemble as (weight, bias) per layer, laid out as nn.Linear holds them: (out, in) and (out,)."""
+    return [(w[k].T, b[k, 0]) for w, b in zip(ensemble.weights, ensemble.biases)]
+
+
 @torch.no_grad()
-def copy_from_iql(ref: ReferenceIQL, value: nn.Sequential, critic, target_critic, actor) -> ReferenceIQL:
-    """Load iql.py's networks into `ref` (call before its first update, so the Adam states are fresh)."""
+def copy_from_iql(ref: ReferenceIQL, value, critic, target_critic, actor) -> ReferenceIQL:
+    """Load the networks of a single-seed iql.py run into `ref` (call before its first update, so the Adam states are fresh)."""
 
-    def linears(module):
-        return [m for m in module if isinstance(m, nn.Linear)]
+    def load(linears, layers):
+        for dst, (w, b) in zip([m for m in linears if isinstance(m, nn.Linear)], layers, strict=True):
+            dst.weight.copy_(w)
+            dst.bias.copy_(b)
 
-    for dst, src in zip(linears(ref.vf), linears(value)):
-        dst.weight.copy_(src.weight)
-        dst.bias.copy_(src.bias)
-    # iql.TwinQ stores layer i of both critics as weights[i]: (2, in, out) and biases[i]: (2, 1, out).
-    for twin, twin_src in ((ref.qf, critic), (ref.q_target, target_critic)):
+    load(ref.vf, member_layers(value, 0))
+    for twin, twin_src in ((ref.qf, critic), (ref.q_target, target_critic)):  # a seed's twins are critic members 0 and 1
         for k, q in enumerate((twin.q1, twin.q2)):
-            for dst, w, b in zip(linears(q), twin_src.weights, twin_src.biases):
-                dst.weight.copy_(w[k].T)
-                dst.bias.copy_(b[k, 0])
+            load(q, member_layers(twin_src, k))
     # iql.Actor: trunk (hidden layers) + mean head, tanh applied in forward; here one Sequential ending in Tanh.
-    if hasattr(actor, "log_std_layer") or any(isinstance(m, nn.Dropout) for m in actor.trunk):
+    if hasattr(actor, "log_std_layer") or actor.trunk.dropout > 0:
         raise ValueError("the reference mirrors only iql.py's default actor (no dropout, state-independent log-std)")
-    for dst, src in zip(linears(ref.actor.net), [*linears(actor.trunk), actor.mean]):
-        dst.weight.copy_(src.weight)
-        dst.bias.copy_(src.bias)
-    ref.actor.log_std.copy_(actor.log_std)
+    load(ref.actor.net, member_layers(actor.trunk, 0) + member_layers(actor.mean, 0))
+    ref.actor.log_std.copy_(actor.log_std[0, 0])
     return ref

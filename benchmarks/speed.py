@@ -107,19 +107,15 @@ def random_buffer(n_episodes, episode_len, obs_dim, act_dim, device, seed=0) -> 
         rewards=rng.standard_normal(n, dtype=np.float32),
         terminations=rng.random(n) < 0.001, truncations=np.zeros(n, bool), episode_lengths=lengths,
     )
-    return iql.DeviceData(data, data.rewards, data.actions, device, seed)
+    return iql.DeviceData(data, data.rewards, data.actions, device, [seed])
 
 
 def make_iql_step(cfg, device):
     """iql.py's training step, as its main loop runs it (concurrent actor)."""
     args = iql.resolve_paper_settings(iql.Args(hidden_dims=tuple(cfg.hidden), batch_size=cfg.batch, total_steps=1_000_000))[0]
     buffer = random_buffer(cfg.buffer_episodes, cfg.episode_steps, cfg.obs_dim, cfg.act_dim, device)
-    value = iql.mlp(cfg.obs_dim, args.hidden_dims, 1).to(device)
-    critic = iql.TwinQ(cfg.obs_dim, cfg.act_dim, args.hidden_dims).to(device)
-    target_critic = iql.TwinQ(cfg.obs_dim, cfg.act_dim, args.hidden_dims).to(device)
-    target_critic.load_state_dict(critic.state_dict())
-    target_critic.requires_grad_(False)
-    actor = iql.Actor(cfg.obs_dim, cfg.act_dim, args.hidden_dims, 0.0, False).to(device)
+    value, critic, target_critic, actors = (net.to(device) for net in iql.make_networks(cfg.obs_dim, cfg.act_dim, args, [0], ["concurrent"]))
+    actor = actors["concurrent"]
     value_opt, critic_opt = iql.make_optimizer(value, args.value_lr), iql.make_optimizer(critic, args.critic_lr)
     actor_opt = iql.make_optimizer(actor, args.actor_lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, T_max=args.total_steps)
@@ -136,7 +132,7 @@ def make_reference_step(cfg, device, nets):
     buffer = random_buffer(cfg.buffer_episodes, cfg.episode_steps, cfg.obs_dim, cfg.act_dim, device)
     ref = reference_iql.ReferenceIQL(cfg.obs_dim, cfg.act_dim, tuple(cfg.hidden), total_steps=1_000_000, device=device)
     reference_iql.copy_from_iql(ref, *nets)
-    return lambda: ref.update(buffer.sample(cfg.batch))
+    return lambda: ref.update(iql.Batch(*(t[0] for t in buffer.sample(cfg.batch))))  # the reference has no seed axis
 
 
 def matmul_throughput(n, device, seconds=1.0) -> float:
@@ -264,7 +260,7 @@ def dataset_worker(cfg) -> dict:
     reset_peak_rss()
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     start = time.perf_counter()
-    buffer = iql.DeviceData(data, data.rewards, data.actions, device, 0)
+    buffer = iql.DeviceData(data, data.rewards, data.actions, device, [0])
     sync(device)
     result["device_data_s"] = time.perf_counter() - start
     result["peak_device_data_mib"], result["rss_after_device_data_mib"] = rss_mib("VmHWM"), rss_mib("VmRSS")
@@ -341,8 +337,7 @@ def bench_evaluation(cfg, device) -> str:
             return RecordActions(gym.make("Hopper-v5", **env_kwargs), logs[-1])
 
         start = time.perf_counter()
-        returns = iql.evaluate(actor, make_env, k, cfg.seed, probe.observation_space, low, high, device)
-        returns = returns[0] if isinstance(returns, tuple) else returns  # newer iql.py: (returns, successes, tasks)
+        returns = iql.evaluate(actor, make_env, k, [cfg.seed], probe.observation_space, low, high, device)[0][0]  # seed 0's returns
         eval_s = time.perf_counter() - start
         steps = sum(len(log) for log in logs)
 

@@ -27,7 +27,8 @@ def load_runs(runs_dirs: list) -> list:
         run_dir = os.path.dirname(path)
         summary = json.load(open(path))
         args = json.load(open(os.path.join(run_dir, "args.json")))
-        runs.append({"dir": run_dir, "summary": summary, "args": args})
+        commit = os.path.join(os.path.dirname(run_dir), "commit.txt")  # written by run_grid.py
+        runs.append({"dir": run_dir, "summary": summary, "args": args, "commit": open(commit).read().strip()[:12] if os.path.exists(commit) else None})
     return runs
 
 
@@ -52,13 +53,15 @@ def budgets(runs: list) -> list:
 
 def score_table(runs: list, steps: int) -> str:
     """Datasets x methods at one step budget: mean +- std over seeds of the final score, and the average row."""
-    scores = collections.defaultdict(list)
+    scores, commits = collections.defaultdict(list), set()
     for run in runs:
         if run["summary"]["env_id"].startswith("toy/") or run["args"]["total_steps"] != steps:
             continue
+        commits.add(run["commit"] or "not recorded")
         for policy, result in run["summary"]["policies"].items():
-            if result["score_mean"] is not None:
-                scores[run["summary"]["env_id"], label(run, policy)].append(result["score_mean"])
+            for seed in result.get("seeds", [result]):  # a run of several seeds (--num-seeds) keeps each seed's result
+                if seed["score_mean"] is not None:
+                    scores[run["summary"]["env_id"], label(run, policy)].append(seed["score_mean"])
     datasets = sorted({d for d, _ in scores})
     if not datasets:
         return "no scored runs"
@@ -70,7 +73,7 @@ def score_table(runs: list, steps: int) -> str:
     if complete:
         averages = [np.mean([np.mean(scores[d, c]) for d in complete]) for c in columns]
         lines.append(f"| **average** ({len(complete)} dataset{'s' if len(complete) > 1 else ''}) | " + " | ".join(f"**{a:.1f}**" for a in averages) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) + f"\n\nCode: commit {', '.join(sorted(commits))}."
 
 
 def datasets_table(record_path: str) -> str:
@@ -117,13 +120,14 @@ def toy_table(runs: list) -> str:
         checkpoint = os.path.join(run["dir"], "model.pt")
         if not os.path.exists(checkpoint):
             continue
-        value = iql.mlp(3, tuple(args["hidden_dims"]), 1)
+        value = iql.Ensemble(3, tuple(args["hidden_dims"]), 1, members=args.get("num_seeds", 1))
         value.load_state_dict(torch.load(checkpoint, weights_only=True)["networks"]["value"])
         with torch.no_grad():
-            v_s1 = value(torch.eye(3)[1:2]).item()
+            v_s1 = value(torch.eye(3)[None, 1:2]).flatten().tolist()  # one per seed
         key = (env_id, args["expectile"])
-        rows[key]["v"].append(v_s1)
-        rows[key]["ret"].append(run["summary"]["policies"]["concurrent"]["return_mean"])
+        rows[key]["v"] += v_s1
+        result = run["summary"]["policies"]["concurrent"]
+        rows[key]["ret"] += [r["return_mean"] for r in result.get("seeds", [result])]
         fractions[env_id] = 0.1 if "ten" in env_id else 0.5
     lines = ["| dataset | expectile | V(s1) analytic | V(s1) learned | return of the policy (best: 10) |", "|---|---|---|---|---|"]
     for env_id, expectile in sorted(rows):
@@ -149,9 +153,10 @@ def learning_curves(runs: list, out_dir: str) -> list:
             continue
         history = [json.loads(line) for line in open(path)]
         for policy in run["summary"]["policies"]:
-            points = [(h["step"], h["score_mean"]) for h in history if h["policy"] == policy and h["score_mean"] is not None]
-            if points:
-                curves[run["summary"]["env_id"], run["args"]["total_steps"]][label(run, policy)].append(points)
+            for seed in sorted({h.get("seed") for h in history}, key=str):  # one curve per seed; runs of one seed may predate the field
+                points = [(h["step"], h["score_mean"]) for h in history if h["policy"] == policy and h.get("seed") == seed and h["score_mean"] is not None]
+                if points:
+                    curves[run["summary"]["env_id"], run["args"]["total_steps"]][label(run, policy)].append(points)
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for (dataset, budget), by_label in sorted(curves.items()):
@@ -160,7 +165,7 @@ def learning_curves(runs: list, out_dir: str) -> list:
             steps = sorted(set.intersection(*(set(s for s, _ in points) for points in seeds)))
             values = np.array([[dict(points)[s] for s in steps] for points in seeds])
             mean, std = values.mean(0), values.std(0)
-            ax.plot(steps, mean, label=f"{name} ({len(seeds)} seeds)")
+            ax.plot(steps, mean, label=f"{name} ({len(seeds)} seeds; band: ± 1 std over seeds)")
             ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
         ax.set_xlabel("policy updates (IQL post-hoc: its own, after the V/Q steps)")
         ax.set_ylabel("score")

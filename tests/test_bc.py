@@ -95,7 +95,7 @@ def train_bc(env_id, top_fraction, runs_dir, steps=1500, top_by="steps"):
 def policy_at(actor, obs):
     """(mean action, P(a > 0)) of the learned Gaussian at obs."""
     with torch.no_grad():
-        mean, log_std = actor(torch.as_tensor(obs, dtype=torch.float32)[None])
+        mean, log_std = actor(torch.as_tensor(obs, dtype=torch.float32)[None, None])  # seed 0, a batch of one
     return mean.item(), 0.5 * (1 + math.erf(mean.item() / (math.exp(log_std.item()) * math.sqrt(2))))
 
 
@@ -136,8 +136,8 @@ def test_two_step_bc_imitates_the_mixture_top_bc_goes_up_twice(minari_store, tmp
 SHARED = [
     "D4RL_REFERENCE_RETURNS", "ACTION_CLIP_EPS", "LOG_STD_MIN", "LOG_STD_MAX",
     "load_minari_dataset", "import_robotics_envs", "flatten_observation", "stack_observations", "OfflineData", "flatten_dataset", "action_bounds", "to_unit_box",
-    "subset_episodes", "dataset_family", "scoring_rule", "eval_env_kwargs", "cut_episodes_at_goal", "plot_dataset_overview", "orthogonal_linear", "mlp", "Actor", "gaussian_log_prob",
-    "evaluate", "score_summary", "EVAL_SEED_BLOCK", "MAY_CHANGE_ON_RESUME", "act", "describe", "check_eval_env",
+    "subset_episodes", "dataset_family", "scoring_rule", "eval_env_kwargs", "cut_episodes_at_goal", "plot_dataset_overview", "Ensemble", "Actor", "gaussian_log_prob",
+    "evaluate", "score_summary", "over_seeds", "EVAL_SEED_BLOCK", "MAY_CHANGE_ON_RESUME", "act", "describe", "check_eval_env",
     "make_run_dir", "save_checkpoint", "load_checkpoint", "stored_args", "rng_states", "set_rng_states", "catch_stop_signals",
 ]
 
@@ -166,13 +166,13 @@ def test_data_and_evaluation_identical_in_both_files(minari_store):
     actor_bc = bc.Actor(11, 3, (32, 32), 0.0, False)
     actor_bc.load_state_dict(actor_iql.state_dict())
     make_env = lambda render=False: dataset.recover_environment(eval_env=True)
-    args = (make_env, 3, 7, dataset.observation_space, low, high, torch.device("cpu"))
-    episodes_iql, episodes_bc = iql.evaluate(actor_iql, *args), bc.evaluate(actor_bc, *args)
+    args = (make_env, 3, [7], dataset.observation_space, low, high, torch.device("cpu"))
+    (episodes_iql,), (episodes_bc,) = iql.evaluate(actor_iql, *args), bc.evaluate(actor_bc, *args)
     for a, b in zip(episodes_iql, episodes_bc):
         np.testing.assert_array_equal(a, b)
     assert iql.score_summary(episodes_iql, rule) == bc.score_summary(episodes_bc, rule)
     # evaluation is reproducible: the same seed gives the same episodes
-    np.testing.assert_array_equal(iql.evaluate(actor_iql, *args)[0], episodes_iql[0])
+    np.testing.assert_array_equal(iql.evaluate(actor_iql, *args)[0][0], episodes_iql[0])
 
 
 def test_both_scripts_take_the_same_flags_for_the_same_things():

@@ -10,26 +10,30 @@ from benchmarks import datasets, tables
 
 
 def test_tables_report_the_last_evaluation_per_step_budget(minari_store, tmp_path):
-    for steps in (40, 80):
-        for seed in (1, 2):
-            bc.main(
-                bc.Args(
-                    env_id="mujoco/hopper/tiny-v0", seed=seed, total_steps=steps, batch_size=16, hidden_dims=(8, 8),
-                    eval_freq=20, eval_episodes=2, final_eval_episodes=3, log_freq=20, runs_dir=str(tmp_path), cuda=False,
-                )
+    # at 40 steps, seeds 1 and 2 alone and seeds 3 and 4 in one --num-seeds run; at 80 steps, seeds 1 and 2 alone
+    for steps, seed, num_seeds in ((40, 1, 1), (40, 2, 1), (40, 3, 2), (80, 1, 1), (80, 2, 1)):
+        bc.main(
+            bc.Args(
+                env_id="mujoco/hopper/tiny-v0", seed=seed, num_seeds=num_seeds, total_steps=steps, batch_size=16, hidden_dims=(8, 8),
+                eval_freq=20, eval_episodes=2, final_eval_episodes=3, log_freq=20, runs_dir=str(tmp_path), cuda=False,
             )
+        )
     runs = tables.load_runs([str(tmp_path)])
     assert tables.budgets(runs) == [40, 80]
-    for steps in (40, 80):
+    for steps, seeds in ((40, 4), (80, 2)):
         finals = []
         for run in (r for r in runs if r["args"]["total_steps"] == steps):
             history = [json.loads(line) for line in open(f"{run['dir']}/evaluations.jsonl")]
-            assert [h["step"] for h in history] == list(range(20, steps + 1, 20))
-            assert history[-1]["score_mean"] == pytest.approx(run["summary"]["policies"]["bc"]["score_mean"])
-            finals.append(history[-1]["score_mean"])
-        row = tables.score_table(runs, steps).splitlines()[2]
-        # one row per dataset, pooling only this budget's two seeds, from their last evaluations
-        assert row == f"| mujoco/hopper/tiny-v0 | {np.mean(finals):.1f} ± {np.std(finals):.1f} (2) |"
+            results = run["summary"]["policies"]["bc"]
+            for result in results.get("seeds", [results]):
+                mine = [h for h in history if h["seed"] == result.get("seed", run["args"]["seed"])]
+                assert [h["step"] for h in mine] == list(range(20, steps + 1, 20))
+                assert mine[-1]["score_mean"] == pytest.approx(result["score_mean"])
+                finals.append(mine[-1]["score_mean"])
+        table = tables.score_table(runs, steps).splitlines()
+        # one row per dataset, pooling only this budget's seeds, from their last evaluations; the code version under it
+        assert table[2] == f"| mujoco/hopper/tiny-v0 | {np.mean(finals):.1f} ± {np.std(finals):.1f} ({seeds}) |"
+        assert table[-1] == "Code: commit not recorded."
     curves = tables.learning_curves(runs, str(tmp_path / "curves"))
     assert [name for name, _ in curves] == ["mujoco/hopper/tiny-v0, 40 steps", "mujoco/hopper/tiny-v0, 80 steps"]
 

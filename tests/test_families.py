@@ -28,7 +28,7 @@ def make_env_fn(dataset, dataset_id, terminate_at_goal=False, wrapper=None):
 def run_evaluation(actor, dataset_id, episodes=3, **kwargs):
     dataset = minari.load_dataset(dataset_id)
     low, high = iql.action_bounds(dataset.action_space)
-    stats = iql.evaluate(actor, make_env_fn(dataset, dataset_id, **kwargs), episodes, 0, dataset.observation_space, low, high, torch.device("cpu"))
+    (stats,) = iql.evaluate(actor, make_env_fn(dataset, dataset_id, **kwargs), episodes, [0], dataset.observation_space, low, high, torch.device("cpu"))
     return stats, iql.score_summary(stats, iql.scoring_rule(dataset, dataset_id))
 
 
@@ -74,7 +74,7 @@ class GoToGoal(torch.nn.Module):
         self.gain = gain
 
     def forward(self, obs):
-        action = self.gain * (obs[:, 2:4] - obs[:, 0:2]) - (self.gain > 0) * obs[:, 6:8]
+        action = self.gain * (obs[..., 2:4] - obs[..., 0:2]) - (self.gain > 0) * obs[..., 6:8]  # obs: (seeds, envs, 8)
         return torch.tanh(action), torch.zeros_like(action)
 
 
@@ -103,7 +103,7 @@ class OpenMicrowaveOnReset(gym.Wrapper):
 
 class StandStill(torch.nn.Module):
     def forward(self, obs):
-        return torch.zeros(len(obs), 9), torch.zeros(len(obs), 9)
+        return torch.zeros(*obs.shape[:-1], 9), torch.zeros(*obs.shape[:-1], 9)
 
 
 def test_kitchen_counts_completed_tasks(minari_store):

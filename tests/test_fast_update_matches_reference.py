@@ -26,7 +26,7 @@ def random_batches(dtype):
         rewards=rng.standard_normal(n).astype(np.float32),
         terminations=terminations, truncations=truncations, episode_lengths=lengths,
     )
-    buffer = iql.DeviceData(data, data.rewards, data.actions, torch.device("cpu"), seed=0)
+    buffer = iql.DeviceData(data, data.rewards, data.actions, torch.device("cpu"), seeds=[0])
     batches = [buffer.sample(BATCH) for _ in range(STEPS)]
     assert any(b.masks.min() == 0 for b in batches)
     return [iql.Batch(*(t.to(dtype) for t in (b.obs, b.actions, b.rewards, b.next_obs, b.masks))) for b in batches]
@@ -35,14 +35,9 @@ def random_batches(dtype):
 @pytest.mark.parametrize("dtype, rtol, atol", [(torch.float32, 1e-5, 1e-6), (torch.float64, 1e-10, 1e-12)], ids=["float32", "float64"])
 def test_iql_update_matches_corl_style_reference(dtype, rtol, atol):
     # a temperature and rewards large enough that some AWR weights hit the exp_adv_max cap
-    args = iql.Args(hidden_dims=HIDDEN, batch_size=BATCH, total_steps=STEPS, expectile=0.7, temperature=3.0, exp_adv_max=2.0)
-    torch.manual_seed(0)
-    value = iql.mlp(OBS_DIM, HIDDEN, 1).to(dtype)
-    critic = iql.TwinQ(OBS_DIM, ACT_DIM, HIDDEN).to(dtype)
-    target_critic = iql.TwinQ(OBS_DIM, ACT_DIM, HIDDEN).to(dtype)
-    target_critic.load_state_dict(critic.state_dict())
-    target_critic.requires_grad_(False)
-    actor = iql.Actor(OBS_DIM, ACT_DIM, HIDDEN, 0.0, False).to(dtype)
+    args = iql.Args(hidden_dims=HIDDEN, batch_size=BATCH, total_steps=STEPS, expectile=0.7, temperature=3.0, exp_adv_max=2.0, actor_dropout=0.0)
+    value, critic, target_critic, actors = (net.to(dtype) for net in iql.make_networks(OBS_DIM, ACT_DIM, args, [0], ["concurrent"]))
+    actor = actors["concurrent"]
     with torch.no_grad():
         actor.log_std.copy_(torch.linspace(-0.5, 0.5, ACT_DIM))  # not all equal, so a mix-up of dims would show
     value_opt, critic_opt = iql.make_optimizer(value, args.value_lr), iql.make_optimizer(critic, args.critic_lr)
@@ -59,15 +54,15 @@ def test_iql_update_matches_corl_style_reference(dtype, rtol, atol):
         torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
     def check_all():
-        check("value", list(value.parameters()), list(ref.vf.parameters()))
+        def params(linears):
+            return [(m.weight, m.bias) for m in linears if isinstance(m, torch.nn.Linear)]
+
+        check("value", reference_iql.member_layers(value, 0), params(ref.vf))
         for twin, ref_twin in ((critic, ref.qf), (target_critic, ref.q_target)):
             for k, q in enumerate((ref_twin.q1, ref_twin.q2)):
-                linears = [m for m in q if isinstance(m, torch.nn.Linear)]
-                check(f"critic {k} weights", [w[k].T for w in twin.weights], [m.weight for m in linears])
-                check(f"critic {k} biases", [b[k, 0] for b in twin.biases], [m.bias for m in linears])
-        linears = [m for m in ref.actor.net if isinstance(m, torch.nn.Linear)]
-        check("actor", [*actor.trunk.parameters(), *actor.mean.parameters()], [p for m in linears for p in m.parameters()])
-        check("actor log_std", actor.log_std, ref.actor.log_std)
+                check(f"critic {k}", reference_iql.member_layers(twin, k), params(q))
+        check("actor", reference_iql.member_layers(actor.trunk, 0) + reference_iql.member_layers(actor.mean, 0), params(ref.actor.net))
+        check("actor log_std", actor.log_std[0, 0], ref.actor.log_std)
 
     check_all()  # the copy itself
     capped = 0
@@ -75,7 +70,7 @@ def test_iql_update_matches_corl_style_reference(dtype, rtol, atol):
         metrics, adv = iql.update_value_and_critic(batch, value, critic, target_critic, value_opt, critic_opt, args)
         actor_metrics = iql.update_actor(batch, adv, actor, actor_opt, scheduler, args)
         capped += int((iql.awr_weights(adv, args.temperature, args.exp_adv_max) == args.exp_adv_max).sum())
-        losses = ref.update(batch)
+        losses = ref.update(iql.Batch(*(t[0] for t in batch)))  # the reference has no seed axis
         check(f"value loss, step {step}", metrics[0], losses["value_loss"])
         check(f"critic loss, step {step}", metrics[1], losses["critic_loss"])
         check(f"actor loss, step {step}", actor_metrics[0], losses["actor_loss"])

@@ -41,14 +41,14 @@ def test_flattening_keeps_transitions_aligned(minari_store):
     np.testing.assert_allclose(data.episode_returns, [e.rewards.sum() for e in episodes], rtol=1e-5)
 
     # truncated final steps are kept and bootstrap; terminal ones do not
-    buffer = iql.DeviceData(data, data.rewards, data.actions, torch.device("cpu"), seed=0)
+    buffer = iql.DeviceData(data, data.rewards, data.actions, torch.device("cpu"), seeds=[0])
     assert data.truncations.sum() > 0 and data.terminations.sum() > 0
     assert torch.all(buffer.masks[torch.as_tensor(data.truncations)] == 1.0)
     assert torch.all(buffer.masks[torch.as_tensor(data.terminations)] == 0.0)
     batch = buffer.sample(64)
     rows = buffer.obs_rows  # every sampled (s, s') pair is a real consecutive pair of the dataset
     pairs = {(tuple(data.observations[r]), tuple(data.observations[r + 1])) for r in rows.tolist()}
-    assert all((tuple(s.tolist()), tuple(s2.tolist())) in pairs for s, s2 in zip(batch.obs, batch.next_obs))
+    assert all((tuple(s.tolist()), tuple(s2.tolist())) in pairs for s, s2 in zip(batch.obs[0], batch.next_obs[0]))
 
 
 def test_dataset_overview_shows_small_counts_with_labelled_axes_and_integer_bins(tmp_path, monkeypatch):
@@ -109,6 +109,9 @@ def test_critic_loss_sums_the_twins():
     q = torch.tensor([[1.0, 2.0], [0.0, 4.0]])
     target = torch.tensor([1.0, 1.0])
     assert iql.critic_loss(q, target).item() == pytest.approx((0 + 1) / 2 + (1 + 9) / 2)
+    # with a seed axis, the seeds' losses add up
+    assert iql.critic_loss(torch.stack([q, q + 1]), torch.stack([target, target])).item() == pytest.approx(5.5 + (1 + 4) / 2 + (0 + 16) / 2)
+    assert iql.expectile_loss(torch.tensor([[2.0, -1.0], [1.0, 1.0]]), 0.9).item() == pytest.approx((0.9 * 4 + 0.1) / 2 + 0.9)
 
 
 def test_actor_loss_by_hand():
@@ -133,11 +136,11 @@ def test_actor_loss_by_hand():
 def test_actor_mean_is_squashed_and_log_std_clipped():
     actor = iql.Actor(3, 2, (16,), dropout=0.0, state_dependent_std=False)
     with torch.no_grad():
-        actor.mean.bias.fill_(100.0)
+        actor.mean.biases[0].fill_(100.0)
         actor.log_std.copy_(torch.tensor([-10.0, 10.0]))
-    mean, log_std = actor(torch.randn(4, 3))
+    mean, log_std = actor(torch.randn(1, 4, 3))
     assert torch.all(mean <= 1.0) and torch.all(mean > 0.99)
-    assert log_std.tolist() == [[-5.0, 2.0]] * 4
+    assert log_std.tolist() == [[[-5.0, 2.0]] * 4]
 
 
 def test_reward_normalization_modes():
@@ -154,17 +157,21 @@ def test_reward_normalization_modes():
         iql.reward_transform("locomotion", np.array([5.0, 5.0]))
 
 
-def test_twin_q_is_two_independent_networks():
-    critic = iql.TwinQ(3, 2, (8, 8))
-    obs, act = torch.randn(5, 3), torch.randn(5, 2)
-    q = critic(obs, act)
-    assert q.shape == (2, 5)
-    for k in range(2):  # twin k is a plain MLP with the k-th slice of each weight
-        x = torch.cat([obs, act], 1)
+def test_twin_q_is_independent_networks_two_per_seed():
+    critic = iql.Ensemble(5, (8, 8), 1, members=4)  # two seeds
+    obs, act = torch.randn(2, 6, 3), torch.randn(2, 6, 2)
+    q = iql.twin_q(critic, obs, act)
+    assert q.shape == (2, 2, 6)
+    for seed, twin in np.ndindex(2, 2):  # member 2 seed + twin is a plain MLP with that slice of each weight, fed its seed's batch
+        x = torch.cat([obs[seed], act[seed]], 1)
         for i, (w, b) in enumerate(zip(critic.weights, critic.biases)):
-            x = x @ w[k] + b[k]
+            x = x @ w[2 * seed + twin] + b[2 * seed + twin]
             x = torch.relu(x) if i < len(critic.weights) - 1 else x
-        torch.testing.assert_close(q[k], x.squeeze(-1))
+        torch.testing.assert_close(q[seed, twin], x.squeeze(-1))
+    # orthogonal weights (gain sqrt 2) and zero biases, as the official code initialises its layers
+    w = critic.weights[1][3]
+    torch.testing.assert_close(w.T @ w, 2.0 * torch.eye(8), atol=1e-5, rtol=1e-5)
+    assert all(not b.any() for b in critic.biases)
 
 
 # ------------------------------------------------------------------ the paper's central claim
@@ -177,10 +184,10 @@ def train_toy(expectile, runs_dir):
         )
     )
     checkpoint = torch.load(os.path.join(runs_dir, summary["run_name"], "model.pt"), weights_only=True)
-    value = iql.mlp(3, (64, 64), 1)
+    value = iql.Ensemble(3, (64, 64), 1, members=1)
     value.load_state_dict(checkpoint["networks"]["value"])
     with torch.no_grad():
-        v = value(torch.eye(3)).squeeze(-1)
+        v = value(torch.eye(3)[None]).squeeze(-1)[0]
     return summary["policies"]["concurrent"]["return_mean"], v
 
 
@@ -303,16 +310,16 @@ def test_each_training_seed_evaluates_on_its_own_start_states(minari_store, tmp_
 
     def recording(actor, make_env, num_episodes, first_seed, *rest, **kwargs):
         calls.append((first_seed, num_episodes))
-        return evaluate(actor, make_env, num_episodes, first_seed, *rest, **kwargs)
+        return evaluate(actor, make_env, num_episodes, first_seed, *rest, **kwargs)  # first_seed: one per training seed
 
     monkeypatch.setattr(iql, "evaluate", recording)
     finals = []
-    for seed in (1, 2, 1):
-        summary = iql.main(iql.Args(env_id="mujoco/hopper/tiny-v0", seed=seed, total_steps=20, batch_size=16, hidden_dims=(8,), eval_freq=10,
+    for seed, num_seeds in ((1, 1), (2, 1), (1, 1), (4, 2)):
+        summary = iql.main(iql.Args(env_id="mujoco/hopper/tiny-v0", seed=seed, num_seeds=num_seeds, total_steps=20, batch_size=16, hidden_dims=(8,), eval_freq=10,
                                     eval_episodes=2, final_eval_episodes=3, runs_dir=str(tmp_path), cuda=False))
         finals.append(summary["policies"]["concurrent"]["return_mean"])
     # env seeds 10_000 * seed + i: periodic and final evaluations of a seed share its block, other seeds never touch it
-    assert calls == [(10_000, 2), (10_000, 3), (20_000, 2), (20_000, 3), (10_000, 2), (10_000, 3)]
+    assert calls == [([10_000], 2), ([10_000], 3), ([20_000], 2), ([20_000], 3), ([10_000], 2), ([10_000], 3), ([40_000, 50_000], 2), ([40_000, 50_000], 3)]
     assert finals[0] == finals[2]  # reproducible
     with pytest.raises(SystemExit, match="--final-eval-episodes must be at most 10000, the evaluation seeds of one training seed, got 10001"):
         iql.main(iql.Args(env_id="mujoco/hopper/tiny-v0", final_eval_episodes=10_001, runs_dir=str(tmp_path)))

@@ -220,8 +220,8 @@ def test_eval_only_reproduces_the_final_evaluation(script, flags, minari_store, 
     actor.load_state_dict(checkpoint["networks"][name])
     low, high = np.array(checkpoint["normalization"]["action_low"]), np.array(checkpoint["normalization"]["action_high"])
     with torch.no_grad():
-        mean, _ = actor.eval()(torch.zeros(1, checkpoint["obs_dim"]))
-    action = low + (mean[0].numpy() + 1) / 2 * (high - low)
+        mean, _ = actor.eval()(torch.zeros(1, 1, checkpoint["obs_dim"]))  # (seeds, batch, obs_dim)
+    action = low + (mean[0, 0].numpy() + 1) / 2 * (high - low)
     assert action.shape == (3,) and np.all((low <= action) & (action <= high))
 
 

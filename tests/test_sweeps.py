@@ -69,6 +69,22 @@ def test_every_parameter_is_a_real_flag_with_an_accepted_value(path):
     # the metric a sweep optimises is one the script logs: eval/{policy}_final/score_mean
     policy = "bc" if config["program"] == "bc.py" else "concurrent"
     assert config["metric"]["name"] == f"eval/{policy}_final/score_mean"
+    # a search that chooses where to go next (bayes, random) must not be handed the seed as a knob: it
+    # would optimise the seed; its seeds go inside each run (--num-seeds), whose metric is their mean
+    if config["method"] != "grid":
+        assert "seed" not in config["parameters"] and config["parameters"]["num-seeds"]["value"] > 1
+
+
+def test_a_multi_seed_sweep_run_logs_each_seed_and_the_mean_it_optimises(minari_store, tmp_path):
+    config = yaml.safe_load(open(os.path.join(REPO, "sweeps", "iql_expectile_temperature.yaml")))
+    parameters = {**grid(config)[0], "env-id": "mujoco/hopper/tiny-v0", "policy-extraction": "concurrent"}
+    quick = ["--total-steps", "20", "--batch-size", "16", "--hidden-dims", "16", "16", "--eval-freq", "0", "--final-eval-episodes", "2", "--log-freq", "10"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": REPO, "WANDB_SILENT": "true"}
+    result = subprocess.run(command(config, parameters) + quick, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    (records,) = glob.glob(str(tmp_path / "runs" / "*" / "wandb" / "offline-run-*" / "*.wandb"))
+    logged = open(records, "rb").read()
+    assert all(key.encode() in logged for key in [config["metric"]["name"], *(f"eval/concurrent_final/seed_{s}/score_mean" for s in (1, 2, 3))])
 
 
 def test_a_sweep_command_runs_end_to_end_offline(minari_store, tmp_path):

@@ -46,6 +46,10 @@ class Args:
     """if toggled, train on the GPU when one is available"""
     torch_threads: Optional[int] = 1
     """CPU threads of torch; 1 keeps runs sharing a machine from slowing each other (torch's default, all cores, made 2 runs on 2 cores 16-35x slower)"""
+    compile: bool = False
+    """if toggled, torch.compile the update steps, on CUDA also captured in CUDA graphs (mode reduce-overhead): for GPUs, where eager updates wait on launches"""
+    bf16: bool = False
+    """if toggled, matmuls in bfloat16 (autocast); parameters, Adam states and losses stay float32"""
     track: bool = False
     """if toggled, log the run to Weights & Biases"""
     wandb_project_name: str = "offline-rl"
@@ -100,8 +104,7 @@ class Args:
     """print and log training metrics every this many gradient steps"""
 
 
-# D4RL reference returns (random, expert) for datasets that carry no reference scores
-# (Minari's mujoco/*-v0 datasets); the scores of these environments then mean what they meant in D4RL.
+# D4RL's reference returns (random, expert), for datasets with none (Minari's mujoco/*-v0): scores then mean what they meant in D4RL
 D4RL_REFERENCE_RETURNS = {
     "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
     "pen": (96.262799, 3076.833), "hammer": (-274.856578, 12794.13), "door": (-56.512833, 2880.569), "relocate": (-6.425911, 4233.878),
@@ -140,6 +143,10 @@ def load_minari_dataset(dataset_id: str):
     """From the local store, else downloaded; a mistyped id gets the closest stored ids at once; one error line if neither works."""
     import minari
 
+    # gymnasium-robotics holds the maze, Kitchen and Adroit environments; its note on Adroit's rewards is shown for Adroit datasets
+    # only, and any failure (not installed, a bad MUJOCO_GL) surfaces, explained, when the evaluation env is built
+    with contextlib.suppress(Exception), contextlib.nullcontext() if dataset_family(dataset_id) == "Adroit" else contextlib.redirect_stderr(io.StringIO()):
+        import gymnasium_robotics  # noqa: F401
     store = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     local = list(minari.list_local_datasets())
     close = [] if dataset_id in local else difflib.get_close_matches(dataset_id, local, n=3, cutoff=0.75)
@@ -155,14 +162,6 @@ def load_minari_dataset(dataset_id: str):
             f"error: Minari dataset '{dataset_id}' is not in the local store ({store}) and could not be downloaded ({describe(e)}).{hint} "
             "Set MINARI_DATASETS_PATH to use another store, HF_HUB_OFFLINE=1 to fail at once without a network; `minari list local` lists the stored ids."
         ) from None
-
-
-def import_robotics_envs(dataset_id: str) -> None:
-    """Import gymnasium-robotics first; its note on Adroit's rewards is shown for Adroit datasets only (it came mid-log)."""
-    adroit = dataset_family(dataset_id) == "Adroit"
-    # any failure (not installed, a bad MUJOCO_GL) surfaces, explained, when the evaluation env is built
-    with contextlib.suppress(Exception), contextlib.nullcontext() if adroit else contextlib.redirect_stderr(io.StringIO()):
-        import gymnasium_robotics  # noqa: F401  (needed only by the datasets whose environments it holds)
 
 
 def flatten_observation(obs, space: gym.Space) -> np.ndarray:
@@ -312,7 +311,6 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
     import matplotlib.pyplot as plt
 
     plt.switch_backend("Agg")
-
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [
         (data.rewards, f"step rewards ({len(data.rewards):,} steps)", "reward of a step", "steps", "tab:red"),
@@ -339,9 +337,8 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
 
 # Networks and loss ----------------------------------------------------------------------------
 class Ensemble(nn.Module):
-    """`members` independent ReLU MLPs, each layer one (members, in, out) weight and (members, 1, out) bias: one batched matmul serves
-    all. Input (members, or fewer repeated to them, batch, in), output (members, batch, out); dropout after each hidden activation.
-    Orthogonal weights (gain sqrt 2, the last layer's last_gain) and zero biases as in the official code, member m's from generators[m]."""
+    """`members` independent ReLU MLPs (dropout after each hidden activation), each layer one batched matmul of a (members, in, out) weight:
+    (members or fewer, batch, in) -> (members, batch, out). Official init: orthogonal (gain sqrt 2; last_gain last), zero biases; member m from generators[m]."""
 
     def __init__(self, in_dim: int, hidden_dims, out_dim: Optional[int], members: int, generators=None, dropout: float = 0.0, last_gain: float = math.sqrt(2)):
         super().__init__()
@@ -358,7 +355,7 @@ class Ensemble(nn.Module):
             x = torch.baddbmm(b, x, w)
             if i < len(self.weights) - 1 or self.activate_last:
                 x = nn.functional.dropout(torch.relu(x), self.dropout, self.training)
-        return x
+        return x.to(self.biases[0].dtype)  # under --bf16's autocast the matmuls ran in bfloat16; what follows (losses) is float32
 
 
 class Actor(nn.Module):
@@ -549,7 +546,6 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         checkpoint = load_checkpoint(model if args.eval_only and os.path.exists(model) else os.path.join(saved_run, "checkpoint.pt"))
         args = stored_args(args, checkpoint["args"], MAY_CHANGE_ON_RESUME + (("final_eval_episodes", "cuda", "torch_threads") if args.eval_only else ()), named_flags)
     validate_args(args)
-    import_robotics_envs(args.env_id)
     dataset = load_minari_dataset(args.env_id)
     low, high = action_bounds(dataset.action_space)
     data = flatten_dataset(dataset)
@@ -561,8 +557,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     if args.exp_name is None:  # say what ran: bc, or bc_top10 for 10% BC
         args.exp_name = "bc" if args.top_fraction == 1.0 else f"bc_top{100 * args.top_fraction:g}"
     torch.manual_seed(args.seed)  # dropout's masks; every other draw in training has a generator of its own
-    if args.torch_threads is not None:
-        torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(args.torch_threads or torch.get_num_threads())
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Only s and a are needed: the minibatches are drawn on the device, with no host round-trip.
@@ -574,10 +569,28 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
     inits = [torch.Generator().manual_seed(seed) for seed in seeds]  # each seed's initial weights, from a stream of its own
     actor = Actor(obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std, len(seeds), inits).to(device)
-    optimizer = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
+    # with --compile the learning rate is a tensor: the cosine schedule changes a value, not a constant a compiled update would recompile for
+    optimizer = torch.optim.Adam(actor.parameters(), lr=torch.tensor(args.actor_lr, device=device) if args.compile else args.actor_lr, fused=True)
     # lr_t = lr * (1 + cos(pi * t / steps)) / 2, like iql.py's actor
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps) if args.actor_lr_schedule == "cosine" else None
     stateful = {"networks": {"actor": actor}, "optimizers": {"actor": optimizer}, "schedulers": {"actor": scheduler} if scheduler else {}}
+
+    def update(i: torch.Tensor) -> torch.Tensor:  # one gradient step on each seed's minibatch, i: (seeds, batch) step indices
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):  # --bf16: the matmuls only (see Ensemble)
+            loss = bc_loss(gaussian_log_prob(*actor(observations[obs_rows[i]]), actions[i]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        return loss.detach()
+
+    try:  # with --compile, a missing compiler fails here, in one line, not at the first update
+        update = torch.compile(update, mode="reduce-overhead" if device.type == "cuda" else None) if args.compile else update
+        if args.compile:
+            torch.compile(lambda x: x * 2)(torch.ones(1, device=device))
+    except Exception as e:
+        raise SystemExit(f"error: --compile needs a working torch.compile on {device} ({describe(e)}); leave out --compile") from None
 
     def make_env(render: bool = False):
         kwargs = eval_env_kwargs(rule, args.eval_terminate_at_goal)
@@ -685,13 +698,8 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         for step in range(first_step, steps + 1 if progress["phase"] == "train" else first_step):
             tick = time.perf_counter()
             i = torch.stack([torch.randint(len(obs_rows), (args.batch_size,), device=device, generator=g) for g in generators])  # (seeds, batch)
-            loss = bc_loss(gaussian_log_prob(*actor(observations[obs_rows[i]]), actions[i]))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss.detach()), step, first_nonfinite)
+            loss = update(i)
+            first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss), step, first_nonfinite)
             progress["step"] = step
             progress["train_time_s"] += time.perf_counter() - tick
 

@@ -46,6 +46,10 @@ class Args:
     """if toggled, train on the GPU when one is available"""
     torch_threads: Optional[int] = 1
     """CPU threads of torch; 1 keeps runs sharing a machine from slowing each other (torch's default, all cores, made 2 runs on 2 cores 16-35x slower)"""
+    compile: bool = False
+    """if toggled, torch.compile the update steps, on CUDA also captured in CUDA graphs (mode reduce-overhead): for GPUs, where eager updates wait on launches"""
+    bf16: bool = False
+    """if toggled, matmuls in bfloat16 (autocast); parameters, Adam states and losses stay float32"""
     track: bool = False
     """if toggled, log the run to Weights & Biases"""
     wandb_project_name: str = "offline-rl"
@@ -116,8 +120,7 @@ class Args:
     """print and log training metrics every this many gradient steps"""
 
 
-# D4RL reference returns (random, expert) for datasets that carry no reference scores
-# (Minari's mujoco/*-v0 datasets); the scores of these environments then mean what they meant in D4RL.
+# D4RL's reference returns (random, expert), for datasets with none (Minari's mujoco/*-v0): scores then mean what they meant in D4RL
 D4RL_REFERENCE_RETURNS = {
     "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
     "pen": (96.262799, 3076.833), "hammer": (-274.856578, 12794.13), "door": (-56.512833, 2880.569), "relocate": (-6.425911, 4233.878),
@@ -125,8 +128,7 @@ D4RL_REFERENCE_RETURNS = {
 ACTION_CLIP_EPS = 1e-5
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 EVAL_SEED_BLOCK = 10_000  # training seed k evaluates on env seeds 10_000 k + i: disjoint start states per seed
-# The paper's (expectile, temperature, actor dropout) per dataset family, from the official configs;
-# datasets outside these families get MuJoCo's, as the official code's default config does.
+# The paper's (expectile, temperature, actor dropout) per family, from the official configs; other datasets get MuJoCo's, like its default config
 PAPER_SETTINGS = {"MuJoCo": (0.7, 3.0, 0.0), "AntMaze": (0.9, 10.0, 0.0), "Kitchen": (0.7, 0.5, 0.1), "Adroit": (0.7, 0.5, 0.1)}
 
 
@@ -166,6 +168,10 @@ def load_minari_dataset(dataset_id: str):
     """From the local store, else downloaded; a mistyped id gets the closest stored ids at once; one error line if neither works."""
     import minari
 
+    # gymnasium-robotics holds the maze, Kitchen and Adroit environments; its note on Adroit's rewards is shown for Adroit datasets
+    # only, and any failure (not installed, a bad MUJOCO_GL) surfaces, explained, when the evaluation env is built
+    with contextlib.suppress(Exception), contextlib.nullcontext() if dataset_family(dataset_id) == "Adroit" else contextlib.redirect_stderr(io.StringIO()):
+        import gymnasium_robotics  # noqa: F401
     store = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     local = list(minari.list_local_datasets())
     close = [] if dataset_id in local else difflib.get_close_matches(dataset_id, local, n=3, cutoff=0.75)
@@ -181,14 +187,6 @@ def load_minari_dataset(dataset_id: str):
             f"error: Minari dataset '{dataset_id}' is not in the local store ({store}) and could not be downloaded ({describe(e)}).{hint} "
             "Set MINARI_DATASETS_PATH to use another store, HF_HUB_OFFLINE=1 to fail at once without a network; `minari list local` lists the stored ids."
         ) from None
-
-
-def import_robotics_envs(dataset_id: str) -> None:
-    """Import gymnasium-robotics first; its note on Adroit's rewards is shown for Adroit datasets only (it came mid-log)."""
-    adroit = dataset_family(dataset_id) == "Adroit"
-    # any failure (not installed, a bad MUJOCO_GL) surfaces, explained, when the evaluation env is built
-    with contextlib.suppress(Exception), contextlib.nullcontext() if adroit else contextlib.redirect_stderr(io.StringIO()):
-        import gymnasium_robotics  # noqa: F401  (needed only by the datasets whose environments it holds)
 
 
 def flatten_observation(obs, space: gym.Space) -> np.ndarray:
@@ -327,7 +325,6 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
     import matplotlib.pyplot as plt
 
     plt.switch_backend("Agg")
-
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [
         (data.rewards, f"step rewards ({len(data.rewards):,} steps)", "reward of a step", "steps", "tab:red"),
@@ -353,9 +350,8 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
 
 # Networks -------------------------------------------------------------------------------------
 class Ensemble(nn.Module):
-    """`members` independent ReLU MLPs, each layer one (members, in, out) weight and (members, 1, out) bias: one batched matmul serves
-    all. Input (members, or fewer repeated to them, batch, in), output (members, batch, out); dropout after each hidden activation.
-    Orthogonal weights (gain sqrt 2, the last layer's last_gain) and zero biases as in the official code, member m's from generators[m]."""
+    """`members` independent ReLU MLPs (dropout after each hidden activation), each layer one batched matmul of a (members, in, out) weight:
+    (members or fewer, batch, in) -> (members, batch, out). Official init: orthogonal (gain sqrt 2; last_gain last), zero biases; member m from generators[m]."""
 
     def __init__(self, in_dim: int, hidden_dims, out_dim: Optional[int], members: int, generators=None, dropout: float = 0.0, last_gain: float = math.sqrt(2)):
         super().__init__()
@@ -372,7 +368,7 @@ class Ensemble(nn.Module):
             x = torch.baddbmm(b, x, w)
             if i < len(self.weights) - 1 or self.activate_last:
                 x = nn.functional.dropout(torch.relu(x), self.dropout, self.training)
-        return x
+        return x.to(self.biases[0].dtype)  # under --bf16's autocast the matmuls ran in bfloat16; what follows (losses) is float32
 
 
 def twin_q(critic: Ensemble, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:  # (seeds, 2, batch): seed k's are members 2k, 2k+1
@@ -408,8 +404,7 @@ def make_networks(obs_dim: int, act_dim: int, args: Args, seeds: list, policies:
 
 
 # Losses: small pure functions, each checkable by hand -----------------------------------------
-# Each loss is a mean over the batch, summed over seeds (leading axes): the seeds' parameters are disjoint, so each
-# seed's gradients, and Adam's steps, are exactly those it would get alone.
+# Each loss is a batch mean summed over seeds (leading axes): the seeds' parameters are disjoint, so each gets the gradients it would alone.
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
     """mean(|expectile - 1(u < 0)| * u^2) of u = Q - V; at expectile 0.5 it is mean(0.5 * u^2)."""
     weight = torch.where(diff < 0, 1.0 - expectile, expectile)
@@ -437,9 +432,9 @@ def actor_loss(log_prob: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 # Update steps ---------------------------------------------------------------------------------
-def make_optimizer(module: nn.Module, lr: float) -> torch.optim.Adam:
-    # fused Adam updates all of a network's tensors in one kernel: 3x faster than foreach on a CPU
-    return torch.optim.Adam(module.parameters(), lr=lr, fused=True)
+def make_optimizer(module: nn.Module, lr: float, tensor_lr: bool = False) -> torch.optim.Adam:
+    # fused Adam: one kernel for all of a network's tensors (3x foreach on a CPU); --compile's lr is a tensor: the schedule never recompiles
+    return torch.optim.Adam(module.parameters(), lr=torch.tensor(lr).to(next(module.parameters())) if tensor_lr else lr, fused=True)
 
 
 Batch = collections.namedtuple("Batch", ["obs", "actions", "rewards", "next_obs", "masks"])  # masks: 1 - termination (truncations bootstrap)
@@ -657,16 +652,20 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     else:
         args, settings = resolve_paper_settings(args)
     validate_args(args)
-    import_robotics_envs(args.env_id)
     dataset = load_minari_dataset(args.env_id)
     low, high = action_bounds(dataset.action_space)
     data = cut_episodes_at_goal(flatten_dataset(dataset)) if args.goal_terminal else flatten_dataset(dataset)
     reward_scale, reward_shift = reward_transform(args.reward_normalization, data.episode_returns)
     rule = scoring_rule(dataset, args.env_id)
     torch.manual_seed(args.seed)  # dropout's masks; every other draw in training has a generator of its own
-    if args.torch_threads is not None:
-        torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(args.torch_threads or torch.get_num_threads())
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    try:  # with --compile, a missing compiler fails here, in one line, not at the first update
+        update_vq, update_pi = (torch.compile(f, mode="reduce-overhead" if device.type == "cuda" else None) if args.compile else f for f in (update_value_and_critic, update_actor))
+        if args.compile:
+            torch.compile(lambda x: x * 2)(torch.ones(1, device=device))
+    except Exception as e:
+        raise SystemExit(f"error: --compile needs a working torch.compile on {device} ({describe(e)}); leave out --compile") from None
     train_rewards = (reward_scale * data.rewards + reward_shift).astype(np.float32)
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     buffer = DeviceData(data, train_rewards, to_unit_box(data.actions, low, high), device, seeds)
@@ -674,7 +673,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     policies = ["concurrent", "posthoc"] if args.policy_extraction == "both" else [args.policy_extraction]
     value, critic, target_critic, actors = (net.to(device) for net in make_networks(obs_dim, act_dim, args, seeds, policies))
     actor_steps = {"concurrent": args.total_steps, "posthoc": args.posthoc_steps or args.total_steps}  # each actor's own updates; its cosine runs over them
-    optimizers = {"value": make_optimizer(value, args.value_lr), "critic": make_optimizer(critic, args.critic_lr), **{n: make_optimizer(a, args.actor_lr) for n, a in actors.items()}}
+    optimizers = {"value": make_optimizer(value, args.value_lr), "critic": make_optimizer(critic, args.critic_lr), **{n: make_optimizer(a, args.actor_lr, args.compile) for n, a in actors.items()}}
     # lr_t = lr * (1 + cos(pi * t / steps)) / 2, optax's cosine_decay_schedule as in the official code
     schedulers = {n: torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[n], T_max=actor_steps[n]) for n in actors if args.actor_lr_schedule == "cosine"}
     networks = {"value": value, "critic": critic, "target_critic": target_critic, **{f"actor_{n}": a for n, a in actors.items()}}
@@ -784,14 +783,15 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
             for step in range(first_step, steps + 1):
                 tick = time.perf_counter()
                 batch = buffer.sample(args.batch_size)
-                if phase == "train":
-                    metrics, adv = update_value_and_critic(batch, value, critic, target_critic, optimizers["value"], optimizers["critic"], args)
-                else:
-                    with torch.no_grad():
-                        adv = twin_q(target_critic, batch.obs, batch.actions).min(dim=1).values - value(batch.obs).squeeze(-1)
-                if policy is not None:
-                    actor_metrics = update_actor(batch, adv, actors[policy], optimizers[policy], schedulers.get(policy), args)
-                    metrics = actor_metrics if phase == "posthoc" else torch.cat([metrics, actor_metrics])
+                with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):  # --bf16: the matmuls only (see Ensemble)
+                    if phase == "train":
+                        metrics, adv = update_vq(batch, value, critic, target_critic, optimizers["value"], optimizers["critic"], args)
+                    else:
+                        with torch.no_grad():
+                            adv = twin_q(target_critic, batch.obs, batch.actions).min(dim=1).values - value(batch.obs).squeeze(-1)
+                    if policy is not None:
+                        actor_metrics = update_pi(batch, adv, actors[policy], optimizers[policy], schedulers.get(policy), args)
+                        metrics = actor_metrics if phase == "posthoc" else torch.cat([metrics, actor_metrics])
                 nonfinite_at = torch.where((nonfinite_at < 0) & ~torch.isfinite(metrics), step, nonfinite_at)
                 progress["step"] = step
                 progress["train_time_s"] += time.perf_counter() - tick

@@ -108,6 +108,15 @@ def pin_code_version(runs_dir: str) -> str:
     return commit
 
 
+def run(command: list) -> None:
+    """One run; a run stopped by SIGTERM or SIGINT (it checkpointed: exit 143 or 130) stops the grid without a traceback."""
+    code = subprocess.run(command).returncode
+    if code in (130, 143):
+        sys.exit("run_grid.py: a run was stopped (it wrote a checkpoint); run the same command again to continue the grid")
+    if code != 0:
+        sys.exit(f"run_grid.py: a run failed with exit code {code}: {' '.join(command)}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="*", default=[])
@@ -130,7 +139,7 @@ def main():
                 continue
             print(f"python {script} --resume {run_dir}", flush=True)
             if not args.dry_run:
-                subprocess.run([sys.executable, os.path.join(REPO, script), "--resume", run_dir, *extra], check=True)
+                run([sys.executable, os.path.join(REPO, script), "--resume", run_dir, *extra])
         return
     datasets = PAPER_DATASETS if args.paper else args.datasets
     steps = args.steps or 1_000_000
@@ -145,7 +154,7 @@ def main():
                     command = [command[0], "--resume", run_dir]
                 print(" ".join(["python", *command]), flush=True)
                 if not args.dry_run:
-                    subprocess.run([sys.executable, os.path.join(REPO, command[0]), *command[1:]], check=True)
+                    run([sys.executable, os.path.join(REPO, command[0]), *command[1:]])
 
 
 if __name__ == "__main__":

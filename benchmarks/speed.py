@@ -6,9 +6,10 @@
 
 Measures
   1. updates/s of iql.py's training step (V + twin Q + Polyak + concurrent actor + cosine schedule,
-     minibatches sampled from an `iql.DeviceData` on the device) next to a straightforward CORL-style
-     implementation of the same math (benchmarks/reference_iql.py), with the matmul FLOPs per update and
-     the fraction of this machine's measured fp32 matmul throughput that this achieves;
+     minibatches sampled from an `iql.DeviceData` on the device) for 1, 3 and 10 seeds in lockstep
+     (--num-seeds), eager, compiled (--compile) and in bfloat16 (--bf16), at 1 and 2 CPU threads, next to a
+     straightforward CORL-style implementation of the same math (benchmarks/reference_iql.py), with the
+     matmul FLOPs per update and the fraction of this machine's measured matmul peak that this achieves;
   2. load + flatten time and peak RSS of a synthetic Minari dataset (Hopper-v5 spaces, random data),
      in a fresh subprocess so that nothing else counts towards the peak, and the on-device dataset
      memory against the raw float32 size of (s, a, r, s', terminal);
@@ -34,6 +35,8 @@ import torch  # noqa: E402
 
 import iql  # noqa: E402
 from benchmarks import reference_iql  # noqa: E402
+
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, what --threads 0 stands for
 
 
 def sync(device):
@@ -97,7 +100,7 @@ def update_flops(b, obs_dim, act_dim, hidden) -> int:
     )
 
 
-def random_buffer(n_episodes, episode_len, obs_dim, act_dim, device, seed=0) -> iql.DeviceData:
+def random_buffer(n_episodes, episode_len, obs_dim, act_dim, device, seed=0, seeds=(0,)) -> iql.DeviceData:
     rng = np.random.default_rng(seed)
     lengths = np.full(n_episodes, episode_len)
     n = int(lengths.sum())
@@ -107,23 +110,27 @@ def random_buffer(n_episodes, episode_len, obs_dim, act_dim, device, seed=0) -> 
         rewards=rng.standard_normal(n, dtype=np.float32),
         terminations=rng.random(n) < 0.001, truncations=np.zeros(n, bool), episode_lengths=lengths,
     )
-    return iql.DeviceData(data, data.rewards, data.actions, device, [seed])
+    return iql.DeviceData(data, data.rewards, data.actions, device, list(seeds))
 
 
-def make_iql_step(cfg, device):
-    """iql.py's training step, as its main loop runs it (concurrent actor)."""
+def make_iql_step(cfg, device, num_seeds=1, mode="eager"):
+    """iql.py's training step as its main loop runs it (concurrent actor), for num_seeds seeds in lockstep;
+    mode: eager, compile (--compile), bf16 (--bf16) or compile+bf16."""
     args = iql.resolve_paper_settings(iql.Args(hidden_dims=tuple(cfg.hidden), batch_size=cfg.batch, total_steps=1_000_000))[0]
-    buffer = random_buffer(cfg.buffer_episodes, cfg.episode_steps, cfg.obs_dim, cfg.act_dim, device)
-    value, critic, target_critic, actors = (net.to(device) for net in iql.make_networks(cfg.obs_dim, cfg.act_dim, args, [0], ["concurrent"]))
+    buffer = random_buffer(cfg.buffer_episodes, cfg.episode_steps, cfg.obs_dim, cfg.act_dim, device, seeds=list(range(num_seeds)))
+    value, critic, target_critic, actors = (net.to(device) for net in iql.make_networks(cfg.obs_dim, cfg.act_dim, args, list(range(num_seeds)), ["concurrent"]))
     actor = actors["concurrent"]
     value_opt, critic_opt = iql.make_optimizer(value, args.value_lr), iql.make_optimizer(critic, args.critic_lr)
-    actor_opt = iql.make_optimizer(actor, args.actor_lr)
+    actor_opt = iql.make_optimizer(actor, args.actor_lr, tensor_lr="compile" in mode)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, T_max=args.total_steps)
+    compile_mode = "reduce-overhead" if device.type == "cuda" else None  # as iql.py chooses
+    update_vq, update_pi = (torch.compile(f, mode=compile_mode) if "compile" in mode else f for f in (iql.update_value_and_critic, iql.update_actor))
 
     def step():
         batch = buffer.sample(args.batch_size)
-        metrics, adv = iql.update_value_and_critic(batch, value, critic, target_critic, value_opt, critic_opt, args)
-        return torch.cat([metrics, iql.update_actor(batch, adv, actor, actor_opt, scheduler, args)])
+        with torch.autocast(device.type, torch.bfloat16, enabled="bf16" in mode):
+            metrics, adv = update_vq(batch, value, critic, target_critic, value_opt, critic_opt, args)
+            return torch.cat([metrics, update_pi(batch, adv, actor, actor_opt, scheduler, args)])
 
     return step, (value, critic, target_critic, actor)
 
@@ -135,10 +142,10 @@ def make_reference_step(cfg, device, nets):
     return lambda: ref.update(iql.Batch(*(t[0] for t in buffer.sample(cfg.batch))))  # the reference has no seed axis
 
 
-def matmul_throughput(n, device, seconds=1.0) -> float:
-    """Measured fp32 GFLOP/s of an n x n x n torch.matmul."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    out = torch.empty(n, n, device=device)
+def matmul_throughput(n, device, dtype=torch.float32, seconds=1.0) -> float:
+    """Measured GFLOP/s of an n x n x n torch.matmul in dtype."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
     torch.matmul(a, b, out=out)
     reps = 1
     while timed(lambda: torch.matmul(a, b, out=out), device, reps) < 0.1:
@@ -148,42 +155,52 @@ def matmul_throughput(n, device, seconds=1.0) -> float:
     return 2 * n**3 * reps / best / 1e9
 
 
+def rate(step, device, steps, repeats) -> list:
+    """updates/s of `repeats` timings of `steps` calls."""
+    return [steps / timed(step, device, steps) for _ in range(repeats)]
+
+
 def bench_updates(cfg, device) -> str:
-    iql_step, nets = make_iql_step(cfg, device)
-    ref_step = make_reference_step(cfg, device, nets)  # from the same initial weights
-    for step in (iql_step, ref_step):
-        timed(step, device, cfg.warmup)
-    rates = {"iql": [], "ref": []}
-    for _ in range(cfg.repeats):  # interleaved, so that a slow spell of the machine hits both
-        for name, step in (("iql", iql_step), ("ref", ref_step)):
-            rates[name].append(cfg.steps / timed(step, device, cfg.steps))
-    sizes = (256, 1024, 4096) if device.type == "cuda" else (256, 1024)
-    rates_mm = {n: matmul_throughput(n, device) for n in sizes}
-    peak = max(rates_mm.values())  # the best measured fp32 matmul rate stands for the machine's peak
     flops = update_flops(cfg.batch, cfg.obs_dim, cfg.act_dim, cfg.hidden)
-    ref_median = statistics.median(rates["ref"])
-    rows = []
-    for name, key in (("iql.py", "iql"), ("reference (CORL-style)", "ref")):
-        rate, best = statistics.median(rates[key]), max(rates[key])
-        achieved = flops * rate / 1e9
-        rows.append([
-            name, f"{rate:,.0f}", f"{best:,.0f}", f"{1000 / rate:.2f}", f"**{rate / ref_median:.2f}x**", f"{achieved:,.1f}",
-            f"{100 * achieved / peak:.1f}%", f"{100 * achieved / rates_mm[256]:.1f}%", f"{1e6 / rate / 3600:.2f} h",
-        ])
+    sizes = (256, 1024, 4096) if device.type == "cuda" else (256, 1024)
+    rows, notes = [], []
+    for threads in cfg.threads if device.type == "cpu" else [torch.get_num_threads()]:
+        torch.set_num_threads(threads or DEFAULT_THREADS)
+        peaks = {dtype: max(matmul_throughput(n, device, dtype) for n in sizes) for dtype in (torch.float32, torch.bfloat16)}
+        base_step, nets = make_iql_step(cfg, device)
+        ref_step = make_reference_step(cfg, device, nets)  # from the same initial weights
+        timed(ref_step, device, cfg.warmup)
+        ref = statistics.median(rate(ref_step, device, cfg.steps, cfg.repeats))
+        rows.append([torch.get_num_threads(), 1, "reference (CORL-style, eager fp32)", f"{ref:,.0f}", f"{ref:,.0f}", "1.00x",
+                     f"{flops * ref / 1e9:,.1f}", f"{100 * flops * ref / 1e9 / peaks[torch.float32]:.0f}% (fp32)", f"{1e6 / ref / 60:.1f} min"])
+        for n in cfg.num_seeds:
+            for mode in cfg.modes:
+                step = base_step if (n, mode) == (1, "eager") else make_iql_step(cfg, device, n, mode)[0]
+                start = time.perf_counter()
+                timed(step, device, cfg.warmup)  # compiles, with --compile
+                warm_s = time.perf_counter() - start
+                steps = max(cfg.steps // n, 10)
+                r = statistics.median(rate(step, device, steps, cfg.repeats))
+                dtype = torch.bfloat16 if "bf16" in mode else torch.float32
+                achieved = n * flops * r / 1e9
+                rows.append([torch.get_num_threads(), n, f"iql.py {mode}", f"{r:,.0f}", f"**{n * r:,.0f}**", f"{r / ref:.2f}x",
+                             f"{achieved:,.1f}", f"{100 * achieved / peaks[dtype]:.0f}% ({'bf16' if dtype == torch.bfloat16 else 'fp32'})",
+                             f"{1e6 / r / 60:.1f} min"])
+                if "compile" in mode:
+                    notes.append(f"{torch.get_num_threads()} thread(s), {n} seed(s), {mode}: {warm_s:.0f} s for the {cfg.warmup} warm-up updates, compiling included")
+        notes.append(f"{torch.get_num_threads()} thread(s): measured matmul peak (n x n by n x n, best of n in {sizes}) "
+                     f"fp32 {peaks[torch.float32]:,.1f} GFLOP/s, bf16 {peaks[torch.bfloat16]:,.1f} GFLOP/s")
+    torch.set_num_threads(cfg.threads[0] or DEFAULT_THREADS)  # for the sections after this one
     return (
-        f"### Update step (batch {cfg.batch}, obs {cfg.obs_dim}, act {cfg.act_dim}, hidden {tuple(cfg.hidden)}; "
-        f"{cfg.steps} timed steps x {cfg.repeats} interleaved repeats after {cfg.warmup} warm-up steps)\n\n"
-        + table(["implementation", "updates/s (median)", "updates/s (best repeat)", "ms/update", "vs reference",
-                 "matmul GFLOP/s", "of peak fp32 matmul", "of 256^3 matmul rate", "1M updates take"], rows)
-        + f"\n\nAll repeats (updates/s): iql.py {', '.join(f'{r:,.0f}' for r in rates['iql'])}; "
-        f"reference {', '.join(f'{r:,.0f}' for r in rates['ref'])}.\n\n"
-        f"Matmul FLOPs per update: {flops / 1e6:.1f} MFLOP, the same for both. Counted: forward 2*B*in*out per linear layer; "
+        f"### Update step (batch {cfg.batch} per seed, obs {cfg.obs_dim}, act {cfg.act_dim}, hidden {tuple(cfg.hidden)}; "
+        f"{cfg.steps} timed updates / seeds x {cfg.repeats} repeats (median) after {cfg.warmup} warm-up updates)\n\n"
+        + table(["threads", "seeds", "update", "updates/s", "seed-updates/s", "vs reference", "matmul GFLOP/s",
+                 "of peak matmul", "1M updates take"], rows)
+        + f"\n\nMatmul FLOPs per update and seed: {flops / 1e6:.1f} MFLOP. Counted: forward 2*B*in*out per linear layer; "
         f"backward = weight gradients of every layer + input gradients of every layer but the first; target twins on B rows, "
         f"V forward+backward on B and forward on 2B, twin Q forward+backward on B, actor forward+backward on B. Not counted: "
-        f"biases, activations, losses, Adam, Polyak, sampling.\n\n"
-        f"Measured fp32 torch.matmul (n x n by n x n) on this device: "
-        + ", ".join(f"n={n}: {r:,.1f} GFLOP/s" for n, r in rates_mm.items())
-        + f"; peak = {peak:,.1f} GFLOP/s.\n"
+        f"biases, activations, losses, Adam, Polyak, sampling. seed-updates/s = updates/s x seeds.\n\n"
+        + "\n".join(f"- {note}" for note in notes) + "\n"
     )
 
 
@@ -280,7 +297,7 @@ def bench_dataset(cfg) -> str:
     store = os.path.abspath(os.path.join(cfg.cache_dir, "minari"))
     built = build_dataset(cfg, store)
     env = {**os.environ, "MINARI_DATASETS_PATH": store, "HF_HUB_OFFLINE": "1"}
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in (("device", cfg.device), ("dataset_episodes", cfg.dataset_episodes), ("episode_steps", cfg.episode_steps), ("threads", cfg.threads))]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in (("device", cfg.device), ("dataset_episodes", cfg.dataset_episodes), ("episode_steps", cfg.episode_steps), ("threads", cfg.threads[0]))]
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--dataset-worker", *flags], env=env, capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     mib = lambda b: f"{b / 2**20:,.1f} MiB"
@@ -372,7 +389,9 @@ def bench_evaluation(cfg, device) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch intra-op threads of each CPU update timing (0: torch's default); the first for the rest")
+    p.add_argument("--num-seeds", type=int, nargs="+", default=[1, 3, 10], help="seeds trained in lockstep (--num-seeds), one timing each")
+    p.add_argument("--modes", nargs="+", default=["eager", "compile", "bf16"], choices=["eager", "compile", "bf16", "compile+bf16"], help="iql.py's update as run plainly, with --compile, --bf16")
     p.add_argument("--steps", type=int, default=1000, help="timed updates per repeat and implementation")
     p.add_argument("--warmup", type=int, default=100, help="untimed updates first")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats; the median is reported")
@@ -393,8 +412,7 @@ def parse_args(argv=None):
 
 
 def main(cfg) -> None:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads[0] or DEFAULT_THREADS)
     if cfg.dataset_worker:
         print(json.dumps(dataset_worker(cfg)))
         return

@@ -124,17 +124,20 @@ def toy_table(runs: list) -> str:
         value.load_state_dict(torch.load(checkpoint, weights_only=True)["networks"]["value"])
         with torch.no_grad():
             v_s1 = value(torch.eye(3)[None, 1:2]).flatten().tolist()  # one per seed
-        key = (env_id, args["expectile"])
+        key = (env_id, args["expectile"], "bf16" if args.get("bf16") else "fp32")
         rows[key]["v"] += v_s1
         result = run["summary"]["policies"]["concurrent"]
         rows[key]["ret"] += [r["return_mean"] for r in result.get("seeds", [result])]
         fractions[env_id] = 0.1 if "ten" in env_id else 0.5
-    lines = ["| dataset | expectile | V(s1) analytic | V(s1) learned | return of the policy (best: 10) |", "|---|---|---|---|---|"]
-    for env_id, expectile in sorted(rows):
-        r = rows[env_id, expectile]
+    precisions = sorted({p for _, _, p in rows}, reverse=True)  # fp32 first; bf16 (--bf16) beside it when there are such runs
+    lines = ["| dataset | expectile | V(s1) analytic | " + " | ".join(f"V(s1) learned, {p}" for p in precisions)
+             + " | " + " | ".join(f"return of the policy, {p} (best: 10)" for p in precisions) + " |", "|---" * (3 + 2 * len(precisions)) + "|"]
+    for env_id, expectile in sorted({(d, e) for d, e, _ in rows}):
+        found = [rows.get((env_id, expectile, p)) for p in precisions]
         lines.append(
             f"| {env_id} | {expectile} | {analytic_v_s1(fractions[env_id], expectile):.2f} | "
-            f"{np.mean(r['v']):.2f} ± {np.std(r['v']):.2f} | {np.mean(r['ret']):.1f} ({len(r['ret'])} seeds) |"
+            + " | ".join(f"{np.mean(r['v']):.2f} ± {np.std(r['v']):.2f}" if r else "–" for r in found) + " | "
+            + " | ".join(f"{np.mean(r['ret']):.1f} ({len(r['ret'])} seeds)" if r else "–" for r in found) + " |"
         )
     return "\n".join(lines)
 

@@ -135,7 +135,7 @@ def test_two_step_bc_imitates_the_mixture_top_bc_goes_up_twice(minari_store, tmp
 # ------------------------------------------------------------------ the two copies stay identical
 SHARED = [
     "D4RL_REFERENCE_RETURNS", "ACTION_CLIP_EPS", "LOG_STD_MIN", "LOG_STD_MAX",
-    "load_minari_dataset", "import_robotics_envs", "flatten_observation", "stack_observations", "OfflineData", "flatten_dataset", "action_bounds", "to_unit_box",
+    "load_minari_dataset", "flatten_observation", "stack_observations", "OfflineData", "flatten_dataset", "action_bounds", "to_unit_box",
     "subset_episodes", "dataset_family", "scoring_rule", "eval_env_kwargs", "cut_episodes_at_goal", "plot_dataset_overview", "Ensemble", "Actor", "gaussian_log_prob",
     "evaluate", "score_summary", "over_seeds", "EVAL_SEED_BLOCK", "MAY_CHANGE_ON_RESUME", "act", "describe", "check_eval_env",
     "make_run_dir", "save_checkpoint", "load_checkpoint", "stored_args", "rng_states", "set_rng_states", "catch_stop_signals",

@@ -175,12 +175,12 @@ def test_twin_q_is_independent_networks_two_per_seed():
 
 
 # ------------------------------------------------------------------ the paper's central claim
-def train_toy(expectile, runs_dir):
+def train_toy(expectile, runs_dir, bf16=False):
     summary = iql.main(
         iql.Args(
             env_id="toy/twostep/fifty-v0", expectile=expectile, temperature=3.0, total_steps=1500, batch_size=64,
             hidden_dims=(64, 64), value_lr=1e-3, critic_lr=1e-3, actor_lr=1e-3, eval_freq=0,
-            final_eval_episodes=2, log_freq=500, save_model=True, runs_dir=str(runs_dir), cuda=False,
+            final_eval_episodes=2, log_freq=500, save_model=True, runs_dir=str(runs_dir), cuda=False, bf16=bf16,
         )
     )
     checkpoint = torch.load(os.path.join(runs_dir, summary["run_name"], "model.pt"), weights_only=True)

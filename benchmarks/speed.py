@@ -166,7 +166,7 @@ def bench_updates(cfg, device) -> str:
     rows, notes = [], []
     for threads in cfg.threads if device.type == "cpu" else [torch.get_num_threads()]:
         torch.set_num_threads(threads or DEFAULT_THREADS)
-        peaks = {dtype: max(matmul_throughput(n, device, dtype) for n in sizes) for dtype in (torch.float32, torch.bfloat16)}
+        peaks = {dtype: max(matmul_throughput(n, device, dtype, cfg.peak_seconds) for n in sizes) for dtype in (torch.float32, torch.bfloat16)}
         base_step, nets = make_iql_step(cfg, device)
         ref_step = make_reference_step(cfg, device, nets)  # from the same initial weights
         timed(ref_step, device, cfg.warmup)
@@ -395,6 +395,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1000, help="timed updates per repeat and implementation")
     p.add_argument("--warmup", type=int, default=100, help="untimed updates first")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats; the median is reported")
+    p.add_argument("--peak-seconds", type=float, default=1.0, help="timing of each matmul-peak measurement")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--obs-dim", type=int, default=11)
     p.add_argument("--act-dim", type=int, default=3)

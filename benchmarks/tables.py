@@ -33,6 +33,10 @@ def load_runs(runs_dirs: list) -> list:
 
 
 def label(run: dict, policy: str) -> str:
+    return method(run, policy) + (" (bf16)" if run["args"].get("bf16") else "")  # --bf16 runs get columns of their own
+
+
+def method(run: dict, policy: str) -> str:
     if policy == "bc":
         selection = run["summary"]["data_selection"]
         if selection["top_fraction"] == 1.0:
@@ -65,7 +69,7 @@ def score_table(runs: list, steps: int) -> str:
     datasets = sorted({d for d, _ in scores})
     if not datasets:
         return "no scored runs"
-    columns = [c for c in COLUMNS if any((d, c) in scores for d in datasets)]
+    columns = [c for c in COLUMNS + [f"{c} (bf16)" for c in COLUMNS] if any((d, c) in scores for d in datasets)]
     lines = ["| dataset | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for d in datasets:
         lines.append(f"| {d} | " + " | ".join(cell(scores.get((d, c), [])) for c in columns) + " |")

@@ -54,3 +54,9 @@ def test_replay_buffer_is_cut_into_episodes_at_terminations_and_time_limits(tmp_
     assert fall.terminations.tolist() == [False, False, True] and not fall.truncations.any()
     assert time_limit.truncations.tolist() == [False, True] and not time_limit.terminations.any()
     np.testing.assert_array_equal(time_limit.rewards, [3, 4])
+
+
+def test_bf16_runs_get_columns_of_their_own():
+    fp32, bf16 = {"args": {"bf16": False}}, {"args": {"bf16": True}}
+    assert [tables.label(run, policy) for run in (fp32, bf16) for policy in ("concurrent", "posthoc")] == ["IQL", "IQL post-hoc", "IQL (bf16)", "IQL post-hoc (bf16)"]
+    assert tables.label({"args": {}}, "concurrent") == "IQL"  # runs from before --bf16 existed

@@ -133,6 +133,8 @@ def toy_table(runs: list) -> str:
         result = run["summary"]["policies"]["concurrent"]
         rows[key]["ret"] += [r["return_mean"] for r in result.get("seeds", [result])]
         fractions[env_id] = 0.1 if "ten" in env_id else 0.5
+    if not rows:
+        return "–"
     precisions = sorted({p for _, _, p in rows}, reverse=True)  # fp32 first; bf16 (--bf16) beside it when there are such runs
     lines = ["| dataset | expectile | V(s1) analytic | " + " | ".join(f"V(s1) learned, {p}" for p in precisions)
              + " | " + " | ".join(f"return of the policy, {p} (best: 10)" for p in precisions) + " |", "|---" * (3 + 2 * len(precisions)) + "|"]

@@ -36,6 +36,7 @@ def test_tables_report_the_last_evaluation_per_step_budget(minari_store, tmp_pat
         assert table[-1] == "Code: commit not recorded."
     curves = tables.learning_curves(runs, str(tmp_path / "curves"))
     assert [name for name, _ in curves] == ["mujoco/hopper/tiny-v0, 40 steps", "mujoco/hopper/tiny-v0, 80 steps"]
+    assert tables.toy_table(runs) == "–"  # no toy runs: no empty table
 
 
 def test_replay_buffer_is_cut_into_episodes_at_terminations_and_time_limits(tmp_path):

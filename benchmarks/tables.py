@@ -1,6 +1,7 @@
 """Turn the runs' summary.json files into the Markdown tables of benchmarks.md, and draw learning curves.
 
     python benchmarks/tables.py --runs-dir logs/bench_runs logs/toy_runs --write benchmarks.md --curves benchmarks/curves
+    python benchmarks/tables.py --runs-dir logs/hopper_300k --train-logs logs/hopper_300k.log   # and IQL's V and advantages
 
 The score of a run is its final evaluation (the last one, as CORL's "last" column; never the best of
 several); a cell is the mean +- std of that score over seeds, with the number of seeds. Runs of
@@ -15,6 +16,7 @@ import glob
 import json
 import os
 import sys
+from typing import Optional
 
 import numpy as np
 
@@ -188,16 +190,118 @@ def learning_curves(runs: list, out_dir: str) -> list:
     return written
 
 
+def started_run(flags: list) -> Optional[str]:
+    """The run folder that a fresh `python iql.py --flag value ...` made: the one whose args.json holds every value named."""
+    named, flag = {}, None
+    for word in flags:
+        if word.startswith("--"):
+            flag = word[2:].replace("-", "_")
+            named[flag] = []
+        else:
+            named[flag].append(word)
+    runs_dir = named.pop("runs_dir")[0]
+
+    def same(stored, given: list) -> bool:
+        stored, given = stored if isinstance(stored, list) else [stored], given or [True]  # a flag without a value turns a bool on
+        try:
+            return len(stored) == len(given) and all(str(a) == b or float(a) == float(b) for a, b in zip(stored, given))
+        except (TypeError, ValueError):
+            return False
+
+    for path in sorted(glob.glob(os.path.join(runs_dir, "*", "args.json"))):
+        stored = json.load(open(path))
+        if "top_fraction" not in stored and all(same(stored.get(k), v) for k, v in named.items()):
+            return os.path.dirname(path)
+    return None
+
+
+def training_metrics(log_paths: list) -> dict:
+    """{run folder: {step: {metric: value}}} from the `train step` lines iql.py prints, in the logs that run_grid.py's output
+    went to. A run's lines follow the command that started or resumed it; a step logged again after a resume takes the
+    later line, the one the finished run continued from."""
+    metrics, run_dir = collections.defaultdict(dict), None
+    for line in (line for path in log_paths for line in open(path)):
+        words = line.split()
+        if words[:1] == ["python"]:
+            run_dir = None if words[1] != "iql.py" else words[3] if words[2] == "--resume" else started_run(words[2:])
+        elif words[:2] == ["train", "step"] and run_dir:
+            values = line.split("|")[-1].split()
+            metrics[os.path.abspath(run_dir)][int(words[2].split("/")[0])] = {k: float(v) for k, v in zip(values[::2], values[1::2])}
+    return metrics
+
+
+def discounted_return_to_go(run: dict) -> float:
+    """Mean over the dataset's steps of the discounted return that followed them, in the run's training reward:
+    what V would be for the behaviour policy, ignoring what follows a time limit."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import iql
+
+    data = iql.flatten_dataset(iql.load_minari_dataset(run["args"]["env_id"]))
+    scale, shift = iql.reward_transform(run["args"]["reward_normalization"], data.episode_returns)
+    rewards, to_go = data.rewards * scale + shift, []
+    for start, length in zip(data.episode_starts, data.episode_lengths):
+        g, episode = 0.0, []
+        for r in rewards[start : start + length][::-1]:
+            g = r + run["args"]["discount"] * g
+            episode.append(g)
+        to_go += episode
+    return float(np.mean(to_go))
+
+
+def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
+    """One PNG per dataset and step budget: IQL's mean V, mean advantage Q - V and mean AWR weight on its minibatches
+    against the gradient step, mean with a +-std band over runs (one per seed, or a --num-seeds run's mean over its seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = {"v_mean": "mean V(s)", "advantage_mean": "mean advantage Q(s, a) - V(s)", "awr_weight_mean": "mean AWR weight (clipped at exp_adv_max)"}
+    groups = collections.defaultdict(lambda: collections.defaultdict(list))  # dataset and budget -> label -> runs
+    for run in runs:
+        if os.path.abspath(run["dir"]) in metrics:
+            groups[run["summary"]["env_id"], run["args"]["total_steps"]][label(run, "concurrent")].append(run)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for (dataset, budget), by_label in sorted(groups.items()):
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+        for ax, (key, title) in zip(axes, panels.items()):
+            for name, group in sorted(by_label.items()):
+                history = [metrics[os.path.abspath(run["dir"])] for run in group]
+                # the steps every run logged; a post-hoc-only run logs no advantages while V and Q train
+                steps = sorted(s for s in set.intersection(*(set(h) for h in history)) if all(key in h[s] for h in history))
+                if not steps:
+                    continue
+                values = np.array([[h[s][key] for s in steps] for h in history])
+                mean, std = values.mean(0), values.std(0)
+                ax.plot(steps, mean, label=f"{name} ({len(group)} run{'s' if len(group) > 1 else ''}; band: ± 1 std over runs)")
+                ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+            if key == "v_mean":
+                reference = discounted_return_to_go(next(iter(by_label.values()))[0])
+                ax.axhline(reference, color="gray", linestyle="--", label="dataset's discounted return-to-go, mean over steps")
+            ax.set_xlabel("gradient step")
+            ax.set_title(title)
+            ax.legend(fontsize="small")
+        fig.suptitle(f"{dataset}, {budget:,} steps: IQL's value function on its minibatches")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{dataset.replace('/', '__')}__{budget}__value.png")
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written.append((f"{dataset}, {budget:,} steps: V, advantages, AWR weights", path))
+    return written
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs-dir", nargs="+", default=["logs/bench_runs"], help="folders of runs (runs/{run_name}/)")
     parser.add_argument("--write", help="a Markdown file whose tables block to replace; default: print")
     parser.add_argument("--curves", default="benchmarks/curves", help="folder for the learning-curve PNGs")
+    parser.add_argument("--train-logs", nargs="*", default=[], help="run_grid.py's output, from which IQL's V and advantage curves are drawn")
     store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
     parser.add_argument("--datasets-record", default=os.path.join(store, "local_datasets.jsonl"), help="written by benchmarks/datasets.py")
     args = parser.parse_args()
     runs = load_runs(args.runs_dir)
-    curves = learning_curves(runs, args.curves)
+    curves = learning_curves(runs, args.curves) + training_curves(runs, training_metrics(args.train_logs), args.curves)
     base = os.path.dirname(os.path.abspath(args.write)) if args.write else os.getcwd()
     scores = [(f"### Scores at {steps:,} gradient steps (final evaluation, mean ± std over seeds, number of seeds)", score_table(runs, steps)) for steps in budgets(runs)]
     block = "\n\n".join(

@@ -1,6 +1,7 @@
 """The benchmark tooling turns runs into honest tables and SB3 replay buffers into honest episodes."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -61,3 +62,39 @@ def test_bf16_runs_get_columns_of_their_own():
     fp32, bf16 = {"args": {"bf16": False}}, {"args": {"bf16": True}}
     assert [tables.label(run, policy) for run in (fp32, bf16) for policy in ("concurrent", "posthoc")] == ["IQL", "IQL post-hoc", "IQL (bf16)", "IQL post-hoc (bf16)"]
     assert tables.label({"args": {}}, "concurrent") == "IQL"  # runs from before --bf16 existed
+
+
+def test_value_curves_come_from_each_iql_runs_own_log_lines(minari_store, tmp_path, capsys):
+    import iql
+    import tyro
+
+    from benchmarks import run_grid
+
+    # a grid's log as run_grid.py prints it: each command, then what the run printed; two IQL seeds and a BC run between them
+    flags = ["--batch-size", "16", "--hidden-dims", "8", "8", "--eval-freq", "0", "--final-eval-episodes", "2", "--log-freq", "50"]
+    log = []
+    for seed in (1, 2):
+        for command in run_grid.commands("mujoco/hopper/tiny-v0", seed, 100, str(tmp_path / "runs"), flags, [], ["iql", "bc"] if seed == 1 else ["iql"], "concurrent"):
+            module = iql if command[0] == "iql.py" else bc
+            module.main(tyro.cli(module.Args, args=command[1:]))
+            log += [" ".join(["python", *command]), capsys.readouterr().out]
+    runs = tables.load_runs([str(tmp_path / "runs")])
+    iql_runs = {run["args"]["seed"]: run for run in runs if "posthoc_steps" in run["args"]}
+    first, second = (os.path.abspath(iql_runs[seed]["dir"]) for seed in (1, 2))
+    # a resumed segment's line for a step wins over the line of the same step before the resume
+    log += [f"python iql.py --resume {iql_runs[1]['dir']}", "train step       50/100 |     10 upd/s | ETA   0.1 min | v_mean 7.5 advantage_mean -1 awr_weight_mean 2"]
+    (tmp_path / "grid.log").write_text("\n".join(log) + "\n")
+    metrics = tables.training_metrics([str(tmp_path / "grid.log")])
+    assert sorted(metrics) == sorted([first, second])  # the BC run's lines belong to no IQL run
+    assert sorted(metrics[first]) == sorted(metrics[second]) == [50, 100]
+    assert metrics[first][50] == {"v_mean": 7.5, "advantage_mean": -1.0, "awr_weight_mean": 2.0}
+    assert metrics[first][100] != metrics[second][100]
+    (line,) = [line for line in log[5].splitlines() if line.startswith("train step      100/")]  # what seed 2's run printed
+    assert line.endswith(" ".join(f"{k} {v:.4g}" for k, v in metrics[second][100].items()))
+    # the V panel's reference line: the dataset's mean discounted return-to-go in the run's training reward
+    data = iql.flatten_dataset(iql.load_minari_dataset("mujoco/hopper/tiny-v0"))
+    scale, shift = iql.reward_transform("locomotion", data.episode_returns)
+    to_go = [sum(0.99**k * (r * scale + shift) for k, r in enumerate(data.rewards[start + t : start + n])) for start, n in zip(data.episode_starts, data.episode_lengths) for t in range(n)]
+    assert tables.discounted_return_to_go(iql_runs[1]) == pytest.approx(np.mean(to_go), rel=1e-5)
+    curves = tables.training_curves(runs, metrics, str(tmp_path / "curves"))
+    assert [name for name, _ in curves] == ["mujoco/hopper/tiny-v0, 100 steps: V, advantages, AWR weights"] and os.path.exists(curves[0][1])

@@ -150,6 +150,23 @@ def toy_table(runs: list) -> str:
     return "\n".join(lines)
 
 
+def plot_band(ax, steps: list, values: np.ndarray, name: str, over: str) -> None:
+    """The mean of values' rows (one per seed, or per run) against steps, in a band of +-1 std."""
+    mean, std = values.mean(0), values.std(0)
+    ax.plot(steps, mean, label=f"{name} ({len(values)} {over}; band: ± 1 std over {over})")
+    ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+
+
+def save_figure(fig, out_dir: str, dataset: str, budget: int, suffix: str = "") -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{dataset.replace('/', '__')}__{budget}{suffix}.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def learning_curves(runs: list, out_dir: str) -> list:
     """One PNG per dataset and step budget: score against gradient step, mean with a +-std band over seeds."""
     import matplotlib
@@ -174,19 +191,12 @@ def learning_curves(runs: list, out_dir: str) -> list:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, seeds in sorted(by_label.items()):
             steps = sorted(set.intersection(*(set(s for s, _ in points) for points in seeds)))
-            values = np.array([[dict(points)[s] for s in steps] for points in seeds])
-            mean, std = values.mean(0), values.std(0)
-            ax.plot(steps, mean, label=f"{name} ({len(seeds)} seeds; band: ± 1 std over seeds)")
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+            plot_band(ax, steps, np.array([[dict(points)[s] for s in steps] for points in seeds]), name, "seeds")
         ax.set_xlabel("policy updates (IQL post-hoc: its own, after the V/Q steps)")
         ax.set_ylabel("score")
         ax.set_title(f"{dataset}, {budget:,} steps")
         ax.legend()
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{dataset.replace('/', '__')}__{budget}.png")
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        written.append((f"{dataset}, {budget:,} steps", path))
+        written.append((f"{dataset}, {budget:,} steps", save_figure(fig, out_dir, dataset, budget)))
     return written
 
 
@@ -272,10 +282,7 @@ def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
                 steps = sorted(s for s in set.intersection(*(set(h) for h in history)) if all(key in h[s] for h in history))
                 if not steps:
                     continue
-                values = np.array([[h[s][key] for s in steps] for h in history])
-                mean, std = values.mean(0), values.std(0)
-                ax.plot(steps, mean, label=f"{name} ({len(group)} run{'s' if len(group) > 1 else ''}; band: ± 1 std over runs)")
-                ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+                plot_band(ax, steps, np.array([[h[s][key] for s in steps] for h in history]), name, "runs")
             if key == "v_mean":
                 reference = discounted_return_to_go(next(iter(by_label.values()))[0])
                 ax.axhline(reference, color="gray", linestyle="--", label="dataset's discounted return-to-go, mean over steps")
@@ -283,11 +290,7 @@ def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
             ax.set_title(title)
             ax.legend(fontsize="small")
         fig.suptitle(f"{dataset}, {budget:,} steps: IQL's value function on its minibatches")
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{dataset.replace('/', '__')}__{budget}__value.png")
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        written.append((f"{dataset}, {budget:,} steps: V, advantages, AWR weights", path))
+        written.append((f"{dataset}, {budget:,} steps: V, advantages, AWR weights", save_figure(fig, out_dir, dataset, budget, "__value")))
     return written
 
 

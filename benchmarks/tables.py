@@ -259,7 +259,7 @@ def discounted_return_to_go(run: dict) -> float:
 
 
 def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
-    """One PNG per dataset and step budget: IQL's mean V, mean advantage Q - V and mean AWR weight on its minibatches
+    """One PNG per dataset and step budget: IQL's mean V, mean advantage Q - V and mean AWR weight on the minibatch of each logged step
     against the gradient step, mean with a +-std band over runs (one per seed, or a --num-seeds run's mean over its seeds)."""
     import matplotlib
 
@@ -289,7 +289,7 @@ def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
             ax.set_xlabel("gradient step")
             ax.set_title(title)
             ax.legend(fontsize="small")
-        fig.suptitle(f"{dataset}, {budget:,} steps: IQL's value function on its minibatches")
+        fig.suptitle(f"{dataset}, {budget:,} steps: IQL's value function, each point one logged step's minibatch")
         written.append((f"{dataset}, {budget:,} steps: V, advantages, AWR weights", save_figure(fig, out_dir, dataset, budget, "__value")))
     return written
 

@@ -6,8 +6,8 @@
 The score of a run is its final evaluation (the last one, as CORL's "last" column; never the best of
 several); a cell is the mean +- std of that score over seeds, with the number of seeds. Runs of
 different step budgets are never pooled: there is one score table, and one curve per dataset, for
-each budget. The tables replace the text between `<!-- tables:start -->` and `<!-- tables:end -->`
-of --write.
+each budget. The tables replace the text between `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->`
+of --write (--block, default `tables`), so that runs of another kind can fill a block of their own.
 """
 
 import argparse
@@ -82,24 +82,28 @@ def score_table(runs: list, steps: int) -> str:
     return "\n".join(lines) + f"\n\nCode: commit {', '.join(sorted(commits))}."
 
 
-def datasets_table(record_path: str) -> str:
-    """Size, return distribution, reference returns and behaviour policies of the datasets, as
+def datasets_table(record_path: str, dataset_ids: set) -> str:
+    """Size, return distribution, reference returns and behaviour policies of the runs' datasets, as
     benchmarks/datasets.py recorded them (the last record of a dataset built more than once)."""
     records = {}
     for line in open(record_path):
         record = json.loads(line)
-        records[record["dataset_id"]] = record
+        if record["dataset_id"] in dataset_ids:
+            records[record["dataset_id"]] = record
     lines = [
-        "| dataset | episodes | steps | episode return: mean (min, max) | reference returns (score 0, 100) | behaviour policies (mean return of the checkpoint's deterministic evaluation) |",
-        "|---|---|---|---|---|---|",
+        "| dataset | episodes | steps | episode return: mean (quartiles; min, max) | normalised mean | reference returns (score 0, 100) | behaviour policies (mean return of the checkpoint's deterministic evaluation) |",
+        "|---|---|---|---|---|---|---|",
     ]
     number = lambda x: f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
-    for r in records.values():
-        refs = f"{r['ref_min_score']:.1f}, {r['ref_max_score']:.1f}" if r["ref_max_score"] is not None else "–"
+    for r in sorted(records.values(), key=lambda r: r["dataset_id"]):
+        scored = r["ref_max_score"] is not None
+        refs = f"{r['ref_min_score']:.1f}, {r['ref_max_score']:.1f}" if scored else "–"
+        normalised = f"{100 * (r['return_mean'] - r['ref_min_score']) / (r['ref_max_score'] - r['ref_min_score']):.1f}" if scored else "–"
+        quartiles = ", ".join(number(q) for q in r["return_quartiles"])
         behaviour = r.get("behaviour")
         policies = "; ".join(f"{tag}: SAC at step {behaviour[f'{tag}_policy']['step']:,} ({behaviour[f'{tag}_policy']['return_mean']:.1f})" for tag in ("medium", "expert")) if behaviour else "–"
         lines.append(
-            f"| {r['dataset_id']} | {r['episodes']:,} | {r['steps']:,} | {number(r['return_mean'])} ({number(r['return_min'])}, {number(r['return_max'])}) | {refs} | {policies} |"
+            f"| {r['dataset_id']} | {r['episodes']:,} | {r['steps']:,} | {number(r['return_mean'])} ({quartiles}; {number(r['return_min'])}, {number(r['return_max'])}) | {normalised} | {refs} | {policies} |"
         )
     return "\n".join(lines)
 
@@ -110,8 +114,8 @@ def analytic_v_s1(up_fraction: float, expectile: float) -> float:
     return (10 * w_up - 10 * w_down) / (w_up + w_down)
 
 
-def toy_table(runs: list) -> str:
-    """Two-step MDP: expectile vs the learned and analytic V(s1), and the return of the policy."""
+def toy_table(runs: list) -> Optional[str]:
+    """Two-step MDP: expectile vs the learned and analytic V(s1), and the return of the policy; None without toy runs."""
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -136,7 +140,7 @@ def toy_table(runs: list) -> str:
         rows[key]["ret"] += [r["return_mean"] for r in result.get("seeds", [result])]
         fractions[env_id] = 0.1 if "ten" in env_id else 0.5
     if not rows:
-        return "–"
+        return None
     precisions = sorted({p for _, _, p in rows}, reverse=True)  # fp32 first; bf16 (--bf16) beside it when there are such runs
     lines = ["| dataset | expectile | V(s1) analytic | " + " | ".join(f"V(s1) learned, {p}" for p in precisions)
              + " | " + " | ".join(f"return of the policy, {p} (best: 10)" for p in precisions) + " |", "|---" * (3 + 2 * len(precisions)) + "|"]
@@ -297,7 +301,8 @@ def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs-dir", nargs="+", default=["logs/bench_runs"], help="folders of runs (runs/{run_name}/)")
-    parser.add_argument("--write", help="a Markdown file whose tables block to replace; default: print")
+    parser.add_argument("--write", help="a Markdown file whose block to replace; default: print")
+    parser.add_argument("--block", default="tables", help="with --write: the name in its <!-- NAME:start --> and <!-- NAME:end --> lines")
     parser.add_argument("--curves", default="benchmarks/curves", help="folder for the learning-curve PNGs")
     parser.add_argument("--train-logs", nargs="*", default=[], help="run_grid.py's output, from which IQL's V and advantage curves are drawn")
     store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
@@ -307,13 +312,15 @@ def main():
     curves = learning_curves(runs, args.curves) + training_curves(runs, training_metrics(args.train_logs), args.curves)
     base = os.path.dirname(os.path.abspath(args.write)) if args.write else os.getcwd()
     scores = [(f"### Scores at {steps:,} gradient steps (final evaluation, mean ± std over seeds, number of seeds)", score_table(runs, steps)) for steps in budgets(runs)]
+    toy = toy_table(runs)
+    # the datasets of every run begun, finished or not: a grid under way shows all it will cover
+    trained_on = {json.load(open(path))["env_id"] for runs_dir in args.runs_dir for path in glob.glob(os.path.join(runs_dir, "*", "args.json"))}
     block = "\n\n".join(
         [
             "### Datasets as built",
-            datasets_table(args.datasets_record) if os.path.exists(args.datasets_record) else f"no {args.datasets_record}",
+            datasets_table(args.datasets_record, trained_on) if os.path.exists(args.datasets_record) else f"no {args.datasets_record}",
             *(part for pair in scores for part in pair),
-            "### Toy two-step MDP: V(s1) against the expectile",
-            toy_table(runs),
+            *(["### Toy two-step MDP: V(s1) against the expectile", toy] if toy else []),
             "### Learning curves",
             "\n".join(f"- [{d}]({os.path.relpath(p, base)})" for d, p in curves) or "–",
         ]
@@ -322,7 +329,7 @@ def main():
         print(block)
         return
     text = open(args.write).read()
-    start, end = "<!-- tables:start -->", "<!-- tables:end -->"
+    start, end = f"<!-- {args.block}:start -->", f"<!-- {args.block}:end -->"
     head, rest = text.split(start)
     _, tail = rest.split(end)
     open(args.write, "w").write(f"{head}{start}\n{block}\n{end}{tail}")

@@ -37,7 +37,7 @@ def test_tables_report_the_last_evaluation_per_step_budget(minari_store, tmp_pat
         assert table[-1] == "Code: commit not recorded."
     curves = tables.learning_curves(runs, str(tmp_path / "curves"))
     assert [name for name, _ in curves] == ["mujoco/hopper/tiny-v0, 40 steps", "mujoco/hopper/tiny-v0, 80 steps"]
-    assert tables.toy_table(runs) == "–"  # no toy runs: no empty table
+    assert tables.toy_table(runs) is None  # no toy runs: no empty table
 
 
 def test_replay_buffer_is_cut_into_episodes_at_terminations_and_time_limits(tmp_path):
@@ -98,3 +98,20 @@ def test_value_curves_come_from_each_iql_runs_own_log_lines(minari_store, tmp_pa
     assert tables.discounted_return_to_go(iql_runs[1]) == pytest.approx(np.mean(to_go), rel=1e-5)
     curves = tables.training_curves(runs, metrics, str(tmp_path / "curves"))
     assert [name for name, _ in curves] == ["mujoco/hopper/tiny-v0, 100 steps: V, advantages, AWR weights"] and os.path.exists(curves[0][1])
+
+
+def test_write_fills_only_the_named_block_with_the_runs_datasets(minari_store, tmp_path, monkeypatch):
+    bc.main(bc.Args(env_id="mujoco/hopper/tiny-v0", total_steps=20, batch_size=16, hidden_dims=(8, 8), eval_freq=0, final_eval_episodes=2, runs_dir=str(tmp_path / "runs"), cuda=False))
+    record = {"episodes": 10, "steps": 500, "return_min": 10.0, "return_mean": 60.0, "return_max": 110.0, "return_quartiles": [30.0, 55.0, 90.0], "ref_min_score": 10.0, "ref_max_score": 210.0}
+    (tmp_path / "datasets.jsonl").write_text("".join(json.dumps({"dataset_id": d, **record}) + "\n" for d in ("mujoco/hopper/tiny-v0", "local/unused-v0")))
+    page = tmp_path / "page.md"
+    page.write_text("intro\n<!-- tables:start -->\nold results\n<!-- tables:end -->\nmiddle\n<!-- later:start -->\n<!-- later:end -->\nend\n")
+    argv = ["tables.py", "--runs-dir", str(tmp_path / "runs"), "--write", str(page), "--block", "later", "--curves", str(tmp_path / "curves"), "--datasets-record", str(tmp_path / "datasets.jsonl")]
+    monkeypatch.setattr("sys.argv", argv)
+    tables.main()
+    text = page.read_text()
+    assert text.startswith("intro\n<!-- tables:start -->\nold results\n<!-- tables:end -->\nmiddle\n<!-- later:start -->\n### Datasets as built")
+    assert text.endswith("<!-- later:end -->\nend\n")
+    # only the dataset the runs used; its normalised mean return is 100 * (60 - 10) / (210 - 10) = 25
+    assert "| mujoco/hopper/tiny-v0 | 10 | 500 | 60 (30, 55, 90; 10, 110) | 25.0 | 10.0, 210.0 | – |" in text and "unused" not in text
+    assert "Toy two-step MDP" not in text and "### Scores at 20 gradient steps" in text

@@ -208,7 +208,10 @@ def started_run(flags: list) -> Optional[str]:
     """The run folder that a fresh `python iql.py --flag value ...` made: the one whose args.json holds every value named."""
     named, flag = {}, None
     for word in flags:
-        if word.startswith("--"):
+        if word.startswith("--no-"):  # tyro's --no-flag turns a bool off
+            flag = word[5:].replace("-", "_")
+            named[flag] = [False]
+        elif word.startswith("--"):
             flag = word[2:].replace("-", "_")
             named[flag] = []
         else:
@@ -218,7 +221,7 @@ def started_run(flags: list) -> Optional[str]:
     def same(stored, given: list) -> bool:
         stored, given = stored if isinstance(stored, list) else [stored], given or [True]  # a flag without a value turns a bool on
         try:
-            return len(stored) == len(given) and all(str(a) == b or float(a) == float(b) for a, b in zip(stored, given))
+            return len(stored) == len(given) and all(a is b if isinstance(b, bool) else str(a) == b or float(a) == float(b) for a, b in zip(stored, given))
         except (TypeError, ValueError):
             return False
 

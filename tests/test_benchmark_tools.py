@@ -71,7 +71,7 @@ def test_value_curves_come_from_each_iql_runs_own_log_lines(minari_store, tmp_pa
     from benchmarks import run_grid
 
     # a grid's log as run_grid.py prints it: each command, then what the run printed; two IQL seeds and a BC run between them
-    flags = ["--batch-size", "16", "--hidden-dims", "8", "8", "--eval-freq", "0", "--final-eval-episodes", "2", "--log-freq", "50"]
+    flags = ["--batch-size", "16", "--hidden-dims", "8", "8", "--eval-freq", "0", "--final-eval-episodes", "2", "--log-freq", "50", "--no-cuda"]
     log = []
     for seed in (1, 2):
         for command in run_grid.commands("mujoco/hopper/tiny-v0", seed, 100, str(tmp_path / "runs"), flags, [], ["iql", "bc"] if seed == 1 else ["iql"], "concurrent"):

@@ -2,6 +2,7 @@
 
     python benchmarks/tables.py --runs-dir logs/bench_runs logs/toy_runs --write benchmarks.md --curves benchmarks/curves
     python benchmarks/tables.py --runs-dir logs/hopper_300k --train-logs logs/hopper_300k.log   # and IQL's V and advantages
+    python benchmarks/tables.py --runs-dir logs/hopper_300k --awr-weights   # and where IQL's final AWR weights fall
 
 The score of a run is its final evaluation (the last one, as CORL's "last" column; never the best of
 several); a cell is the mean +- std of that score over seeds, with the number of seeds. Runs of
@@ -19,6 +20,11 @@ import sys
 from typing import Optional
 
 import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bc  # noqa: E402  (the scripts at the repository root)
+import iql  # noqa: E402
 
 COLUMNS = ["BC", "10% BC", "10% BC by episodes", "IQL", "IQL post-hoc"]
 
@@ -116,11 +122,6 @@ def analytic_v_s1(up_fraction: float, expectile: float) -> float:
 
 def toy_table(runs: list) -> Optional[str]:
     """Two-step MDP: expectile vs the learned and analytic V(s1), and the return of the policy; None without toy runs."""
-    import torch
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import iql
-
     rows = collections.defaultdict(lambda: {"v": [], "ret": []})
     fractions = {}
     for run in runs:
@@ -250,9 +251,6 @@ def training_metrics(log_paths: list) -> dict:
 def discounted_return_to_go(run: dict) -> float:
     """Mean over the dataset's steps of the discounted return that followed them, in the run's training reward:
     what V would be for the behaviour policy, ignoring what follows a time limit."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import iql
-
     data = iql.flatten_dataset(iql.load_minari_dataset(run["args"]["env_id"]))
     scale, shift = iql.reward_transform(run["args"]["reward_normalization"], data.episode_returns)
     rewards, to_go = data.rewards * scale + shift, []
@@ -263,6 +261,92 @@ def discounted_return_to_go(run: dict) -> float:
             episode.append(g)
         to_go += episode
     return float(np.mean(to_go))
+
+
+def saved_mlp(state: dict) -> list:
+    """The (weight (members, in, out), bias (members, 1, out)) layers of a checkpoint's MLP: iql.py's Ensemble (and the TwinQ
+    before it) store them so; the value network of checkpoints from before Ensemble is an nn.Sequential of Linear layers."""
+    if "weights.0" in state:
+        return [(state[f"weights.{i}"], state[f"biases.{i}"]) for i in range(len(state) // 2)]
+    linear = sorted({int(k.split(".")[0]) for k in state})
+    return [(state[f"{i}.weight"].T[None], state[f"{i}.bias"][None, None]) for i in linear]
+
+
+def mlp_output(layers: list, x: torch.Tensor) -> torch.Tensor:
+    """(members, batch): each member's ReLU MLP on the same inputs (batch, in)."""
+    x = x.expand(len(layers[0][0]), -1, -1)
+    for i, (w, b) in enumerate(layers):
+        x = torch.baddbmm(b, x, w)
+        x = torch.relu(x) if i < len(layers) - 1 else x
+    return x.squeeze(-1)
+
+
+def saved_networks(run: dict) -> Optional[str]:
+    """The file holding a finished run's final networks, as --eval-only picks it: model.pt, else the last checkpoint.pt."""
+    return next((p for p in (os.path.join(run["dir"], name) for name in ("model.pt", "checkpoint.pt")) if os.path.exists(p)), None)
+
+
+def final_advantages(run: dict) -> tuple:
+    """(the run's dataset, its checkpoint's args, advantages min Q_target(s, a) - V(s) of its final networks at every step of
+    the dataset, (seeds, steps)), computed as iql.py's update does."""
+    checkpoint = torch.load(saved_networks(run), map_location="cpu", weights_only=False)
+    args, bounds = checkpoint["args"], checkpoint["normalization"]
+    data = iql.flatten_dataset(iql.load_minari_dataset(args["env_id"]))
+    data = iql.cut_episodes_at_goal(data) if args["goal_terminal"] else data  # the steps the run trained on
+    obs = torch.as_tensor(data.observations[data.obs_rows])
+    actions = torch.as_tensor(iql.to_unit_box(data.actions, np.array(bounds["action_low"]), np.array(bounds["action_high"])), dtype=torch.float32)
+    value, critic = saved_mlp(checkpoint["networks"]["value"]), saved_mlp(checkpoint["networks"]["target_critic"])
+    with torch.no_grad():  # in chunks: a whole dataset's hidden activations would take gigabytes
+        advantages = torch.cat([
+            mlp_output(critic, torch.cat([o, a], -1)).view(-1, 2, len(o)).min(1).values - mlp_output(value, o)
+            for o, a in zip(obs.split(16384), actions.split(16384))
+        ], dim=1)
+    return data, args, advantages.double().numpy()
+
+
+def awr_weight_stats(data, advantages: np.ndarray, temperature: float, exp_adv_max: float) -> list:
+    """For each seed's row of advantages: how the AWR weights exp(temperature * advantage), clipped at exp_adv_max, spread
+    over the dataset's steps. top10_*: the episodes 10% BC trains on (bc.py's selection); fall_*: the last 50 steps of
+    episodes that end in a termination; return_rank_corr: Spearman's correlation over episodes between return and mean
+    advantage; ess: (sum w)^2 / (N sum w^2), the share of steps that would carry as much information as the weighted ones."""
+    logits, clip = temperature * advantages, np.log(exp_adv_max)
+    weights = np.exp(np.minimum(logits, clip))  # exp(logits) clipped at exp_adv_max, without overflow
+    returns = data.episode_returns
+    top = np.repeat(returns >= bc.top_episodes(data, 0.1, "steps")[1], data.episode_lengths)
+    ends = data.episode_starts + data.episode_lengths  # one past each episode's last step
+    to_end = np.repeat(ends, data.episode_lengths) - np.arange(len(data.rewards))
+    before_fall = np.repeat(data.terminations[ends - 1], data.episode_lengths) & (to_end <= 50)
+    rank = lambda x: np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float)
+    stats = []
+    for adv, w, clipped in zip(advantages, weights, logits >= clip):
+        episode_adv = np.add.reduceat(adv, data.episode_starts) / data.episode_lengths
+        stats.append({
+            "top10_weight": w[top].sum() / w.sum(), "top10_steps": top.mean(), "fall_weight": w[before_fall].sum() / w.sum(), "fall_steps": before_fall.mean(),
+            "return_rank_corr": np.corrcoef(rank(returns), rank(episode_adv))[0, 1], "ess": w.sum() ** 2 / (len(w) * np.square(w).sum()), "clipped": clipped.mean(),
+        })
+    return stats
+
+
+def awr_weight_table(runs: list) -> str:
+    """Datasets x step budgets: awr_weight_stats of the IQL runs' final V and Q, mean +- std over seeds."""
+    groups = collections.defaultdict(list)
+    for run in runs:
+        if "posthoc_steps" in run["args"] and saved_networks(run):
+            data, args, advantages = final_advantages(run)
+            groups[run["summary"]["env_id"], run["args"]["total_steps"]] += awr_weight_stats(data, advantages, args["temperature"], args["exp_adv_max"])
+    lines = [
+        "| dataset | steps | share of the AWR weight on the top-10% episodes (their share of steps) | on the 50 steps before a fall (their share) "
+        "| rank correlation of episode return and mean advantage | effective sample size | weights at the clip | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    spread = lambda key, group, f: f"{f(np.mean([s[key] for s in group]))} ± {f(np.std([s[key] for s in group]))}"
+    percent, plain = lambda x: f"{100 * x:.1f}%", lambda x: f"{x:.2f}"
+    for (dataset, steps), group in sorted(groups.items()):
+        lines.append(
+            f"| {dataset} | {steps:,} | {spread('top10_weight', group, percent)} ({percent(group[0]['top10_steps'])}) | {spread('fall_weight', group, percent)} "
+            f"({percent(group[0]['fall_steps'])}) | {spread('return_rank_corr', group, plain)} | {spread('ess', group, percent)} | {spread('clipped', group, percent)} | {len(group)} |"
+        )
+    return "\n".join(lines) if groups else "no IQL run with a model.pt or checkpoint.pt"
 
 
 def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
@@ -308,6 +392,7 @@ def main():
     parser.add_argument("--block", default="tables", help="with --write: the name in its <!-- NAME:start --> and <!-- NAME:end --> lines")
     parser.add_argument("--curves", default="benchmarks/curves", help="folder for the learning-curve PNGs")
     parser.add_argument("--train-logs", nargs="*", default=[], help="run_grid.py's output, from which IQL's V and advantage curves are drawn")
+    parser.add_argument("--awr-weights", action="store_true", help="a table of how each IQL run's final AWR weights spread over its dataset (reads the datasets)")
     store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
     parser.add_argument("--datasets-record", default=os.path.join(store, "local_datasets.jsonl"), help="written by benchmarks/datasets.py")
     args = parser.parse_args()
@@ -323,6 +408,7 @@ def main():
             "### Datasets as built",
             datasets_table(args.datasets_record, trained_on) if os.path.exists(args.datasets_record) else f"no {args.datasets_record}",
             *(part for pair in scores for part in pair),
+            *(["### Where the AWR weights of the final V and Q fall (IQL runs, both extractions; every step of the dataset)", awr_weight_table(runs)] if args.awr_weights else []),
             *(["### Toy two-step MDP: V(s1) against the expectile", toy] if toy else []),
             "### Learning curves",
             "\n".join(f"- [{d}]({os.path.relpath(p, base)})" for d, p in curves) or "–",

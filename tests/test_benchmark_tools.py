@@ -115,3 +115,50 @@ def test_write_fills_only_the_named_block_with_the_runs_datasets(minari_store, t
     # only the dataset the runs used; its normalised mean return is 100 * (60 - 10) / (210 - 10) = 25
     assert "| mujoco/hopper/tiny-v0 | 10 | 500 | 60 (30, 55, 90; 10, 110) | 25.0 | 10.0, 210.0 | – |" in text and "unused" not in text
     assert "Toy two-step MDP" not in text and "### Scores at 20 gradient steps" in text
+
+
+def test_awr_weight_stats_by_hand():
+    # four episodes: returns 300 (60 steps, ends in a fall), 1000 (10 steps), 20 (20 steps), 500 (10 steps); the others end at a time limit
+    lengths = np.array([60, 10, 20, 10])
+    rewards = np.repeat([5.0, 100.0, 1.0, 50.0], lengths).astype(np.float32)
+    ends = np.cumsum(lengths) - 1
+    terminations, truncations = np.zeros(100, bool), np.zeros(100, bool)
+    terminations[ends[0]], truncations[ends[1:]] = True, True
+    data = bc.OfflineData(np.zeros((104, 3), np.float32), np.zeros((100, 1), np.float32), rewards, terminations, truncations, lengths)
+    adv = np.repeat([0.0, np.log(3.0), -0.1, 0.0], lengths)
+    adv[-1] = 5.0  # clipped at exp_adv_max = e^2
+    seed_1, seed_2 = tables.awr_weight_stats(data, np.stack([adv, -adv]), temperature=1.0, exp_adv_max=np.e**2)
+    w = np.concatenate([np.ones(60), np.full(10, 3.0), np.full(20, np.exp(-0.1)), np.ones(9), [np.e**2]])
+    # 10% BC keeps the 1000-return episode alone (10 of 100 steps); a fall's last 50 steps are steps 10 to 59 of the first episode
+    assert seed_1["top10_steps"] == 0.1 and seed_1["top10_weight"] == pytest.approx(30 / w.sum())
+    assert seed_1["fall_steps"] == 0.5 and seed_1["fall_weight"] == pytest.approx(50 / w.sum())
+    assert seed_1["ess"] == pytest.approx(w.sum() ** 2 / (100 * np.square(w).sum())) and seed_1["clipped"] == 0.01
+    # mean advantages rank the episodes as their returns do (1000 > 500 > 300 > 20), and the negated ones the other way round
+    assert seed_1["return_rank_corr"] == pytest.approx(1.0) and seed_2["return_rank_corr"] == pytest.approx(-1.0)
+    assert seed_2["top10_weight"] == pytest.approx(10 / 3 / np.exp(np.minimum(-adv, 2.0)).sum()) and seed_2["clipped"] == 0.0
+
+
+def test_awr_weights_come_from_the_saved_networks_as_the_update_computes_them(minari_store, tmp_path):
+    import iql
+    import torch
+
+    iql.main(iql.Args(env_id="mujoco/hopper/tiny-v0", num_seeds=2, total_steps=30, batch_size=16, hidden_dims=(8, 8), eval_freq=0, final_eval_episodes=2,
+                      checkpoint_freq=10, runs_dir=str(tmp_path / "runs"), cuda=False))
+    (run,) = tables.load_runs([str(tmp_path / "runs")])
+    data, args, advantages = tables.final_advantages(run)
+    checkpoint = iql.load_checkpoint(os.path.join(run["dir"], "checkpoint.pt"))
+    value, critic = iql.Ensemble(data.observations.shape[1], (8, 8), 1, 2), iql.Ensemble(data.observations.shape[1] + 3, (8, 8), 1, 4)
+    value.load_state_dict(checkpoint["networks"]["value"])
+    critic.load_state_dict(checkpoint["networks"]["target_critic"])
+    obs, actions = (torch.as_tensor(x).expand(2, -1, -1) for x in (data.observations[data.obs_rows], data.actions))
+    with torch.no_grad():
+        expected = iql.twin_q(critic, obs, actions).min(dim=1).values - value(obs).squeeze(-1)
+    assert advantages.shape == (2, len(data.rewards)) and np.allclose(advantages, expected.numpy(), atol=1e-5)
+    assert not np.allclose(advantages[0], advantages[1])  # each seed's networks
+    (row,) = tables.awr_weight_table([run]).splitlines()[2:]
+    assert row.startswith("| mujoco/hopper/tiny-v0 | 30 | ") and row.endswith(" | 2 |")
+    # a value network saved as an nn.Sequential of Linear layers, as checkpoints from before Ensemble hold it, gives the same outputs
+    sequential = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    x = torch.randn(7, 5)
+    with torch.no_grad():
+        assert torch.allclose(tables.mlp_output(tables.saved_mlp(sequential.state_dict()), x), sequential(x).squeeze(-1), atol=1e-6)

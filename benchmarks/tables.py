@@ -2,7 +2,7 @@
 
     python benchmarks/tables.py --runs-dir logs/bench_runs logs/toy_runs --write benchmarks.md --curves benchmarks/curves
     python benchmarks/tables.py --runs-dir logs/hopper_300k --train-logs logs/hopper_300k.log   # and IQL's V and advantages
-    python benchmarks/tables.py --runs-dir logs/hopper_300k --awr-weights   # and where IQL's final AWR weights fall
+    python benchmarks/tables.py --runs-dir logs/hopper_300k --awr-weights --returns   # and where IQL's AWR weights, and each method's score, fall in the dataset
 
 The score of a run is its final evaluation (the last one, as CORL's "last" column; never the best of
 several); a cell is the mean +- std of that score over seeds, with the number of seeds. Runs of
@@ -205,6 +205,38 @@ def learning_curves(runs: list, out_dir: str) -> list:
     return written
 
 
+def return_figures(runs: list, out_dir: str) -> list:
+    """One PNG per dataset and step budget: the dataset's episode returns as scores, and where each method's final
+    evaluation lands among them (a line at the mean over seeds, a dot per seed). Datasets scored by return only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = collections.defaultdict(lambda: collections.defaultdict(list))  # dataset and budget -> label -> seed scores
+    for run in runs:
+        if run["summary"]["scoring"]["kind"] == "return" and not run["summary"]["env_id"].startswith("toy/"):
+            for policy, result in run["summary"]["policies"].items():
+                groups[run["summary"]["env_id"], run["args"]["total_steps"]][label(run, policy)] += [seed["score_mean"] for seed in result.get("seeds", [result])]
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for (dataset, budget), by_label in sorted(groups.items()):
+        rule = next(run["summary"]["scoring"] for run in runs if run["summary"]["env_id"] == dataset)
+        returns = iql.flatten_dataset(iql.load_minari_dataset(dataset)).episode_returns
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.hist(100 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"]), bins=40, color="lightgray", label=f"the dataset's {len(returns)} episodes")
+        for i, (name, scores) in enumerate(sorted(by_label.items())):
+            color = f"C{i}"
+            ax.axvline(np.mean(scores), color=color, label=f"{name}: {np.mean(scores):.1f} (mean of {len(scores)} seeds; dots: each seed)")
+            ax.plot(scores, np.full(len(scores), ax.get_ylim()[1] * (0.95 - 0.05 * i)), "o", color=color)
+        ax.set_xlabel("score (normalised return)")
+        ax.set_ylabel("episodes")
+        ax.set_title(f"{dataset}, {budget:,} steps: final scores, and the dataset's episode returns")
+        ax.legend(fontsize="small", loc="center left")
+        written.append((f"{dataset}, {budget:,} steps: final scores among the dataset's episode returns", save_figure(fig, out_dir, dataset, budget, "__returns")))
+    return written
+
+
 def started_run(flags: list) -> Optional[str]:
     """The run folder that a fresh `python iql.py --flag value ...` made: the one whose args.json holds every value named."""
     named, flag = {}, None
@@ -392,12 +424,14 @@ def main():
     parser.add_argument("--block", default="tables", help="with --write: the name in its <!-- NAME:start --> and <!-- NAME:end --> lines")
     parser.add_argument("--curves", default="benchmarks/curves", help="folder for the learning-curve PNGs")
     parser.add_argument("--train-logs", nargs="*", default=[], help="run_grid.py's output, from which IQL's V and advantage curves are drawn")
+    parser.add_argument("--returns", action="store_true", help="per dataset, a figure of its episode returns with each method's final score (reads the datasets)")
     parser.add_argument("--awr-weights", action="store_true", help="a table of how each IQL run's final AWR weights spread over its dataset (reads the datasets)")
     store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
     parser.add_argument("--datasets-record", default=os.path.join(store, "local_datasets.jsonl"), help="written by benchmarks/datasets.py")
     args = parser.parse_args()
     runs = load_runs(args.runs_dir)
     curves = learning_curves(runs, args.curves) + training_curves(runs, training_metrics(args.train_logs), args.curves)
+    curves += return_figures(runs, args.curves) if args.returns else []
     base = os.path.dirname(os.path.abspath(args.write)) if args.write else os.getcwd()
     scores = [(f"### Scores at {steps:,} gradient steps (final evaluation, mean ± std over seeds, number of seeds)", score_table(runs, steps)) for steps in budgets(runs)]
     toy = toy_table(runs)

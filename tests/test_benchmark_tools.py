@@ -106,7 +106,7 @@ def test_write_fills_only_the_named_block_with_the_runs_datasets(minari_store, t
     (tmp_path / "datasets.jsonl").write_text("".join(json.dumps({"dataset_id": d, **record}) + "\n" for d in ("mujoco/hopper/tiny-v0", "local/unused-v0")))
     page = tmp_path / "page.md"
     page.write_text("intro\n<!-- tables:start -->\nold results\n<!-- tables:end -->\nmiddle\n<!-- later:start -->\n<!-- later:end -->\nend\n")
-    argv = ["tables.py", "--runs-dir", str(tmp_path / "runs"), "--write", str(page), "--block", "later", "--curves", str(tmp_path / "curves"), "--datasets-record", str(tmp_path / "datasets.jsonl")]
+    argv = ["tables.py", "--runs-dir", str(tmp_path / "runs"), "--write", str(page), "--block", "later", "--curves", str(tmp_path / "curves"), "--datasets-record", str(tmp_path / "datasets.jsonl"), "--returns"]
     monkeypatch.setattr("sys.argv", argv)
     tables.main()
     text = page.read_text()
@@ -115,6 +115,9 @@ def test_write_fills_only_the_named_block_with_the_runs_datasets(minari_store, t
     # only the dataset the runs used; its normalised mean return is 100 * (60 - 10) / (210 - 10) = 25
     assert "| mujoco/hopper/tiny-v0 | 10 | 500 | 60 (30, 55, 90; 10, 110) | 25.0 | 10.0, 210.0 | – |" in text and "unused" not in text
     assert "Toy two-step MDP" not in text and "### Scores at 20 gradient steps" in text
+    # --returns: the BC run's final score drawn among the dataset's episode returns
+    assert "- [mujoco/hopper/tiny-v0, 20 steps: final scores among the dataset's episode returns](curves/mujoco__hopper__tiny-v0__20__returns.png)" in text
+    assert (tmp_path / "curves" / "mujoco__hopper__tiny-v0__20__returns.png").exists()
 
 
 def test_awr_weight_stats_by_hand():

@@ -360,23 +360,28 @@ def awr_weight_stats(data, advantages: np.ndarray, temperature: float, exp_adv_m
 
 
 def awr_weight_table(runs: list) -> str:
-    """Datasets x step budgets: awr_weight_stats of the IQL runs' final V and Q, mean +- std over seeds."""
-    groups = collections.defaultdict(list)
+    """Datasets x step budgets: awr_weight_stats of the IQL runs' final V and Q, mean +- std over seeds; and how much of a step's
+    advantage is the data's rather than one seed's networks': Pearson's r over the steps between two seeds' advantages, each pair."""
+    groups = collections.defaultdict(lambda: ([], []))  # dataset and budget -> (stats, advantages), one of each per seed
     for run in runs:
         if "posthoc_steps" in run["args"] and saved_networks(run):
             data, args, advantages = final_advantages(run)
-            groups[run["summary"]["env_id"], run["args"]["total_steps"]] += awr_weight_stats(data, advantages, args["temperature"], args["exp_adv_max"])
+            stats, rows = groups[run["summary"]["env_id"], run["args"]["total_steps"]]
+            stats += awr_weight_stats(data, advantages, args["temperature"], args["exp_adv_max"])
+            rows += list(advantages)
     lines = [
         "| dataset | steps | share of the AWR weight on the top-10% episodes (their share of steps) | on the 50 steps before a fall (their share) "
-        "| rank correlation of episode return and mean advantage | effective sample size | weights at the clip | seeds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| rank correlation of episode return and mean advantage | effective sample size | weights at the clip | correlation of two seeds' advantages | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    spread = lambda key, group, f: f"{f(np.mean([s[key] for s in group]))} ± {f(np.std([s[key] for s in group]))}"
+    spread = lambda values, f: f"{f(np.mean(values))} ± {f(np.std(values))}" if values else "–"
     percent, plain = lambda x: f"{100 * x:.1f}%", lambda x: f"{x:.2f}"
-    for (dataset, steps), group in sorted(groups.items()):
+    for (dataset, steps), (stats, rows) in sorted(groups.items()):
+        column = lambda key, f: spread([s[key] for s in stats], f)
+        pairs = [np.corrcoef(a, b)[0, 1] for i, a in enumerate(rows) for b in rows[i + 1 :]]
         lines.append(
-            f"| {dataset} | {steps:,} | {spread('top10_weight', group, percent)} ({percent(group[0]['top10_steps'])}) | {spread('fall_weight', group, percent)} "
-            f"({percent(group[0]['fall_steps'])}) | {spread('return_rank_corr', group, plain)} | {spread('ess', group, percent)} | {spread('clipped', group, percent)} | {len(group)} |"
+            f"| {dataset} | {steps:,} | {column('top10_weight', percent)} ({percent(stats[0]['top10_steps'])}) | {column('fall_weight', percent)} "
+            f"({percent(stats[0]['fall_steps'])}) | {column('return_rank_corr', plain)} | {column('ess', percent)} | {column('clipped', percent)} | {spread(pairs, plain)} | {len(stats)} |"
         )
     return "\n".join(lines) if groups else "no IQL run with a model.pt or checkpoint.pt"
 

@@ -158,7 +158,7 @@ def toy_table(runs: list) -> Optional[str]:
 def plot_band(ax, steps: list, values: np.ndarray, name: str, over: str) -> None:
     """The mean of values' rows (one per seed, or per run) against steps, in a band of +-1 std."""
     mean, std = values.mean(0), values.std(0)
-    ax.plot(steps, mean, label=f"{name} ({len(values)} {over}; band: ± 1 std over {over})")
+    ax.plot(steps, mean, label=f"{name} ({len(values)} {over if len(values) > 1 else over[:-1]}; band: ± 1 std over {over})")
     ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
 
 
@@ -227,11 +227,11 @@ def return_figures(runs: list, out_dir: str) -> list:
         ax.hist(100 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"]), bins=40, color="lightgray", label=f"the dataset's {len(returns)} episodes")
         for i, (name, scores) in enumerate(sorted(by_label.items())):
             color = f"C{i}"
-            ax.axvline(np.mean(scores), color=color, label=f"{name}: {np.mean(scores):.1f} (mean of {len(scores)} seeds; dots: each seed)")
+            ax.axvline(np.mean(scores), color=color, label=f"{name}: {np.mean(scores):.1f} (mean over {len(scores)} seed{'s' if len(scores) > 1 else ''}; dots: each seed)")
             ax.plot(scores, np.full(len(scores), ax.get_ylim()[1] * (0.95 - 0.05 * i)), "o", color=color)
         ax.set_xlabel("score (normalised return)")
         ax.set_ylabel("episodes")
-        ax.set_title(f"{dataset}, {budget:,} steps: final scores, and the dataset's episode returns")
+        ax.set_title(f"{dataset}, {budget:,} steps: final scores among the episode returns")
         ax.legend(fontsize="small", loc="center left")
         written.append((f"{dataset}, {budget:,} steps: final scores among the dataset's episode returns", save_figure(fig, out_dir, dataset, budget, "__returns")))
     return written

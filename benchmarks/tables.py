@@ -13,6 +13,7 @@ of --write (--block, default `tables`), so that runs of another kind can fill a 
 
 import argparse
 import collections
+import functools
 import glob
 import json
 import os
@@ -205,6 +206,12 @@ def learning_curves(runs: list, out_dir: str) -> list:
     return written
 
 
+@functools.lru_cache(maxsize=None)
+def dataset_arrays(dataset_id: str):
+    """A dataset as iql.py flattens it, read once however many runs and tables use it."""
+    return iql.flatten_dataset(iql.load_minari_dataset(dataset_id))
+
+
 def return_figures(runs: list, out_dir: str) -> list:
     """One PNG per dataset and step budget: the dataset's episode returns as scores, and where each method's final
     evaluation lands among them (a line at the mean over seeds, a dot per seed). Datasets scored by return only."""
@@ -222,7 +229,7 @@ def return_figures(runs: list, out_dir: str) -> list:
     written = []
     for (dataset, budget), by_label in sorted(groups.items()):
         rule = next(run["summary"]["scoring"] for run in runs if run["summary"]["env_id"] == dataset)
-        returns = iql.flatten_dataset(iql.load_minari_dataset(dataset)).episode_returns
+        returns = dataset_arrays(dataset).episode_returns
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.hist(100 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"]), bins=40, color="lightgray", label=f"the dataset's {len(returns)} episodes")
         for i, (name, scores) in enumerate(sorted(by_label.items())):
@@ -283,7 +290,7 @@ def training_metrics(log_paths: list) -> dict:
 def discounted_return_to_go(run: dict) -> float:
     """Mean over the dataset's steps of the discounted return that followed them, in the run's training reward:
     what V would be for the behaviour policy, ignoring what follows a time limit."""
-    data = iql.flatten_dataset(iql.load_minari_dataset(run["args"]["env_id"]))
+    data = dataset_arrays(run["args"]["env_id"])
     scale, shift = iql.reward_transform(run["args"]["reward_normalization"], data.episode_returns)
     rewards, to_go = data.rewards * scale + shift, []
     for start, length in zip(data.episode_starts, data.episode_lengths):
@@ -321,9 +328,9 @@ def saved_networks(run: dict) -> Optional[str]:
 def final_advantages(run: dict) -> tuple:
     """(the run's dataset, its checkpoint's args, advantages min Q_target(s, a) - V(s) of its final networks at every step of
     the dataset, (seeds, steps)), computed as iql.py's update does."""
-    checkpoint = torch.load(saved_networks(run), map_location="cpu", weights_only=False)
+    checkpoint = iql.load_checkpoint(saved_networks(run))
     args, bounds = checkpoint["args"], checkpoint["normalization"]
-    data = iql.flatten_dataset(iql.load_minari_dataset(args["env_id"]))
+    data = dataset_arrays(args["env_id"])
     data = iql.cut_episodes_at_goal(data) if args["goal_terminal"] else data  # the steps the run trained on
     obs = torch.as_tensor(data.observations[data.obs_rows])
     actions = torch.as_tensor(iql.to_unit_box(data.actions, np.array(bounds["action_low"]), np.array(bounds["action_high"])), dtype=torch.float32)

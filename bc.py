@@ -523,8 +523,7 @@ def set_rng_states(states: dict, generators: list) -> None:
     for generator, state in zip(generators, states["minibatches"], strict=True):
         generator.set_state(state)
     torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
+    torch.cuda.set_rng_state_all(states["cuda"])  # none saved without CUDA
 
 
 def catch_stop_signals(catch: bool = True) -> list:

@@ -627,8 +627,7 @@ def set_rng_states(states: dict, generators: list) -> None:
     for generator, state in zip(generators, states["minibatches"], strict=True):
         generator.set_state(state)
     torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
+    torch.cuda.set_rng_state_all(states["cuda"])  # none saved without CUDA
 
 
 def catch_stop_signals(catch: bool = True) -> list:
@@ -785,7 +784,8 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
                 batch = buffer.sample(args.batch_size)
                 with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):  # --bf16: the matmuls only (see Ensemble)
                     if phase == "train":
-                        metrics, adv = update_vq(batch, value, critic, target_critic, optimizers["value"], optimizers["critic"], args)
+                        # --compile on CUDA: the actor's compiled call starts a new CUDA-graph generation, which overwrites these outputs
+                        metrics, adv = (t.clone() if args.compile else t for t in update_vq(batch, value, critic, target_critic, optimizers["value"], optimizers["critic"], args))
                     else:
                         with torch.no_grad():
                             adv = twin_q(target_critic, batch.obs, batch.actions).min(dim=1).values - value(batch.obs).squeeze(-1)

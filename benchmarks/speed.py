@@ -129,7 +129,7 @@ def make_iql_step(cfg, device, num_seeds=1, mode="eager"):
     def step():
         batch = buffer.sample(args.batch_size)
         with torch.autocast(device.type, torch.bfloat16, enabled="bf16" in mode):
-            metrics, adv = update_vq(batch, value, critic, target_critic, value_opt, critic_opt, args)
+            metrics, adv = (t.clone() if "compile" in mode else t for t in update_vq(batch, value, critic, target_critic, value_opt, critic_opt, args))  # as iql.py
             return torch.cat([metrics, update_pi(batch, adv, actor, actor_opt, scheduler, args)])
 
     return step, (value, critic, target_critic, actor)
@@ -175,12 +175,16 @@ def bench_updates(cfg, device) -> str:
                      f"{flops * ref / 1e9:,.1f}", f"{100 * flops * ref / 1e9 / peaks[torch.float32]:.0f}% (fp32)", f"{1e6 / ref / 60:.1f} min"])
         for n in cfg.num_seeds:
             for mode in cfg.modes:
-                step = base_step if (n, mode) == (1, "eager") else make_iql_step(cfg, device, n, mode)[0]
                 start = time.perf_counter()
-                timed(step, device, cfg.warmup)  # compiles, with --compile
-                warm_s = time.perf_counter() - start
-                steps = max(cfg.steps // n, 10)
-                r = statistics.median(rate(step, device, steps, cfg.repeats))
+                try:  # a mode that fails here is one row saying so, and the other rows are still measured
+                    step = base_step if (n, mode) == (1, "eager") else make_iql_step(cfg, device, n, mode)[0]
+                    timed(step, device, cfg.warmup)  # compiles, with --compile
+                    warm_s = time.perf_counter() - start
+                    r = statistics.median(rate(step, device, max(cfg.steps // n, 10), cfg.repeats))
+                except Exception as e:
+                    rows.append([torch.get_num_threads(), n, f"iql.py {mode}", "failed", "", "", "", "", ""])
+                    notes.append(f"{torch.get_num_threads()} thread(s), {n} seed(s), {mode} failed: {iql.describe(e)}")
+                    continue
                 dtype = torch.bfloat16 if "bf16" in mode else torch.float32
                 achieved = n * flops * r / 1e9
                 rows.append([torch.get_num_threads(), n, f"iql.py {mode}", f"{r:,.0f}", f"**{n * r:,.0f}**", f"{r / ref:.2f}x",

@@ -98,3 +98,25 @@ def test_speed_benchmark_runs(tmp_path):
     # a row per seed count and update kind, beside the reference
     rows = [line.split(" | ")[1:3] for line in result.stdout.splitlines() if line.startswith("| 1 | ") and ("iql.py" in line or "reference" in line)]
     assert rows == [["1", "reference (CORL-style, eager fp32)"], ["2", "iql.py bf16"]]
+
+
+def test_speed_benchmark_reports_a_failing_mode_and_measures_the_rest(monkeypatch):
+    """A mode that breaks on some machine (a compiler missing, CUDA graphs refusing) costs its own row, not the table."""
+    import torch
+
+    from benchmarks import speed
+
+    def make_iql_step(cfg, device, num_seeds=1, mode="eager"):
+        if mode == "compile":
+            raise RuntimeError("no compiler here\nsecond line")
+        return real(cfg, device, num_seeds, mode)
+
+    real = speed.make_iql_step
+    monkeypatch.setattr(speed, "make_iql_step", make_iql_step)
+    cfg = speed.parse_args(["--threads", "1", "--num-seeds", "1", "--modes", "compile", "bf16", "--peak-seconds", "0.01", "--steps", "3",
+                            "--warmup", "1", "--repeats", "1", "--buffer-episodes", "3", "--episode-steps", "20"])
+    table = speed.bench_updates(cfg, torch.device("cpu"))  # leaves torch at the first --threads, 1
+    rows = {line.split(" | ")[2]: line.split(" | ")[3] for line in table.splitlines() if line.startswith("| 1 | ")}
+    assert rows["iql.py compile"] == "failed"
+    assert float(rows["iql.py bf16"].replace(",", "")) > 0
+    assert "1 seed(s), compile failed: RuntimeError: no compiler here" in table

@@ -13,6 +13,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -72,12 +73,25 @@ def create(dataset_id: str, env: gym.Env, episodes, eval_env=None, description="
     )
 
 
+def fingerprint(dataset) -> str:
+    """SHA-256 of every episode's observations, actions, rewards, terminations and truncations, in order: two builds of a
+    dataset hold the same data exactly when their fingerprints agree, whatever the files' own bytes."""
+    def arrays(x):  # the leaves of (nested) dict observations, by key
+        return [a for k in sorted(x) for a in arrays(x[k])] if isinstance(x, dict) else [np.ascontiguousarray(x)]
+
+    digest = hashlib.sha256()
+    for episode in dataset.iterate_episodes():
+        for array in arrays({"obs": episode.observations, "act": episode.actions, "rew": episode.rewards, "term": episode.terminations, "trunc": episode.truncations}):
+            digest.update(f"{array.dtype}{array.shape}".encode() + array.tobytes())
+    return digest.hexdigest()
+
+
 def record_summary(dataset, **extra) -> dict:
-    """Size and return distribution of a dataset, appended to local_datasets.jsonl beside the store."""
+    """Size, return distribution and fingerprint of a dataset, appended to local_datasets.jsonl beside the store."""
     returns = np.array([e.rewards.sum() for e in dataset.iterate_episodes()])
     metadata = dataset.storage.metadata
     line = {
-        "dataset_id": dataset.spec.dataset_id, "episodes": dataset.total_episodes, "steps": dataset.total_steps,
+        "dataset_id": dataset.spec.dataset_id, "episodes": dataset.total_episodes, "steps": dataset.total_steps, "sha256": fingerprint(dataset),
         "return_min": float(returns.min()), "return_mean": float(returns.mean()), "return_max": float(returns.max()),
         "return_quartiles": [float(q) for q in np.percentile(returns, [25, 50, 75])],
         "ref_min_score": metadata.get("ref_min_score"), "ref_max_score": metadata.get("ref_max_score"), **extra,

@@ -3,12 +3,19 @@
     python benchmarks/tables.py --runs-dir logs/bench_runs logs/toy_runs --write benchmarks.md --curves benchmarks/curves
     python benchmarks/tables.py --runs-dir logs/hopper_300k --train-logs logs/hopper_300k.log   # and IQL's V and advantages
     python benchmarks/tables.py --runs-dir logs/hopper_300k --awr-weights --returns   # and where IQL's AWR weights, and each method's score, fall in the dataset
+    python benchmarks/tables.py --runs-dir logs/hopper_300k --train-logs logs/hopper_300k.log --awr-weights --returns --archive benchmarks/results
 
 The score of a run is its final evaluation (the last one, as CORL's "last" column; never the best of
 several); a cell is the mean +- std of that score over seeds, with the number of seeds. Runs of
 different step budgets are never pooled: there is one score table, and one curve per dataset, for
 each budget. The tables replace the text between `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->`
 of --write (--block, default `tables`), so that runs of another kind can fill a block of their own.
+
+--archive DIR copies each finished run's small files (args, summary, evaluations) into DIR/{runs folder's name}/, with
+what its tables and figures would otherwise read from elsewhere: its training curve from the logs, its AWR-weight
+statistics from its final networks, its dataset's record, fingerprint and episode returns. The tables are then made
+from the archive alone, so that results outlive the runs' folders, logs, checkpoints and datasets (DIR is committed,
+they are not). A run archived earlier keeps what it had; a dataset rebuilt with other contents is refused.
 """
 
 import argparse
@@ -17,6 +24,7 @@ import functools
 import glob
 import json
 import os
+import shutil
 import sys
 from typing import Optional
 
@@ -30,14 +38,23 @@ import iql  # noqa: E402
 COLUMNS = ["BC", "10% BC", "10% BC by episodes", "IQL", "IQL post-hoc"]
 
 
+def commit_file(run_dir: str) -> Optional[str]:
+    """run_grid.py writes commit.txt beside its runs; an archived run keeps a copy of its own."""
+    return next((p for p in (os.path.join(d, "commit.txt") for d in (run_dir, os.path.dirname(run_dir))) if os.path.exists(p)), None)
+
+
 def load_runs(runs_dirs: list) -> list:
     runs = []
     for path in sorted(p for runs_dir in runs_dirs for p in glob.glob(os.path.join(runs_dir, "*", "summary.json"))):
         run_dir = os.path.dirname(path)
         summary = json.load(open(path))
         args = json.load(open(os.path.join(run_dir, "args.json")))
-        commit = os.path.join(os.path.dirname(run_dir), "commit.txt")  # written by run_grid.py
-        runs.append({"dir": run_dir, "summary": summary, "args": args, "commit": open(commit).read().strip()[:12] if os.path.exists(commit) else None})
+        commit = commit_file(run_dir)
+        run = {"dir": run_dir, "summary": summary, "args": args, "commit": open(commit).read().strip()[:12] if commit else None}
+        for key, name in (("training", "training.json"), ("awr", "awr_weights.json")):  # written by --archive
+            if os.path.exists(os.path.join(run_dir, name)):
+                run[key] = json.load(open(os.path.join(run_dir, name)))
+        runs.append(run)
     return runs
 
 
@@ -89,14 +106,15 @@ def score_table(runs: list, steps: int) -> str:
     return "\n".join(lines) + f"\n\nCode: commit {', '.join(sorted(commits))}."
 
 
-def datasets_table(record_path: str, dataset_ids: set) -> str:
+def read_records(record_path: str) -> dict:
+    """{dataset id: its record} from benchmarks/datasets.py's local_datasets.jsonl (the last of a dataset built more than once)."""
+    return {r["dataset_id"]: r for r in map(json.loads, open(record_path))} if os.path.exists(record_path) else {}
+
+
+def datasets_table(records: dict, dataset_ids: set) -> str:
     """Size, return distribution, reference returns and behaviour policies of the runs' datasets, as
-    benchmarks/datasets.py recorded them (the last record of a dataset built more than once)."""
-    records = {}
-    for line in open(record_path):
-        record = json.loads(line)
-        if record["dataset_id"] in dataset_ids:
-            records[record["dataset_id"]] = record
+    benchmarks/datasets.py recorded them."""
+    records = {d: r for d, r in records.items() if d in dataset_ids}
     lines = [
         "| dataset | episodes | steps | episode return: mean (quartiles; min, max) | normalised mean | reference returns (score 0, 100) | behaviour policies (mean return of the checkpoint's deterministic evaluation) |",
         "|---|---|---|---|---|---|---|",
@@ -212,7 +230,7 @@ def dataset_arrays(dataset_id: str):
     return iql.flatten_dataset(iql.load_minari_dataset(dataset_id))
 
 
-def return_figures(runs: list, out_dir: str) -> list:
+def return_figures(runs: list, out_dir: str, episode_returns=lambda dataset: dataset_arrays(dataset).episode_returns) -> list:
     """One PNG per dataset and step budget: the dataset's episode returns as scores, and where each method's final
     evaluation lands among them (a line at the mean over seeds, a dot per seed). Datasets scored by return only."""
     import matplotlib
@@ -229,7 +247,7 @@ def return_figures(runs: list, out_dir: str) -> list:
     written = []
     for (dataset, budget), by_label in sorted(groups.items()):
         rule = next(run["summary"]["scoring"] for run in runs if run["summary"]["env_id"] == dataset)
-        returns = dataset_arrays(dataset).episode_returns
+        returns = np.asarray(episode_returns(dataset))
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.hist(100 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"]), bins=40, color="lightgray", label=f"the dataset's {len(returns)} episodes")
         for i, (name, scores) in enumerate(sorted(by_label.items())):
@@ -366,16 +384,35 @@ def awr_weight_stats(data, advantages: np.ndarray, temperature: float, exp_adv_m
     return stats
 
 
-def awr_weight_table(runs: list) -> str:
-    """Datasets x step budgets: awr_weight_stats of the IQL runs' final V and Q, mean +- std over seeds; and how much of a step's
-    advantage is the data's rather than one seed's networks': Pearson's r over the steps between two seeds' advantages, each pair."""
-    groups = collections.defaultdict(lambda: ([], []))  # dataset and budget -> (stats, advantages), one of each per seed
+def awr_results(runs: list) -> dict:
+    """{run folder: {"rows": {row: awr_weight_stats}, "pairs": {"row|row": r}}} for the IQL runs: a row is one seed's
+    ("{run folder's name}:{index}"), r is Pearson's correlation over the steps between its advantages and those of each later
+    row of the same dataset and budget. From the final networks of the runs that have them, else as --archive stored it."""
+    results, live = {}, collections.defaultdict(list)  # dataset and budget -> [(run folder, row, advantages)]
     for run in runs:
         if "posthoc_steps" in run["args"] and saved_networks(run):
             data, args, advantages = final_advantages(run)
-            stats, rows = groups[run["summary"]["env_id"], run["args"]["total_steps"]]
-            stats += awr_weight_stats(data, advantages, args["temperature"], args["exp_adv_max"])
-            rows += list(advantages)
+            rows = [f"{os.path.basename(run['dir'])}:{i}" for i in range(len(advantages))]
+            results[run["dir"]] = {"rows": dict(zip(rows, awr_weight_stats(data, advantages, args["temperature"], args["exp_adv_max"]))), "pairs": {}}
+            live[run["summary"]["env_id"], run["args"]["total_steps"]] += [(run["dir"], row, a) for row, a in zip(rows, advantages)]
+        elif "awr" in run:
+            results[run["dir"]] = run["awr"]
+    for members in live.values():
+        for i, (run_dir, row, a) in enumerate(members):
+            results[run_dir]["pairs"].update({f"{row}|{other}": float(np.corrcoef(a, b)[0, 1]) for _, other, b in members[i + 1 :]})
+    return results
+
+
+def awr_weight_table(runs: list) -> str:
+    """Datasets x step budgets: awr_results' statistics, mean +- std over seeds; and how much of a step's advantage is the
+    data's rather than one seed's networks': the correlation between two seeds' advantages, over every pair of seeds whose
+    networks were on hand together."""
+    groups = collections.defaultdict(lambda: ({}, {}))  # dataset and budget -> (stats by row, r by pair)
+    for run_dir, result in awr_results(runs).items():
+        run = next(r for r in runs if r["dir"] == run_dir)
+        rows, pairs = groups[run["summary"]["env_id"], run["args"]["total_steps"]]
+        rows.update(result["rows"])
+        pairs.update({"|".join(sorted(pair.split("|"))): r for pair, r in result["pairs"].items()})
     lines = [
         "| dataset | steps | share of the AWR weight on the top-10% episodes (their share of steps) | on the 50 steps before a fall (their share) "
         "| rank correlation of episode return and mean advantage | effective sample size | weights at the clip | correlation of two seeds' advantages | seeds |",
@@ -383,14 +420,14 @@ def awr_weight_table(runs: list) -> str:
     ]
     spread = lambda values, f: f"{f(np.mean(values))} ± {f(np.std(values))}" if values else "–"
     percent, plain = lambda x: f"{100 * x:.1f}%", lambda x: f"{x:.2f}"
-    for (dataset, steps), (stats, rows) in sorted(groups.items()):
+    for (dataset, steps), (rows, pairs) in sorted(groups.items()):
+        stats, pairs = list(rows.values()), list(pairs.values())
         column = lambda key, f: spread([s[key] for s in stats], f)
-        pairs = [np.corrcoef(a, b)[0, 1] for i, a in enumerate(rows) for b in rows[i + 1 :]]
         lines.append(
             f"| {dataset} | {steps:,} | {column('top10_weight', percent)} ({percent(stats[0]['top10_steps'])}) | {column('fall_weight', percent)} "
             f"({percent(stats[0]['fall_steps'])}) | {column('return_rank_corr', plain)} | {column('ess', percent)} | {column('clipped', percent)} | {spread(pairs, plain)} | {len(stats)} |"
         )
-    return "\n".join(lines) if groups else "no IQL run with a model.pt or checkpoint.pt"
+    return "\n".join(lines) if groups else "no IQL run with its final networks (model.pt or checkpoint.pt) or archived AWR statistics"
 
 
 def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
@@ -403,8 +440,9 @@ def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
 
     panels = {"v_mean": "mean V(s)", "advantage_mean": "mean advantage Q(s, a) - V(s)", "awr_weight_mean": "mean AWR weight (clipped at exp_adv_max)"}
     groups = collections.defaultdict(lambda: collections.defaultdict(list))  # dataset and budget -> label -> runs
+    history = lambda run: metrics.get(os.path.abspath(run["dir"])) or {int(step): m for step, m in run.get("training", {}).get("steps", {}).items()}
     for run in runs:
-        if os.path.abspath(run["dir"]) in metrics:
+        if history(run):
             groups[run["summary"]["env_id"], run["args"]["total_steps"]][label(run, "concurrent")].append(run)
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -412,14 +450,15 @@ def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
         for ax, (key, title) in zip(axes, panels.items()):
             for name, group in sorted(by_label.items()):
-                history = [metrics[os.path.abspath(run["dir"])] for run in group]
+                logged = [history(run) for run in group]
                 # the steps every run logged; a post-hoc-only run logs no advantages while V and Q train
-                steps = sorted(s for s in set.intersection(*(set(h) for h in history)) if all(key in h[s] for h in history))
+                steps = sorted(s for s in set.intersection(*(set(h) for h in logged)) if all(key in h[s] for h in logged))
                 if not steps:
                     continue
-                plot_band(ax, steps, np.array([[h[s][key] for s in steps] for h in history]), name, "runs")
+                plot_band(ax, steps, np.array([[h[s][key] for s in steps] for h in logged]), name, "runs")
             if key == "v_mean":
-                reference = discounted_return_to_go(next(iter(by_label.values()))[0])
+                first = next(iter(by_label.values()))[0]
+                reference = first["training"]["return_to_go"] if "training" in first else discounted_return_to_go(first)
                 ax.axhline(reference, color="gray", linestyle="--", label="dataset's discounted return-to-go, mean over steps")
             ax.set_xlabel("gradient step")
             ax.set_title(title)
@@ -427,6 +466,44 @@ def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
         fig.suptitle(f"{dataset}, {budget:,} steps: IQL's value function, each point one logged step's minibatch")
         written.append((f"{dataset}, {budget:,} steps: V, advantages, AWR weights", save_figure(fig, out_dir, dataset, budget, "__value")))
     return written
+
+
+def archive_runs(runs_dirs: list, archive_dir: str, log_paths: list, records: dict, awr_weights: bool) -> None:
+    """Copy the finished runs of runs_dirs into archive_dir/{runs folder's name}/, with their training curves (from log_paths),
+    their AWR statistics (with awr_weights, from their final networks) and, in archive_dir/datasets.json, the record and
+    episode returns of their datasets. What an earlier archiving stored and the sources no longer hold is kept."""
+    os.makedirs(archive_dir, exist_ok=True)
+    datasets_path = os.path.join(archive_dir, "datasets.json")
+    archived = json.load(open(datasets_path)) if os.path.exists(datasets_path) else {}
+    runs, metrics = load_runs(runs_dirs), training_metrics(log_paths)
+    for dataset in sorted({run["summary"]["env_id"] for run in runs}):
+        # a dataset that benchmarks/datasets.py did not build (a Minari download) has no record
+        record, before = records.get(dataset), archived.get(dataset, {"record": None})
+        if record and before["record"] and record.get("sha256") != before["record"].get("sha256"):
+            sys.exit(f"tables.py: {dataset} was rebuilt with other contents than the archived runs trained on "
+                     f"(sha256 {record.get('sha256')}, archived {before['record'].get('sha256')}); archive its runs elsewhere")
+        if "episode_returns" not in before:
+            before["episode_returns"] = dataset_arrays(dataset).episode_returns.tolist()
+        archived[dataset] = {**before, "record": record or before["record"]}
+    awr = awr_results(runs) if awr_weights else {}
+    for run in runs:
+        target = os.path.join(archive_dir, os.path.basename(os.path.dirname(run["dir"])), os.path.basename(run["dir"]))
+        os.makedirs(target, exist_ok=True)
+        for name in ("args.json", "summary.json", "evaluations.jsonl"):
+            shutil.copyfile(os.path.join(run["dir"], name), os.path.join(target, name))
+        if run["commit"]:
+            shutil.copyfile(commit_file(run["dir"]), os.path.join(target, "commit.txt"))
+        steps = metrics.get(os.path.abspath(run["dir"]))
+        if steps:
+            training = json.load(open(os.path.join(target, "training.json"))) if os.path.exists(os.path.join(target, "training.json")) else {"steps": {}}
+            training["steps"].update({str(step): m for step, m in sorted(steps.items())})
+            training["return_to_go"] = discounted_return_to_go(run)
+            json.dump(training, open(os.path.join(target, "training.json"), "w"))
+        if run["dir"] in awr:
+            path = os.path.join(target, "awr_weights.json")
+            stored = json.load(open(path)) if os.path.exists(path) else {"rows": {}, "pairs": {}}
+            json.dump({"rows": awr[run["dir"]]["rows"], "pairs": {**stored["pairs"], **awr[run["dir"]]["pairs"]}}, open(path, "w"), indent=1)
+    json.dump(archived, open(datasets_path, "w"))
 
 
 def main():
@@ -438,21 +515,31 @@ def main():
     parser.add_argument("--train-logs", nargs="*", default=[], help="run_grid.py's output, from which IQL's V and advantage curves are drawn")
     parser.add_argument("--returns", action="store_true", help="per dataset, a figure of its episode returns with each method's final score (reads the datasets)")
     parser.add_argument("--awr-weights", action="store_true", help="a table of how each IQL run's final AWR weights spread over its dataset (reads the datasets)")
+    parser.add_argument("--archive", help="copy the finished runs into this folder with all their tables need, and make the tables from the folder (see above)")
     store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
     parser.add_argument("--datasets-record", default=os.path.join(store, "local_datasets.jsonl"), help="written by benchmarks/datasets.py")
     args = parser.parse_args()
-    runs = load_runs(args.runs_dir)
-    curves = learning_curves(runs, args.curves) + training_curves(runs, training_metrics(args.train_logs), args.curves)
-    curves += return_figures(runs, args.curves) if args.returns else []
+    records, metrics = read_records(args.datasets_record), training_metrics(args.train_logs)
+    # the datasets of every run begun, finished or not: a grid under way shows all it will cover
+    trained_on = {json.load(open(path))["env_id"] for runs_dir in args.runs_dir for path in glob.glob(os.path.join(runs_dir, "*", "args.json"))}
+    if args.archive:
+        archive_runs(args.runs_dir, args.archive, args.train_logs, records, args.awr_weights)
+        runs, metrics = load_runs(sorted(glob.glob(os.path.join(args.archive, "*", "")))), {}
+        archived = json.load(open(os.path.join(args.archive, "datasets.json")))
+        records = {d: a["record"] for d, a in archived.items() if a["record"]}
+        trained_on |= {run["summary"]["env_id"] for run in runs}
+        episode_returns = lambda dataset: archived[dataset]["episode_returns"]
+    else:
+        runs, episode_returns = load_runs(args.runs_dir), lambda dataset: dataset_arrays(dataset).episode_returns
+    curves = learning_curves(runs, args.curves) + training_curves(runs, metrics, args.curves)
+    curves += return_figures(runs, args.curves, episode_returns) if args.returns else []
     base = os.path.dirname(os.path.abspath(args.write)) if args.write else os.getcwd()
     scores = [(f"### Scores at {steps:,} gradient steps (final evaluation, mean ± std over seeds, number of seeds)", score_table(runs, steps)) for steps in budgets(runs)]
     toy = toy_table(runs)
-    # the datasets of every run begun, finished or not: a grid under way shows all it will cover
-    trained_on = {json.load(open(path))["env_id"] for runs_dir in args.runs_dir for path in glob.glob(os.path.join(runs_dir, "*", "args.json"))}
     block = "\n\n".join(
         [
             "### Datasets as built",
-            datasets_table(args.datasets_record, trained_on) if os.path.exists(args.datasets_record) else f"no {args.datasets_record}",
+            datasets_table(records, trained_on) if records else f"no {args.datasets_record}",
             *(part for pair in scores for part in pair),
             *(["### Where the AWR weights of the final V and Q fall (IQL runs, both extractions; every step of the dataset)", awr_weight_table(runs)] if args.awr_weights else []),
             *(["### Toy two-step MDP: V(s1) against the expectile", toy] if toy else []),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -166,3 +167,63 @@ def test_awr_weights_come_from_the_saved_networks_as_the_update_computes_them(mi
     x = torch.randn(7, 5)
     with torch.no_grad():
         assert torch.allclose(tables.mlp_output(tables.saved_mlp(sequential.state_dict()), x), sequential(x).squeeze(-1), atol=1e-6)
+
+
+def test_tables_from_the_archive_alone_equal_those_from_the_runs(minari_store, tmp_path, monkeypatch, capsys):
+    import iql
+    import minari
+    import tyro
+
+    from benchmarks import run_grid
+
+    # a grid of BC and two IQL seeds, with its log, as run_grid.py runs it
+    flags = ["--batch-size", "16", "--hidden-dims", "8", "8", "--eval-freq", "50", "--eval-episodes", "2", "--final-eval-episodes", "2", "--log-freq", "50", "--no-cuda"]
+    runs_dir, log = tmp_path / "grid", []
+    for seed in (1, 2):
+        for command in run_grid.commands("mujoco/hopper/tiny-v0", seed, 100, str(runs_dir), flags, [], ["iql", "bc"] if seed == 1 else ["iql"], "concurrent"):
+            module = iql if command[0] == "iql.py" else bc
+            module.main(tyro.cli(module.Args, args=command[1:]))
+            log += [" ".join(["python", *command]), capsys.readouterr().out]
+    (runs_dir / "commit.txt").write_text("0123456789abcdef\n")
+    (tmp_path / "grid.log").write_text("\n".join(log) + "\n")
+    record = {"dataset_id": "mujoco/hopper/tiny-v0", "episodes": 12, "steps": 300, "return_min": 1.0, "return_mean": 20.0, "return_max": 50.0,
+              "return_quartiles": [10.0, 20.0, 30.0], "ref_min_score": 0.0, "ref_max_score": 100.0,
+              "sha256": datasets.fingerprint(minari.load_dataset("mujoco/hopper/tiny-v0"))}
+    (tmp_path / "record.jsonl").write_text(json.dumps(record) + "\n")
+
+    def block(*flags):
+        page = tmp_path / "page.md"
+        page.write_text("<!-- b:start -->\n<!-- b:end -->\n")
+        common = ["--train-logs", str(tmp_path / "grid.log"), "--awr-weights", "--returns", "--datasets-record", str(tmp_path / "record.jsonl")]
+        monkeypatch.setattr("sys.argv", ["tables.py", "--runs-dir", str(runs_dir), *common, "--write", str(page), "--block", "b", "--curves", str(tmp_path / "curves"), *flags])
+        tables.main()
+        return page.read_text()
+
+    from_runs = block()
+    assert "Code: commit 0123456789ab." in from_runs and "| mujoco/hopper/tiny-v0 | 100 | " in from_runs  # the AWR table has its row
+    assert "V, advantages, AWR weights" in from_runs and "final scores among the dataset's episode returns" in from_runs
+    assert block("--archive", str(tmp_path / "archive")) == from_runs
+    archived = sorted(p.name for p in (tmp_path / "archive" / "grid").iterdir())
+    assert len(archived) == 3 and sorted(os.listdir(tmp_path / "archive" / "grid" / archived[0])) == sorted(
+        ["args.json", "summary.json", "evaluations.jsonl", "commit.txt"] + (["training.json", "awr_weights.json"] if "iql" in archived[0] else []))
+    # runs on a dataset rebuilt with other contents are never archived beside those trained on the old one
+    (tmp_path / "record.jsonl").write_text(json.dumps({**record, "sha256": "0" * 64}) + "\n")
+    with pytest.raises(SystemExit, match="rebuilt with other contents"):
+        block("--archive", str(tmp_path / "archive"))
+    # the runs, their networks, the log, the record and the dataset itself gone: the archive alone gives the same tables
+    shutil.rmtree(runs_dir)
+    (tmp_path / "record.jsonl").unlink()
+    (tmp_path / "grid.log").write_text("")
+    monkeypatch.setattr(tables, "dataset_arrays", lambda dataset: pytest.fail("read the dataset"))
+    assert block("--archive", str(tmp_path / "archive")) == from_runs
+
+
+def test_a_dataset_fingerprint_follows_its_contents(minari_store):
+    import minari
+
+    hopper, maze = (minari.load_dataset(d) for d in ("mujoco/hopper/tiny-v0", "D4RL/pointmaze/open-tiny-v0"))  # array and dict observations
+    assert datasets.fingerprint(hopper) == datasets.fingerprint(minari.load_dataset("mujoco/hopper/tiny-v0"))
+    assert len({datasets.fingerprint(hopper), datasets.fingerprint(maze)}) == 2
+    from tests.datasets import make_hopper_dataset
+
+    assert datasets.fingerprint(make_hopper_dataset("mujoco/hopper/tiny-seed1-v0", seed=1)) != datasets.fingerprint(hopper)

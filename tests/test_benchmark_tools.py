@@ -218,12 +218,14 @@ def test_tables_from_the_archive_alone_equal_those_from_the_runs(minari_store, t
     assert block("--archive", str(tmp_path / "archive")) == from_runs
 
 
-def test_a_dataset_fingerprint_follows_its_contents(minari_store):
+def test_a_dataset_fingerprint_follows_its_contents(minari_store, tmp_path, monkeypatch):
     import minari
+
+    from tests.datasets import make_hopper_dataset
 
     hopper, maze = (minari.load_dataset(d) for d in ("mujoco/hopper/tiny-v0", "D4RL/pointmaze/open-tiny-v0"))  # array and dict observations
     assert datasets.fingerprint(hopper) == datasets.fingerprint(minari.load_dataset("mujoco/hopper/tiny-v0"))
     assert len({datasets.fingerprint(hopper), datasets.fingerprint(maze)}) == 2
-    from tests.datasets import make_hopper_dataset
-
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))  # a store of its own: the shared one's ids are what other tests list
+    assert datasets.fingerprint(make_hopper_dataset(seed=0)) == datasets.fingerprint(hopper)  # the same recipe and seed: the same data
     assert datasets.fingerprint(make_hopper_dataset("mujoco/hopper/tiny-seed1-v0", seed=1)) != datasets.fingerprint(hopper)

@@ -116,8 +116,8 @@ def datasets_table(records: dict, dataset_ids: set) -> str:
     benchmarks/datasets.py recorded them."""
     records = {d: r for d, r in records.items() if d in dataset_ids}
     lines = [
-        "| dataset | episodes | steps | episode return: mean (quartiles; min, max) | normalised mean | reference returns (score 0, 100) | behaviour policies (mean return of the checkpoint's deterministic evaluation) |",
-        "|---|---|---|---|---|---|---|",
+        "| dataset | episodes | steps | episode return: mean (quartiles; min, max) | normalised mean | reference returns (score 0, 100) | behaviour policies (mean return of the checkpoint's deterministic evaluation) | SHA-256 of the data (first 12 digits) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     number = lambda x: f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
     for r in sorted(records.values(), key=lambda r: r["dataset_id"]):
@@ -128,7 +128,7 @@ def datasets_table(records: dict, dataset_ids: set) -> str:
         behaviour = r.get("behaviour")
         policies = "; ".join(f"{tag}: SAC at step {behaviour[f'{tag}_policy']['step']:,} ({behaviour[f'{tag}_policy']['return_mean']:.1f})" for tag in ("medium", "expert")) if behaviour else "–"
         lines.append(
-            f"| {r['dataset_id']} | {r['episodes']:,} | {r['steps']:,} | {number(r['return_mean'])} ({quartiles}; {number(r['return_min'])}, {number(r['return_max'])}) | {normalised} | {refs} | {policies} |"
+            f"| {r['dataset_id']} | {r['episodes']:,} | {r['steps']:,} | {number(r['return_mean'])} ({quartiles}; {number(r['return_min'])}, {number(r['return_max'])}) | {normalised} | {refs} | {policies} | {r.get('sha256', '–')[:12]} |"
         )
     return "\n".join(lines)
 

@@ -114,7 +114,7 @@ def test_write_fills_only_the_named_block_with_the_runs_datasets(minari_store, t
     assert text.startswith("intro\n<!-- tables:start -->\nold results\n<!-- tables:end -->\nmiddle\n<!-- later:start -->\n### Datasets as built")
     assert text.endswith("<!-- later:end -->\nend\n")
     # only the dataset the runs used; its normalised mean return is 100 * (60 - 10) / (210 - 10) = 25
-    assert "| mujoco/hopper/tiny-v0 | 10 | 500 | 60 (30, 55, 90; 10, 110) | 25.0 | 10.0, 210.0 | – |" in text and "unused" not in text
+    assert "| mujoco/hopper/tiny-v0 | 10 | 500 | 60 (30, 55, 90; 10, 110) | 25.0 | 10.0, 210.0 | – | – |" in text and "unused" not in text
     assert "Toy two-step MDP" not in text and "### Scores at 20 gradient steps" in text
     # --returns: the BC run's final score drawn among the dataset's episode returns
     assert "- [mujoco/hopper/tiny-v0, 20 steps: final scores among the dataset's episode returns](curves/mujoco__hopper__tiny-v0__20__returns.png)" in text
@@ -202,6 +202,7 @@ def test_tables_from_the_archive_alone_equal_those_from_the_runs(minari_store, t
     from_runs = block()
     assert "Code: commit 0123456789ab." in from_runs and "| mujoco/hopper/tiny-v0 | 100 | " in from_runs  # the AWR table has its row
     assert "V, advantages, AWR weights" in from_runs and "final scores among the dataset's episode returns" in from_runs
+    assert f"| 0.0, 100.0 | – | {record['sha256'][:12]} |" in from_runs  # the datasets table names the data's fingerprint
     assert block("--archive", str(tmp_path / "archive")) == from_runs
     archived = sorted(p.name for p in (tmp_path / "archive" / "grid").iterdir())
     assert len(archived) == 3 and sorted(os.listdir(tmp_path / "archive" / "grid" / archived[0])) == sorted(

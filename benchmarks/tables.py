@@ -468,15 +468,20 @@ def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
     return written
 
 
+def begun_datasets(runs_dirs: list) -> set:
+    """The datasets of every run begun under runs_dirs, finished or not: a grid under way shows all it will cover."""
+    return {json.load(open(path))["env_id"] for runs_dir in runs_dirs for path in glob.glob(os.path.join(runs_dir, "*", "args.json"))}
+
+
 def archive_runs(runs_dirs: list, archive_dir: str, log_paths: list, records: dict, awr_weights: bool) -> None:
     """Copy the finished runs of runs_dirs into archive_dir/{runs folder's name}/, with their training curves (from log_paths),
     their AWR statistics (with awr_weights, from their final networks) and, in archive_dir/datasets.json, the record and
-    episode returns of their datasets. What an earlier archiving stored and the sources no longer hold is kept."""
+    episode returns of the datasets of every run begun. What an earlier archiving stored and the sources no longer hold is kept."""
     os.makedirs(archive_dir, exist_ok=True)
     datasets_path = os.path.join(archive_dir, "datasets.json")
     archived = json.load(open(datasets_path)) if os.path.exists(datasets_path) else {}
     runs, metrics = load_runs(runs_dirs), training_metrics(log_paths)
-    for dataset in sorted({run["summary"]["env_id"] for run in runs}):
+    for dataset in sorted(begun_datasets(runs_dirs)):
         # a dataset that benchmarks/datasets.py did not build (a Minari download) has no record
         record, before = records.get(dataset), archived.get(dataset, {"record": None})
         if record and before["record"] and record.get("sha256") != before["record"].get("sha256"):
@@ -520,8 +525,7 @@ def main():
     parser.add_argument("--datasets-record", default=os.path.join(store, "local_datasets.jsonl"), help="written by benchmarks/datasets.py")
     args = parser.parse_args()
     records, metrics = read_records(args.datasets_record), training_metrics(args.train_logs)
-    # the datasets of every run begun, finished or not: a grid under way shows all it will cover
-    trained_on = {json.load(open(path))["env_id"] for runs_dir in args.runs_dir for path in glob.glob(os.path.join(runs_dir, "*", "args.json"))}
+    trained_on = begun_datasets(args.runs_dir)
     if args.archive:
         archive_runs(args.runs_dir, args.archive, args.train_logs, records, args.awr_weights)
         runs, metrics = load_runs(sorted(glob.glob(os.path.join(args.archive, "*", "")))), {}

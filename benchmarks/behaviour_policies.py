@@ -6,9 +6,10 @@ return appended to progress.jsonl, and the replay buffer so far saved as replay.
 structure kept: terminations and time-limit truncations), so a run can be stopped at any time and
 continued with --resume from its last checkpoint. `datasets.py hopper` then picks the `medium`
 checkpoint (the first to reach a third of the best return), the replay prefix up to it (`medium-replay`) and the
-best checkpoint (`expert` half of `medium-expert`).
+`expert` half of `medium-expert` (of the checkpoints within 5% of the best, the one whose sampled rollouts score
+highest). With one torch thread a run is deterministic for its --seed; --total-steps only sizes the replay buffer.
 
-    python benchmarks/behaviour_policies.py --env Hopper-v5 --total-steps 200000 --out logs/behaviour/hopper
+    python benchmarks/behaviour_policies.py --env Hopper-v5 --total-steps 310000 --out logs/behaviour/hopper   # benchmarks.md's Hopper datasets
 
 stable-baselines3 is a dependency of this benchmark tooling only (benchmarks/requirements.txt).
 """

@@ -7,7 +7,8 @@ structure kept: terminations and time-limit truncations), so a run can be stoppe
 continued with --resume from its last checkpoint. `datasets.py hopper` then picks the `medium`
 checkpoint (the first to reach a third of the best return), the replay prefix up to it (`medium-replay`) and the
 `expert` half of `medium-expert` (of the checkpoints within 5% of the best, the one whose sampled rollouts score
-highest). With one torch thread a run is deterministic for its --seed; --total-steps only sizes the replay buffer.
+highest). An uninterrupted run is deterministic for its --seed (a resumed one is not: the random states are not
+saved); --total-steps only sizes the replay buffer.
 
     python benchmarks/behaviour_policies.py --env Hopper-v5 --total-steps 310000 --out logs/behaviour/hopper   # benchmarks.md's Hopper datasets
 

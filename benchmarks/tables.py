@@ -230,9 +230,10 @@ def dataset_arrays(dataset_id: str):
     return iql.flatten_dataset(iql.load_minari_dataset(dataset_id))
 
 
-def return_figures(runs: list, out_dir: str, episode_returns=lambda dataset: dataset_arrays(dataset).episode_returns) -> list:
+def return_figures(runs: list, out_dir: str, episode_returns) -> list:
     """One PNG per dataset and step budget: the dataset's episode returns as scores, and where each method's final
-    evaluation lands among them (a line at the mean over seeds, a dot per seed). Datasets scored by return only."""
+    evaluation lands among them (a line at the mean over seeds, a dot per seed). Datasets scored by return only;
+    episode_returns(dataset id) gives a dataset's returns."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -473,14 +474,14 @@ def begun_datasets(runs_dirs: list) -> set:
     return {json.load(open(path))["env_id"] for runs_dir in runs_dirs for path in glob.glob(os.path.join(runs_dir, "*", "args.json"))}
 
 
-def archive_runs(runs_dirs: list, archive_dir: str, log_paths: list, records: dict, awr_weights: bool) -> None:
-    """Copy the finished runs of runs_dirs into archive_dir/{runs folder's name}/, with their training curves (from log_paths),
+def archive_runs(runs_dirs: list, archive_dir: str, metrics: dict, records: dict, awr_weights: bool) -> None:
+    """Copy the finished runs of runs_dirs into archive_dir/{runs folder's name}/, with their training curves (training_metrics),
     their AWR statistics (with awr_weights, from their final networks) and, in archive_dir/datasets.json, the record and
     episode returns of the datasets of every run begun. What an earlier archiving stored and the sources no longer hold is kept."""
     os.makedirs(archive_dir, exist_ok=True)
     datasets_path = os.path.join(archive_dir, "datasets.json")
     archived = json.load(open(datasets_path)) if os.path.exists(datasets_path) else {}
-    runs, metrics = load_runs(runs_dirs), training_metrics(log_paths)
+    runs = load_runs(runs_dirs)
     for dataset in sorted(begun_datasets(runs_dirs)):
         # a dataset that benchmarks/datasets.py did not build (a Minari download) has no record
         record, before = records.get(dataset), archived.get(dataset, {"record": None})
@@ -500,10 +501,11 @@ def archive_runs(runs_dirs: list, archive_dir: str, log_paths: list, records: di
             shutil.copyfile(commit_file(run["dir"]), os.path.join(target, "commit.txt"))
         steps = metrics.get(os.path.abspath(run["dir"]))
         if steps:
-            training = json.load(open(os.path.join(target, "training.json"))) if os.path.exists(os.path.join(target, "training.json")) else {"steps": {}}
+            path = os.path.join(target, "training.json")
+            training = json.load(open(path)) if os.path.exists(path) else {"steps": {}}
             training["steps"].update({str(step): m for step, m in sorted(steps.items())})
             training["return_to_go"] = discounted_return_to_go(run)
-            json.dump(training, open(os.path.join(target, "training.json"), "w"))
+            json.dump(training, open(path, "w"))
         if run["dir"] in awr:
             path = os.path.join(target, "awr_weights.json")
             stored = json.load(open(path)) if os.path.exists(path) else {"rows": {}, "pairs": {}}
@@ -527,11 +529,12 @@ def main():
     records, metrics = read_records(args.datasets_record), training_metrics(args.train_logs)
     trained_on = begun_datasets(args.runs_dir)
     if args.archive:
-        archive_runs(args.runs_dir, args.archive, args.train_logs, records, args.awr_weights)
-        runs, metrics = load_runs(sorted(glob.glob(os.path.join(args.archive, "*", "")))), {}
+        archive_runs(args.runs_dir, args.archive, metrics, records, args.awr_weights)
+        archived_dirs = sorted(glob.glob(os.path.join(args.archive, "*", "")))
+        runs, metrics = load_runs(archived_dirs), {}
         archived = json.load(open(os.path.join(args.archive, "datasets.json")))
         records = {d: a["record"] for d, a in archived.items() if a["record"]}
-        trained_on |= {run["summary"]["env_id"] for run in runs}
+        trained_on |= begun_datasets(archived_dirs)
         episode_returns = lambda dataset: archived[dataset]["episode_returns"]
     else:
         runs, episode_returns = load_runs(args.runs_dir), lambda dataset: dataset_arrays(dataset).episode_returns

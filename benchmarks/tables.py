@@ -175,9 +175,9 @@ def toy_table(runs: list) -> Optional[str]:
 
 
 def plot_band(ax, steps: list, values: np.ndarray, name: str, over: str) -> None:
-    """The mean of values' rows (one per seed, or per run) against steps, in a band of +-1 std."""
+    """The mean of values' rows (one per seed, or per run) against steps, in a band of +-1 std (the legend's title says so)."""
     mean, std = values.mean(0), values.std(0)
-    ax.plot(steps, mean, label=f"{name} ({len(values)} {over if len(values) > 1 else over[:-1]}; band: ± 1 std over {over})")
+    ax.plot(steps, mean, label=f"{name} ({len(values)} {over if len(values) > 1 else over[:-1]})")
     ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
 
 
@@ -212,14 +212,14 @@ def learning_curves(runs: list, out_dir: str) -> list:
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for (dataset, budget), by_label in sorted(curves.items()):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(8, 4))
         for name, seeds in sorted(by_label.items()):
             steps = sorted(set.intersection(*(set(s for s, _ in points) for points in seeds)))
             plot_band(ax, steps, np.array([[dict(points)[s] for s in steps] for points in seeds]), name, "seeds")
         ax.set_xlabel("policy updates (IQL post-hoc: its own, after the V/Q steps)")
         ax.set_ylabel("score")
         ax.set_title(f"{dataset}, {budget:,} steps")
-        ax.legend()
+        ax.legend(title="band: ± 1 std over seeds", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: curves fill the axes
         written.append((f"{dataset}, {budget:,} steps", save_figure(fig, out_dir, dataset, budget)))
     return written
 
@@ -463,7 +463,7 @@ def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
                 ax.axhline(reference, color="gray", linestyle="--", label="dataset's discounted return-to-go, mean over steps")
             ax.set_xlabel("gradient step")
             ax.set_title(title)
-            ax.legend(fontsize="small")
+            ax.legend(title="band: ± 1 std over runs", fontsize="small", title_fontsize="small")
         fig.suptitle(f"{dataset}, {budget:,} steps: IQL's value function, each point one logged step's minibatch")
         written.append((f"{dataset}, {budget:,} steps: V, advantages, AWR weights", save_figure(fig, out_dir, dataset, budget, "__value")))
     return written

@@ -8,7 +8,9 @@
 The score of a run is its final evaluation (the last one, as CORL's "last" column; never the best of
 several); a cell is the mean +- std of that score over seeds, with the number of seeds. Runs of
 different step budgets are never pooled: there is one score table, and one curve per dataset, for
-each budget. The tables replace the text between `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->`
+each budget. --late adds, per budget, a table of each seed's mean over its evaluations from half the
+budget on, the final one included (TD3+BC, Fujimoto & Gu 2021, reports the mean of its last 10
+evaluations), which one checkpoint's luck moves less. The tables replace the text between `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->`
 of --write (--block, default `tables`), so that runs of another kind can fill a block of their own.
 
 --archive DIR copies each finished run's small files (args, summary, evaluations) into DIR/{runs folder's name}/, with
@@ -81,8 +83,19 @@ def budgets(runs: list) -> list:
     return sorted({run["args"]["total_steps"] for run in runs if not run["summary"]["env_id"].startswith("toy/")})
 
 
-def score_table(runs: list, steps: int) -> str:
-    """Datasets x methods at one step budget: mean +- std over seeds of the final score, and the average row."""
+def late_score(run: dict, policy: str, result: dict, steps: int) -> Optional[float]:
+    """The mean of a seed's evaluations from half the budget on, the final one included, each checkpoint counted once."""
+    path = os.path.join(run["dir"], "evaluations.jsonl")
+    if not os.path.exists(path):
+        return None
+    history = [json.loads(line) for line in open(path)]
+    seed = result.get("seed", run["args"]["seed"])
+    late = [h["score_mean"] for h in history if h["policy"] == policy and h.get("seed", seed) == seed and h["step"] >= steps / 2]
+    return float(np.mean(late)) if late and None not in late else None
+
+
+def score_table(runs: list, steps: int, late: bool = False) -> str:
+    """Datasets x methods at one step budget: mean +- std over seeds of the final score (with late: of late_score), and the average row."""
     scores, commits = collections.defaultdict(list), set()
     for run in runs:
         if run["summary"]["env_id"].startswith("toy/") or run["args"]["total_steps"] != steps:
@@ -90,8 +103,9 @@ def score_table(runs: list, steps: int) -> str:
         commits.add(run["commit"] or "not recorded")
         for policy, result in run["summary"]["policies"].items():
             for seed in result.get("seeds", [result]):  # a run of several seeds (--num-seeds) keeps each seed's result
-                if seed["score_mean"] is not None:
-                    scores[run["summary"]["env_id"], label(run, policy)].append(seed["score_mean"])
+                score = late_score(run, policy, seed, steps) if late else seed["score_mean"]
+                if score is not None:
+                    scores[run["summary"]["env_id"], label(run, policy)].append(score)
     datasets = sorted({d for d, _ in scores})
     if not datasets:
         return "no scored runs"
@@ -522,6 +536,7 @@ def main():
     parser.add_argument("--train-logs", nargs="*", default=[], help="run_grid.py's output, from which IQL's V and advantage curves are drawn")
     parser.add_argument("--returns", action="store_true", help="per dataset, a figure of its episode returns with each method's final score (reads the datasets)")
     parser.add_argument("--awr-weights", action="store_true", help="a table of how each IQL run's final AWR weights spread over its dataset (reads the datasets)")
+    parser.add_argument("--late", action="store_true", help="per budget, a second score table: each seed's mean over its evaluations from half the budget on")
     parser.add_argument("--archive", help="copy the finished runs into this folder with all their tables need, and make the tables from the folder (see above)")
     store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
     parser.add_argument("--datasets-record", default=os.path.join(store, "local_datasets.jsonl"), help="written by benchmarks/datasets.py")
@@ -541,7 +556,11 @@ def main():
     curves = learning_curves(runs, args.curves) + training_curves(runs, metrics, args.curves)
     curves += return_figures(runs, args.curves, episode_returns) if args.returns else []
     base = os.path.dirname(os.path.abspath(args.write)) if args.write else os.getcwd()
-    scores = [(f"### Scores at {steps:,} gradient steps (final evaluation, mean ± std over seeds, number of seeds)", score_table(runs, steps)) for steps in budgets(runs)]
+    scores = [
+        (f"### Scores at {steps:,} gradient steps ({what}, mean ± std over seeds, number of seeds)", score_table(runs, steps, late))
+        for steps in budgets(runs)
+        for late, what in ((False, "final evaluation"), *([(True, f"mean of the evaluations from step {steps // 2:,} on")] if args.late else []))
+    ]
     toy = toy_table(runs)
     block = "\n\n".join(
         [

@@ -23,7 +23,7 @@ def test_tables_report_the_last_evaluation_per_step_budget(minari_store, tmp_pat
     runs = tables.load_runs([str(tmp_path)])
     assert tables.budgets(runs) == [40, 80]
     for steps, seeds in ((40, 4), (80, 2)):
-        finals = []
+        finals, lates = [], []
         for run in (r for r in runs if r["args"]["total_steps"] == steps):
             history = [json.loads(line) for line in open(f"{run['dir']}/evaluations.jsonl")]
             results = run["summary"]["policies"]["bc"]
@@ -32,10 +32,15 @@ def test_tables_report_the_last_evaluation_per_step_budget(minari_store, tmp_pat
                 assert [h["step"] for h in mine] == list(range(20, steps + 1, 20))
                 assert mine[-1]["score_mean"] == pytest.approx(result["score_mean"])
                 finals.append(mine[-1]["score_mean"])
+                lates.append(np.mean([h["score_mean"] for h in mine if h["step"] >= steps / 2]))
         table = tables.score_table(runs, steps).splitlines()
         # one row per dataset, pooling only this budget's seeds, from their last evaluations; the code version under it
         assert table[2] == f"| mujoco/hopper/tiny-v0 | {np.mean(finals):.1f} ± {np.std(finals):.1f} ({seeds}) |"
         assert table[-1] == "Code: commit not recorded."
+        # late: each seed's own evaluations from half the budget on (40 and 80 of 80 steps), not the other seeds'
+        assert len(set(lates)) == seeds and lates != finals
+        late_table = tables.score_table(runs, steps, late=True).splitlines()
+        assert late_table[2] == f"| mujoco/hopper/tiny-v0 | {np.mean(lates):.1f} ± {np.std(lates):.1f} ({seeds}) |"
     curves = tables.learning_curves(runs, str(tmp_path / "curves"))
     assert [name for name, _ in curves] == ["mujoco/hopper/tiny-v0, 40 steps", "mujoco/hopper/tiny-v0, 80 steps"]
     assert tables.toy_table(runs) is None  # no toy runs: no empty table

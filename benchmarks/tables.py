@@ -10,8 +10,9 @@ several); a cell is the mean +- std of that score over seeds, with the number of
 different step budgets are never pooled: there is one score table, and one curve per dataset, for
 each budget. --late adds, per budget, a table of each seed's mean over its evaluations from half the
 budget on, the final one included (TD3+BC, Fujimoto & Gu 2021, reports the mean of its last 10
-evaluations), which one checkpoint's luck moves less. The tables replace the text between `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->`
-of --write (--block, default `tables`), so that runs of another kind can fill a block of their own.
+evaluations), which one checkpoint's luck moves less. The tables replace the text between
+`<!-- BLOCK:start -->` and `<!-- BLOCK:end -->` of --write (--block, default `tables`), so that runs
+of another kind can fill a block of their own.
 
 --archive DIR copies each finished run's small files (args, summary, evaluations) into DIR/{runs folder's name}/, with
 what its tables and figures would otherwise read from elsewhere: its training curve from the logs, its AWR-weight

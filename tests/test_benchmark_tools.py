@@ -37,7 +37,7 @@ def test_tables_report_the_last_evaluation_per_step_budget(minari_store, tmp_pat
         # one row per dataset, pooling only this budget's seeds, from their last evaluations; the code version under it
         assert table[2] == f"| mujoco/hopper/tiny-v0 | {np.mean(finals):.1f} ± {np.std(finals):.1f} ({seeds}) |"
         assert table[-1] == "Code: commit not recorded."
-        # late: each seed's own evaluations from half the budget on (40 and 80 of 80 steps), not the other seeds'
+        # late: each seed's own evaluations from half the budget on (steps 20 and 40 of 40; 40, 60 and 80 of 80), not the other seeds'
         assert len(set(lates)) == seeds and lates != finals
         late_table = tables.score_table(runs, steps, late=True).splitlines()
         assert late_table[2] == f"| mujoco/hopper/tiny-v0 | {np.mean(lates):.1f} ± {np.std(lates):.1f} ({seeds}) |"

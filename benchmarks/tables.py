@@ -54,6 +54,8 @@ def load_runs(runs_dirs: list) -> list:
         args = json.load(open(os.path.join(run_dir, "args.json")))
         commit = commit_file(run_dir)
         run = {"dir": run_dir, "summary": summary, "args": args, "commit": open(commit).read().strip()[:12] if commit else None}
+        evaluations = os.path.join(run_dir, "evaluations.jsonl")  # read once for the late scores and the learning curves
+        run["evaluations"] = [json.loads(line) for line in open(evaluations)] if os.path.exists(evaluations) else []
         for key, name in (("training", "training.json"), ("awr", "awr_weights.json")):  # written by --archive
             if os.path.exists(os.path.join(run_dir, name)):
                 run[key] = json.load(open(os.path.join(run_dir, name)))
@@ -86,12 +88,8 @@ def budgets(runs: list) -> list:
 
 def late_score(run: dict, policy: str, result: dict, steps: int) -> Optional[float]:
     """The mean of a seed's evaluations from half the budget on, the final one included, each checkpoint counted once."""
-    path = os.path.join(run["dir"], "evaluations.jsonl")
-    if not os.path.exists(path):
-        return None
-    history = [json.loads(line) for line in open(path)]
     seed = result.get("seed", run["args"]["seed"])
-    late = [h["score_mean"] for h in history if h["policy"] == policy and h.get("seed", seed) == seed and h["step"] >= steps / 2]
+    late = [h["score_mean"] for h in run["evaluations"] if h["policy"] == policy and h.get("seed", seed) == seed and h["step"] >= steps / 2]
     return float(np.mean(late)) if late and None not in late else None
 
 
@@ -215,10 +213,9 @@ def learning_curves(runs: list, out_dir: str) -> list:
 
     curves = collections.defaultdict(lambda: collections.defaultdict(list))  # dataset -> label -> [(steps, scores)]
     for run in runs:
-        path = os.path.join(run["dir"], "evaluations.jsonl")
-        if run["summary"]["env_id"].startswith("toy/") or not os.path.exists(path):
+        history = run["evaluations"]
+        if run["summary"]["env_id"].startswith("toy/") or not history:
             continue
-        history = [json.loads(line) for line in open(path)]
         for policy in run["summary"]["policies"]:
             for seed in sorted({h.get("seed") for h in history}, key=str):  # one curve per seed; runs of one seed may predate the field
                 points = [(h["step"], h["score_mean"]) for h in history if h["policy"] == policy and h.get("seed") == seed and h["score_mean"] is not None]

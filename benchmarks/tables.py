@@ -275,8 +275,10 @@ def return_figures(runs: list, out_dir: str, episode_returns) -> list:
     return written
 
 
-def started_run(flags: list) -> Optional[str]:
-    """The run folder that a fresh `python iql.py --flag value ...` made: the one whose args.json holds every value named."""
+def started_run(flags: list, claimed: set) -> Optional[str]:
+    """The run folder that a fresh `python iql.py --flag value ...` made: the first one not in claimed whose args.json holds every
+    value named. A run stopped before its first checkpoint is started again by the same command into a new folder; folder names
+    end in their start time, so the n-th start of the same command made the n-th of those folders."""
     named, flag = {}, None
     for word in flags:
         if word.startswith("--no-"):  # tyro's --no-flag turns a bool off
@@ -298,7 +300,7 @@ def started_run(flags: list) -> Optional[str]:
 
     for path in sorted(glob.glob(os.path.join(runs_dir, "*", "args.json"))):
         stored = json.load(open(path))
-        if "top_fraction" not in stored and all(same(stored.get(k), v) for k, v in named.items()):
+        if os.path.dirname(path) not in claimed and "top_fraction" not in stored and all(same(stored.get(k), v) for k, v in named.items()):
             return os.path.dirname(path)
     return None
 
@@ -307,11 +309,12 @@ def training_metrics(log_paths: list) -> dict:
     """{run folder: {step: {metric: value}}} from the `train step` lines iql.py prints, in the logs that run_grid.py's output
     went to. A run's lines follow the command that started or resumed it; a step logged again after a resume takes the
     later line, the one the finished run continued from."""
-    metrics, run_dir = collections.defaultdict(dict), None
+    metrics, run_dir, claimed = collections.defaultdict(dict), None, set()
     for line in (line for path in log_paths for line in open(path)):
         words = line.split()
         if words[:1] == ["python"]:
-            run_dir = None if words[1] != "iql.py" else words[3] if words[2] == "--resume" else started_run(words[2:])
+            run_dir = None if words[1] != "iql.py" else words[3] if words[2] == "--resume" else started_run(words[2:], claimed)
+            claimed.add(run_dir)
         elif words[:2] == ["train", "step"] and run_dir:
             values = line.split("|")[-1].split()
             metrics[os.path.abspath(run_dir)][int(words[2].split("/")[0])] = {k: float(v) for k, v in zip(values[::2], values[1::2])}

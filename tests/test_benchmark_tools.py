@@ -87,15 +87,24 @@ def test_value_curves_come_from_each_iql_runs_own_log_lines(minari_store, tmp_pa
     runs = tables.load_runs([str(tmp_path / "runs")])
     iql_runs = {run["args"]["seed"]: run for run in runs if "posthoc_steps" in run["args"]}
     first, second = (os.path.abspath(iql_runs[seed]["dir"]) for seed in (1, 2))
+    second_output = log[5]
     # a resumed segment's line for a step wins over the line of the same step before the resume
     log += [f"python iql.py --resume {iql_runs[1]['dir']}", "train step       50/100 |     10 upd/s | ETA   0.1 min | v_mean 7.5 advantage_mean -1 awr_weight_mean 2"]
+    # seed 2 as if its first start had stopped before its first checkpoint: an older folder of the same arguments, its lines, then
+    # the same command again; each start's lines go to its own folder
+    prefix, started = iql_runs[2]["dir"].rsplit("__", 1)
+    stale = f"{prefix}__{int(started) - 1}"
+    os.makedirs(stale)
+    shutil.copyfile(os.path.join(iql_runs[2]["dir"], "args.json"), os.path.join(stale, "args.json"))
+    log[4:4] = [log[4], "train step       50/100 |     10 upd/s | ETA   0.1 min | v_mean 9.5 advantage_mean -2 awr_weight_mean 3"]
     (tmp_path / "grid.log").write_text("\n".join(log) + "\n")
     metrics = tables.training_metrics([str(tmp_path / "grid.log")])
-    assert sorted(metrics) == sorted([first, second])  # the BC run's lines belong to no IQL run
+    assert sorted(metrics) == sorted([first, second, os.path.abspath(stale)])  # the BC run's lines belong to no IQL run
     assert sorted(metrics[first]) == sorted(metrics[second]) == [50, 100]
     assert metrics[first][50] == {"v_mean": 7.5, "advantage_mean": -1.0, "awr_weight_mean": 2.0}
+    assert metrics[os.path.abspath(stale)] == {50: {"v_mean": 9.5, "advantage_mean": -2.0, "awr_weight_mean": 3.0}}
     assert metrics[first][100] != metrics[second][100]
-    (line,) = [line for line in log[5].splitlines() if line.startswith("train step      100/")]  # what seed 2's run printed
+    (line,) = [line for line in second_output.splitlines() if line.startswith("train step      100/")]  # what seed 2's run printed
     assert line.endswith(" ".join(f"{k} {v:.4g}" for k, v in metrics[second][100].items()))
     # the V panel's reference line: the dataset's mean discounted return-to-go in the run's training reward
     data = iql.flatten_dataset(iql.load_minari_dataset("mujoco/hopper/tiny-v0"))

@@ -308,16 +308,22 @@ def started_run(flags: list, claimed: set) -> Optional[str]:
 def training_metrics(log_paths: list) -> dict:
     """{run folder: {step: {metric: value}}} from the `train step` lines iql.py prints, in the logs that run_grid.py's output
     went to. A run's lines follow the command that started or resumed it; a step logged again after a resume takes the
-    later line, the one the finished run continued from."""
-    metrics, run_dir, claimed = collections.defaultdict(dict), None, set()
-    for line in (line for path in log_paths for line in open(path)):
-        words = line.split()
-        if words[:1] == ["python"]:
-            run_dir = None if words[1] != "iql.py" else words[3] if words[2] == "--resume" else started_run(words[2:], claimed)
-            claimed.add(run_dir)
-        elif words[:2] == ["train", "step"] and run_dir:
-            values = line.split("|")[-1].split()
-            metrics[os.path.abspath(run_dir)][int(words[2].split("/")[0])] = {k: float(v) for k, v in zip(values[::2], values[1::2])}
+    later line, the one the finished run continued from. Two runs printing into one log at once cannot be told apart, so a
+    step that does not follow on from the step before it is refused."""
+    metrics, run_dir, claimed, last_step = collections.defaultdict(dict), None, set(), -1
+    for path in log_paths:
+        for line in open(path):
+            words = line.split()
+            if words[:1] == ["python"]:
+                run_dir = None if words[1] != "iql.py" else words[3] if words[2] == "--resume" else started_run(words[2:], claimed)
+                claimed.add(run_dir)
+                last_step = -1
+            elif words[:2] == ["train", "step"] and run_dir:
+                step, values = int(words[2].split("/")[0]), line.split("|")[-1].split()
+                if step <= last_step:
+                    sys.exit(f"tables.py: {path}: train step {step} after step {last_step} of the same run: two runs printed into "
+                             "this log at the same time; give each run_grid.py process a log of its own")
+                metrics[os.path.abspath(run_dir)][step], last_step = {k: float(v) for k, v in zip(values[::2], values[1::2])}, step
     return metrics
 
 
@@ -534,7 +540,7 @@ def main():
     parser.add_argument("--write", help="a Markdown file whose block to replace; default: print")
     parser.add_argument("--block", default="tables", help="with --write: the name in its <!-- NAME:start --> and <!-- NAME:end --> lines")
     parser.add_argument("--curves", default="benchmarks/curves", help="folder for the learning-curve PNGs")
-    parser.add_argument("--train-logs", nargs="*", default=[], help="run_grid.py's output, from which IQL's V and advantage curves are drawn")
+    parser.add_argument("--train-logs", nargs="*", default=[], help="run_grid.py's output (one log per run_grid.py process), from which IQL's V and advantage curves are drawn")
     parser.add_argument("--returns", action="store_true", help="per dataset, a figure of its episode returns with each method's final score (reads the datasets)")
     parser.add_argument("--awr-weights", action="store_true", help="a table of how each IQL run's final AWR weights spread over its dataset (reads the datasets)")
     parser.add_argument("--late", action="store_true", help="per budget, a second score table: each seed's mean over its evaluations from half the budget on")

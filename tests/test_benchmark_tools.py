@@ -70,6 +70,16 @@ def test_bf16_runs_get_columns_of_their_own():
     assert tables.label({"args": {}}, "concurrent") == "IQL"  # runs from before --bf16 existed
 
 
+def test_a_log_that_two_runs_printed_into_at_once_is_refused(tmp_path):
+    # run a had printed step 5,000 when run b began in the same log; a's next line then reads as b's, and b's own next one goes back
+    lines = ["python iql.py --resume runs/a", "train step     5000/300000 |  80 upd/s | ETA  60.0 min | v_mean 30",
+             "python iql.py --resume runs/b", "train step      300/300000 |  80 upd/s | ETA  62.0 min | v_mean 1",
+             "train step    10000/300000 |  80 upd/s | ETA  59.0 min | v_mean 40", "train step     5000/300000 |  80 upd/s | ETA  61.0 min | v_mean 28"]
+    (tmp_path / "grid.log").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match="grid.log: train step 5000 after step 10000 of the same run: two runs printed into this log"):
+        tables.training_metrics([str(tmp_path / "grid.log")])
+
+
 def test_value_curves_come_from_each_iql_runs_own_log_lines(minari_store, tmp_path, capsys):
     import iql
     import tyro

@@ -7,8 +7,9 @@ structure kept: terminations and time-limit truncations), so a run can be stoppe
 continued with --resume from its last checkpoint. `datasets.py hopper` then picks the `medium`
 checkpoint (the first to reach a third of the best return), the replay prefix up to it (`medium-replay`) and the
 `expert` half of `medium-expert` (of the checkpoints within 5% of the best, the one whose sampled rollouts score
-highest). An uninterrupted run is deterministic for its --seed (a resumed one is not: the random states are not
-saved); --total-steps only sizes the replay buffer.
+highest). An uninterrupted run is deterministic for its --seed on one kind of processor (a resumed one is not: the
+random states are not saved; on another processor torch's float rounding differs and the run parts within a few hundred
+steps), so each progress record names the processor; --total-steps only sizes the replay buffer.
 
     python benchmarks/behaviour_policies.py --env Hopper-v5 --total-steps 310000 --out logs/behaviour/hopper   # benchmarks.md's Hopper datasets
 
@@ -18,6 +19,7 @@ stable-baselines3 is a dependency of this benchmark tooling only (benchmarks/req
 import argparse
 import json
 import os
+import platform
 import time
 
 import gymnasium as gym
@@ -26,6 +28,13 @@ import torch
 from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
+
+
+def processor() -> str:
+    """The CPU's model name (Linux), else what `platform` knows: a run repeats exactly only on the same kind."""
+    if os.path.exists("/proc/cpuinfo"):
+        return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    return platform.processor()
 
 
 class Checkpoints(BaseCallback):
@@ -40,7 +49,7 @@ class Checkpoints(BaseCallback):
         if self.num_timesteps % self.every == 0:
             returns, _ = evaluate_policy(self.model, self.eval_env, n_eval_episodes=self.episodes, deterministic=True, return_episode_rewards=True)
             self.model.save(os.path.join(self.out, f"step_{self.num_timesteps}.zip"))
-            record = {"step": self.num_timesteps, "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)), "wall_s": time.time() - self.start}
+            record = {"step": self.num_timesteps, "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)), "wall_s": time.time() - self.start, "processor": processor()}
             with open(os.path.join(self.out, "progress.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(record, flush=True)

@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -254,3 +256,24 @@ def test_a_dataset_fingerprint_follows_its_contents(minari_store, tmp_path, monk
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))  # a store of its own: the shared one's ids are what other tests list
     assert datasets.fingerprint(make_hopper_dataset(seed=0)) == datasets.fingerprint(hopper)  # the same recipe and seed: the same data
     assert datasets.fingerprint(make_hopper_dataset("mujoco/hopper/tiny-seed1-v0", seed=1)) != datasets.fingerprint(hopper)
+
+
+def test_a_behaviour_policy_run_repeats_on_one_processor_and_names_it(tmp_path):
+    # the Hopper datasets are rebuilt from this run; only the same seed on the same kind of processor gives the same data
+    pytest.importorskip("stable_baselines3", reason="benchmarks/requirements.txt")
+    from benchmarks import behaviour_policies
+
+    outs = [tmp_path / name for name in ("first", "second")]
+    for out in outs:
+        subprocess.run(
+            [sys.executable, behaviour_policies.__file__, "--env", "Hopper-v5", "--total-steps", "200", "--eval-every", "100", "--eval-episodes", "1", "--out", str(out)],
+            check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    progress = [[json.loads(line) for line in open(out / "progress.jsonl")] for out in outs]
+    assert [p["step"] for p in progress[0]] == [100, 200]
+    assert {p["processor"] for p in progress[0] + progress[1]} == {behaviour_policies.processor()} and behaviour_policies.processor()
+    assert [p["return_mean"] for p in progress[0]] == [p["return_mean"] for p in progress[1]]
+    first, second = (np.load(out / "replay.npz") for out in outs)
+    assert len(first["rewards"]) == 199  # saved before the checkpoint step's own transition
+    for key in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
+        np.testing.assert_array_equal(first[key], second[key])

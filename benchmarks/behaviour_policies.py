@@ -19,7 +19,7 @@ stable-baselines3 is a dependency of this benchmark tooling only (benchmarks/req
 import argparse
 import json
 import os
-import platform
+import sys
 import time
 
 import gymnasium as gym
@@ -29,12 +29,8 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 
-
-def processor() -> str:
-    """The CPU's model name (Linux), else what `platform` knows: a run repeats exactly only on the same kind."""
-    if os.path.exists("/proc/cpuinfo"):
-        return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    return platform.processor()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, when run as a script
+from benchmarks import processor  # noqa: E402
 
 
 class Checkpoints(BaseCallback):

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import iql  # noqa: E402
-from benchmarks import reference_iql  # noqa: E402
+from benchmarks import processor, reference_iql  # noqa: E402
 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, what --threads 0 stands for
 
@@ -55,7 +55,7 @@ def timed(fn, device, repeats=1):
 
 
 def versions(device) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpu = processor()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none used"
     import minari
     import mujoco

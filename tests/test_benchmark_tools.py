@@ -261,7 +261,7 @@ def test_a_dataset_fingerprint_follows_its_contents(minari_store, tmp_path, monk
 def test_a_behaviour_policy_run_repeats_on_one_processor_and_names_it(tmp_path):
     # the Hopper datasets are rebuilt from this run; only the same seed on the same kind of processor gives the same data
     pytest.importorskip("stable_baselines3", reason="benchmarks/requirements.txt")
-    from benchmarks import behaviour_policies
+    from benchmarks import behaviour_policies, processor
 
     outs = [tmp_path / name for name in ("first", "second")]
     for out in outs:
@@ -271,7 +271,7 @@ def test_a_behaviour_policy_run_repeats_on_one_processor_and_names_it(tmp_path):
         )
     progress = [[json.loads(line) for line in open(out / "progress.jsonl")] for out in outs]
     assert [p["step"] for p in progress[0]] == [100, 200]
-    assert {p["processor"] for p in progress[0] + progress[1]} == {behaviour_policies.processor()} and behaviour_policies.processor()
+    assert {p["processor"] for p in progress[0] + progress[1]} == {processor()} and processor()
     assert [p["return_mean"] for p in progress[0]] == [p["return_mean"] for p in progress[1]]
     first, second = (np.load(out / "replay.npz") for out in outs)
     assert len(first["rewards"]) == 199  # saved before the checkpoint step's own transition

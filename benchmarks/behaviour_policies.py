@@ -39,13 +39,13 @@ class Checkpoints(BaseCallback):
         self.out, self.every, self.episodes = out, every, episodes
         self.eval_env = gym.make(env_id)
         self.eval_env.reset(seed=seed + 10_000)
-        self.start = time.time()
+        self.start, self.processor = time.time(), processor()
 
     def _on_step(self) -> bool:
         if self.num_timesteps % self.every == 0:
             returns, _ = evaluate_policy(self.model, self.eval_env, n_eval_episodes=self.episodes, deterministic=True, return_episode_rewards=True)
             self.model.save(os.path.join(self.out, f"step_{self.num_timesteps}.zip"))
-            record = {"step": self.num_timesteps, "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)), "wall_s": time.time() - self.start, "processor": processor()}
+            record = {"step": self.num_timesteps, "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)), "wall_s": time.time() - self.start, "processor": self.processor}
             with open(os.path.join(self.out, "progress.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(record, flush=True)

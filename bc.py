@@ -106,8 +106,13 @@ class Args:
 
 # D4RL's reference returns (random, expert), for datasets with none (Minari's mujoco/*-v0): scores then mean what they meant in D4RL
 D4RL_REFERENCE_RETURNS = {
-    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
-    "pen": (96.262799, 3076.833), "hammer": (-274.856578, 12794.13), "door": (-56.512833, 2880.569), "relocate": (-6.425911, 4233.878),
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "pen": (96.262799, 3076.833),
+    "hammer": (-274.856578, 12794.13),
+    "door": (-56.512833, 2880.569),
+    "relocate": (-6.425911, 4233.878),
 }
 ACTION_CLIP_EPS = 1e-5
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
@@ -122,16 +127,30 @@ def validate_args(args: Args) -> None:
         (args.total_steps > 0, f"--total-steps must be positive, got {args.total_steps}"),
         (args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}"),
         (args.actor_lr > 0.0, f"--actor-lr must be positive, got {args.actor_lr}"),
-        (len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0, f"--hidden-dims must be positive sizes, got {args.hidden_dims}"),
+        (
+            len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0,
+            f"--hidden-dims must be positive sizes, got {args.hidden_dims}",
+        ),
         (0.0 <= args.actor_dropout < 1.0, f"--actor-dropout must be in [0, 1), got {args.actor_dropout}"),
         (args.torch_threads is None or args.torch_threads > 0, f"--torch-threads must be positive, got {args.torch_threads}"),
         (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
         (args.eval_freq >= 0, f"--eval-freq must be >= 0, got {args.eval_freq}"),
         (args.checkpoint_freq >= 0, f"--checkpoint-freq must be >= 0, got {args.checkpoint_freq}"),
-        *((getattr(args, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(args, f)}") for f in ("eval_episodes", "final_eval_episodes", "log_freq")),
-        *((getattr(args, f) <= EVAL_SEED_BLOCK, f"--{f.replace('_', '-')} must be at most {EVAL_SEED_BLOCK}, the evaluation seeds of one training seed, got {getattr(args, f)}") for f in ("eval_episodes", "final_eval_episodes")),
-        (dataset_family(args.env_id).endswith("Maze") or not (args.goal_terminal or args.eval_terminate_at_goal),
-         f"--{'goal-terminal' if args.goal_terminal else 'eval-terminate-at-goal'} applies to maze datasets (pointmaze, antmaze) only, got --env-id {args.env_id}"),
+        *(
+            (getattr(args, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(args, f)}")
+            for f in ("eval_episodes", "final_eval_episodes", "log_freq")
+        ),
+        *(
+            (
+                getattr(args, f) <= EVAL_SEED_BLOCK,
+                f"--{f.replace('_', '-')} must be at most {EVAL_SEED_BLOCK}, the evaluation seeds of one training seed, got {getattr(args, f)}",
+            )
+            for f in ("eval_episodes", "final_eval_episodes")
+        ),
+        (
+            dataset_family(args.env_id).endswith("Maze") or not (args.goal_terminal or args.eval_terminate_at_goal),
+            f"--{'goal-terminal' if args.goal_terminal else 'eval-terminate-at-goal'} applies to maze datasets (pointmaze, antmaze) only, got --env-id {args.env_id}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -145,7 +164,10 @@ def load_minari_dataset(dataset_id: str):
 
     # gymnasium-robotics holds the maze, Kitchen and Adroit environments; its note on Adroit's rewards is shown for Adroit datasets
     # only, and any failure (not installed, a bad MUJOCO_GL) surfaces, explained, when the evaluation env is built
-    with contextlib.suppress(Exception), contextlib.nullcontext() if dataset_family(dataset_id) == "Adroit" else contextlib.redirect_stderr(io.StringIO()):
+    with (
+        contextlib.suppress(Exception),
+        contextlib.nullcontext() if dataset_family(dataset_id) == "Adroit" else contextlib.redirect_stderr(io.StringIO()),
+    ):
         import gymnasium_robotics  # noqa: F401
     store = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     local = list(minari.list_local_datasets())
@@ -158,8 +180,9 @@ def load_minari_dataset(dataset_id: str):
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:  # minari raises many types here: unknown id, no network, offline mode, bad id format
         raise SystemExit(
-            f"error: cannot load Minari dataset '{dataset_id}' ({describe(e)})" if dataset_id in local else
-            f"error: Minari dataset '{dataset_id}' is not in the local store ({store}) and could not be downloaded ({describe(e)}).{hint} "
+            f"error: cannot load Minari dataset '{dataset_id}' ({describe(e)})"
+            if dataset_id in local
+            else f"error: Minari dataset '{dataset_id}' is not in the local store ({store}) and could not be downloaded ({describe(e)}).{hint} "
             "Set MINARI_DATASETS_PATH to use another store, HF_HUB_OFFLINE=1 to fail at once without a network; `minari list local` lists the stored ids."
         ) from None
 
@@ -211,8 +234,10 @@ def flatten_dataset(dataset) -> OfflineData:
     stack = lambda part, dtype: np.concatenate([np.asarray(part(e), dtype=dtype) for e in episodes])
     return OfflineData(
         observations=stack(lambda e: flatten_observation(e.observations, dataset.observation_space), np.float32),
-        actions=stack(lambda e: np.reshape(e.actions, (len(e.rewards), -1)), np.float32), rewards=stack(lambda e: e.rewards, np.float32),
-        terminations=stack(lambda e: e.terminations, bool), truncations=stack(lambda e: e.truncations, bool),
+        actions=stack(lambda e: np.reshape(e.actions, (len(e.rewards), -1)), np.float32),
+        rewards=stack(lambda e: e.rewards, np.float32),
+        terminations=stack(lambda e: e.terminations, bool),
+        truncations=stack(lambda e: e.truncations, bool),
         episode_lengths=np.array([len(e.rewards) for e in episodes], dtype=np.int64),
     )
 
@@ -223,8 +248,12 @@ def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray
     steps = np.concatenate([np.arange(starts[e], starts[e] + n) for e, n in zip(episodes, lengths)])
     rows = np.concatenate([np.arange(starts[e] + e, starts[e] + e + n + 1) for e, n in zip(episodes, lengths)])
     return OfflineData(
-        observations=data.observations[rows], actions=data.actions[steps], rewards=data.rewards[steps],
-        terminations=data.terminations[steps], truncations=data.truncations[steps], episode_lengths=np.asarray(lengths, dtype=np.int64),
+        observations=data.observations[rows],
+        actions=data.actions[steps],
+        rewards=data.rewards[steps],
+        terminations=data.terminations[steps],
+        truncations=data.truncations[steps],
+        episode_lengths=np.asarray(lengths, dtype=np.int64),
     )
 
 
@@ -239,7 +268,14 @@ def top_episodes(data: OfflineData, fraction: float, by: str) -> Tuple[OfflineDa
     if fraction >= 1.0:
         count = len(returns)  # all: DT's strict "below" would drop the worst episode even at 100%
     elif by == "steps":
-        count = max(1, int(np.sum(np.cumsum(data.episode_lengths[best_first]) < max(1, int(round(fraction * data.episode_lengths.sum(), 9))))))
+        count = max(
+            1,
+            int(
+                np.sum(
+                    np.cumsum(data.episode_lengths[best_first]) < max(1, int(round(fraction * data.episode_lengths.sum(), 9)))
+                )
+            ),
+        )
     else:
         count = max(1, math.ceil(round(fraction * len(returns), 9)))
     kept = np.sort(best_first[:count])
@@ -264,18 +300,36 @@ def to_unit_box(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.nd
 def dataset_family(dataset_id: str) -> str:
     """AntMaze, PointMaze, Kitchen, Adroit, or MuJoCo: the paper's locomotion family, and the default for other ids."""
     name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
-    return ("AntMaze" if "antmaze" in dataset_id else "PointMaze" if "pointmaze" in dataset_id else "Kitchen" if "kitchen" in dataset_id
-            else "Adroit" if name in ("pen", "hammer", "door", "relocate") else "MuJoCo")
+    return (
+        "AntMaze"
+        if "antmaze" in dataset_id
+        else "PointMaze"
+        if "pointmaze" in dataset_id
+        else "Kitchen"
+        if "kitchen" in dataset_id
+        else "Adroit"
+        if name in ("pen", "hammer", "door", "relocate")
+        else "MuJoCo"
+    )
 
 
 def scoring_rule(dataset, dataset_id: str) -> dict:
     """The paper's score per family (success, Kitchen tasks, normalised return) and any evaluation episode length it needs."""
     family = dataset_family(dataset_id)
     if family.endswith("Maze"):
-        return {"kind": "success", "source": "success rate x100: the env's info['success'] at any step", "max_episode_steps": None}
+        return {
+            "kind": "success",
+            "source": "success rate x100: the env's info['success'] at any step",
+            "max_episode_steps": None,
+        }
     if family == "Kitchen":
         num_tasks = len(dataset.env_spec.kwargs["tasks_to_complete"])
-        return {"kind": "tasks", "num_tasks": num_tasks, "source": f"completed tasks / {num_tasks} x100", "max_episode_steps": None}
+        return {
+            "kind": "tasks",
+            "num_tasks": num_tasks,
+            "source": f"completed tasks / {num_tasks} x100",
+            "max_episode_steps": None,
+        }
     metadata = dataset.storage.metadata
     env_name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
     if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
@@ -286,12 +340,21 @@ def scoring_rule(dataset, dataset_id: str) -> dict:
         return {"kind": "none", "source": "none (the dataset carries no reference scores)", "max_episode_steps": None}
     # D4RL's pen references are returns of 100-step episodes; others go with the dataset's spec (Minari's pen: 200)
     d4rl_pen = env_name == "pen" and np.allclose(ref, D4RL_REFERENCE_RETURNS["pen"], rtol=1e-6)
-    return {"kind": "return", "ref_min": ref[0], "ref_max": ref[1], "source": f"normalised return, references {ref[0]:g} and {ref[1]:g} from {source}", "max_episode_steps": 100 if d4rl_pen else None}
+    return {
+        "kind": "return",
+        "ref_min": ref[0],
+        "ref_max": ref[1],
+        "source": f"normalised return, references {ref[0]:g} and {ref[1]:g} from {source}",
+        "max_episode_steps": 100 if d4rl_pen else None,
+    }
 
 
 def eval_env_kwargs(rule: dict, terminate_at_goal: bool) -> dict:
     """Overrides of the dataset's evaluation environment spec; with terminate_at_goal, D4RL's mazes: the episode ends at the goal."""
-    return {**({"max_episode_steps": rule["max_episode_steps"]} if rule["max_episode_steps"] else {}), **({"continuing_task": False} if terminate_at_goal else {})}
+    return {
+        **({"max_episode_steps": rule["max_episode_steps"]} if rule["max_episode_steps"] else {}),
+        **({"continuing_task": False} if terminate_at_goal else {}),
+    }
 
 
 def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
@@ -314,7 +377,13 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [
         (data.rewards, f"step rewards ({len(data.rewards):,} steps)", "reward of a step", "steps", "tab:red"),
-        (data.episode_lengths, f"episode lengths ({len(data.episode_lengths):,} episodes)", "episode length (steps)", "episodes", "tab:green"),
+        (
+            data.episode_lengths,
+            f"episode lengths ({len(data.episode_lengths):,} episodes)",
+            "episode length (steps)",
+            "episodes",
+            "tab:green",
+        ),
         (data.episode_returns, "episode returns", "episode return (sum of the raw rewards)", "episodes", "tab:blue"),
     ]
     for ax, (values, title, xlabel, counted, color) in zip(axes.flat, panels):
@@ -334,20 +403,41 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
     plt.close(fig)
 
 
-
 # Networks and loss ----------------------------------------------------------------------------
 class Ensemble(nn.Module):
     """`members` independent ReLU MLPs (dropout after each hidden activation), each layer one batched matmul of a (members, in, out) weight:
     (members or fewer, batch, in) -> (members, batch, out). Official init: orthogonal (gain sqrt 2; last_gain last), zero biases; member m from generators[m]."""
 
-    def __init__(self, in_dim: int, hidden_dims, out_dim: Optional[int], members: int, generators=None, dropout: float = 0.0, last_gain: float = math.sqrt(2)):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dims,
+        out_dim: Optional[int],
+        members: int,
+        generators=None,
+        dropout: float = 0.0,
+        last_gain: float = math.sqrt(2),
+    ):
         super().__init__()
-        dims, self.dropout, self.activate_last = [in_dim, *hidden_dims, *([out_dim] if out_dim else [])], dropout, out_dim is None
+        dims, self.dropout, self.activate_last = (
+            [in_dim, *hidden_dims, *([out_dim] if out_dim else [])],
+            dropout,
+            out_dim is None,
+        )
         self.weights = nn.ParameterList([nn.Parameter(torch.empty(members, i, o)) for i, o in zip(dims, dims[1:])])
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(members, 1, o)) for o in dims[1:]])
         for i, w in enumerate(self.weights):  # each drawn as nn.Linear holds it, (out, in), then transposed
             gain = last_gain if out_dim and i == len(self.weights) - 1 else math.sqrt(2)
-            w.data.copy_(torch.stack([nn.init.orthogonal_(torch.empty(w.shape[2], w.shape[1]), gain, generator=generators[m] if generators else None).T for m in range(members)]))
+            w.data.copy_(
+                torch.stack(
+                    [
+                        nn.init.orthogonal_(
+                            torch.empty(w.shape[2], w.shape[1]), gain, generator=generators[m] if generators else None
+                        ).T
+                        for m in range(members)
+                    ]
+                )
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x if len(x) == len(self.weights[0]) else x.repeat_interleave(len(self.weights[0]) // len(x), dim=0)
@@ -355,14 +445,25 @@ class Ensemble(nn.Module):
             x = torch.baddbmm(b, x, w)
             if i < len(self.weights) - 1 or self.activate_last:
                 x = nn.functional.dropout(torch.relu(x), self.dropout, self.training)
-        return x.to(self.biases[0].dtype)  # under --bf16's autocast the matmuls ran in bfloat16; what follows (losses) is float32
+        return x.to(
+            self.biases[0].dtype
+        )  # under --bf16's autocast the matmuls ran in bfloat16; what follows (losses) is float32
 
 
 class Actor(nn.Module):
     """Gaussian with a tanh-squashed mean (the distribution is not squashed); by default one learned log-std vector.
     A member per seed: observations (members, batch, obs_dim) give a mean and a log-std, each (members, batch, act_dim)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims, dropout: float, state_dependent_std: bool, members: int = 1, generators=None):
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden_dims,
+        dropout: float,
+        state_dependent_std: bool,
+        members: int = 1,
+        generators=None,
+    ):
         super().__init__()
         self.trunk = Ensemble(obs_dim, hidden_dims, None, members, generators, dropout)
         self.mean = Ensemble(hidden_dims[-1], (), act_dim, members, generators)
@@ -389,20 +490,23 @@ def bc_loss(log_prob: torch.Tensor) -> torch.Tensor:
     return -log_prob.mean(-1).sum()
 
 
-
 # Evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
 def act(actor: Actor, observations: list, obs_space, low, high, device) -> np.ndarray:
     """The policies' mean actions (dropout off), (seeds, envs, act_dim), for observations[k]: a list of env observations per seed."""
     was_training = actor.training
     actor.eval()
-    obs = torch.as_tensor(np.stack([flatten_observation(stack_observations(o), obs_space) for o in observations]), device=device)
+    obs = torch.as_tensor(
+        np.stack([flatten_observation(stack_observations(o), obs_space) for o in observations]), device=device
+    )
     mean = actor(obs)[0].cpu().numpy()
     actor.train(was_training)
     return np.clip(low + (mean + 1.0) * 0.5 * (high - low), low, high)
 
 
-def evaluate(actor: Actor, make_env, num_episodes: int, first_seeds: list, obs_space, low, high, device, video_dir=None) -> list:
+def evaluate(
+    actor: Actor, make_env, num_episodes: int, first_seeds: list, obs_space, low, high, device, video_dir=None
+) -> list:
     """Per seed k, num_episodes episodes of its policy, one per env (env seeds first_seeds[k] + i), mean actions; one policy call
     per step serves every env of every seed, and only unfinished envs step. Per seed: the returns, successes and completed tasks."""
     shape = (len(first_seeds), num_episodes)
@@ -413,9 +517,14 @@ def evaluate(actor: Actor, make_env, num_episodes: int, first_seeds: list, obs_s
     returns, successes, tasks = np.zeros(shape), np.zeros(shape, bool), np.zeros(shape, int)
     active = [(k, i) for k in range(shape[0]) for i in range(num_episodes)]
     while active:
-        actions, still_active = act(actor, observations, obs_space, low, high, device), []  # a finished env keeps its last observation
+        actions, still_active = (
+            act(actor, observations, obs_space, low, high, device),
+            [],
+        )  # a finished env keeps its last observation
         for k, i in active:
-            observations[k][i], reward, terminated, truncated, info = envs[k][i].step(actions[k, i].reshape(envs[k][i].action_space.shape))
+            observations[k][i], reward, terminated, truncated, info = envs[k][i].step(
+                actions[k, i].reshape(envs[k][i].action_space.shape)
+            )
             returns[k, i] += reward
             successes[k, i] |= bool(info.get("success", False))
             tasks[k, i] = max(tasks[k, i], len(info.get("episode_task_completions", ())))
@@ -431,18 +540,38 @@ def score_summary(episodes, rule: dict) -> dict:
     """Return and score statistics over episodes, scored by the family's rule (see scoring_rule)."""
     returns, successes, tasks = episodes
     kind = rule["kind"]
-    scores = (100.0 * successes if kind == "success" else 100.0 * tasks / rule["num_tasks"] if kind == "tasks"
-              else 100.0 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"]) if kind == "return" else None)
+    scores = (
+        100.0 * successes
+        if kind == "success"
+        else 100.0 * tasks / rule["num_tasks"]
+        if kind == "tasks"
+        else 100.0 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"])
+        if kind == "return"
+        else None
+    )
     summary = {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "num_episodes": len(returns)}
-    return {**summary, "score_mean": None if scores is None else float(scores.mean()), "score_std": None if scores is None else float(scores.std())}
+    return {
+        **summary,
+        "score_mean": None if scores is None else float(scores.mean()),
+        "score_std": None if scores is None else float(scores.std()),
+    }
 
 
 def over_seeds(results: list, seeds: list) -> dict:
     """One seed's summary as it is; for several, the mean and std over seeds of each seed's mean, and each seed's own under `seeds`."""
     if len(results) == 1:
         return results[0]
-    stats = {f"{q}_{f.__name__}": None if results[0][f"{q}_mean"] is None else float(f([r[f"{q}_mean"] for r in results])) for q in ("return", "score") for f in (np.mean, np.std)}
-    return {**stats, "num_episodes": results[0]["num_episodes"], "num_seeds": len(results), "seeds": [{"seed": s, **r} for s, r in zip(seeds, results)]}
+    stats = {
+        f"{q}_{f.__name__}": None if results[0][f"{q}_mean"] is None else float(f([r[f"{q}_mean"] for r in results]))
+        for q in ("return", "score")
+        for f in (np.mean, np.std)
+    }
+    return {
+        **stats,
+        "num_episodes": results[0]["num_episodes"],
+        "num_seeds": len(results),
+        "seeds": [{"seed": s, **r} for s, r in zip(seeds, results)],
+    }
 
 
 def describe(e: Exception) -> str:  # an exception in one line
@@ -457,26 +586,44 @@ def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, 
         if capture_video and env.render() is None:
             raise RuntimeError("render() returned no frame")
     except Exception as e:
-        raise SystemExit(f"error: cannot build the dataset's evaluation environment ({describe(e)}): install the package that provides it"
-                         + ("; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video" if capture_video else "")) from None
+        raise SystemExit(
+            f"error: cannot build the dataset's evaluation environment ({describe(e)}): install the package that provides it"
+            + (
+                "; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video"
+                if capture_video
+                else ""
+            )
+        ) from None
     try:
         env.step(act(actor, [[obs]], obs_space, low, high, device)[0, 0].reshape(env.action_space.shape))
     except Exception as e:
-        raise SystemExit(f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): its spaces differ from the dataset's") from None
+        raise SystemExit(
+            f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): its spaces differ from the dataset's"
+        ) from None
     env.close()
     return env.spec.max_episode_steps
 
 
 # Run folders, checkpoints, resuming -----------------------------------------------------------
 # What `--resume` and `--eval-only` may change: logging and resources, never the algorithm or the data.
-MAY_CHANGE_ON_RESUME = ("track", "wandb_project_name", "wandb_entity", "log_freq", "checkpoint_freq", "capture_video", "save_model")
+MAY_CHANGE_ON_RESUME = (
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "log_freq",
+    "checkpoint_freq",
+    "capture_video",
+    "save_model",
+)
 
 
 def make_run_dir(run_dir: str) -> str:
     try:
         return os.makedirs(run_dir) or run_dir
     except OSError as e:
-        raise SystemExit(f"error: cannot create the run folder {run_dir} ({describe(e)}); give a writable --runs-dir") from None
+        raise SystemExit(
+            f"error: cannot create the run folder {run_dir} ({describe(e)}); give a writable --runs-dir"
+        ) from None
 
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:
@@ -490,7 +637,9 @@ def save_checkpoint(checkpoint: dict, path: str) -> None:
 
 def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint at {path} (the run stopped before its first checkpoint, or ran with --checkpoint-freq 0)")
+        raise SystemExit(
+            f"error: no checkpoint at {path} (the run stopped before its first checkpoint, or ran with --checkpoint-freq 0)"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -511,12 +660,18 @@ def stored_args(given: Args, stored: dict, may_change, named: Optional[set] = No
         elif not is_named or value == old:
             merged[name] = old
         else:
-            raise SystemExit(f"error: --{name.replace('_', '-')} {value} differs from the run's {old}; a saved run keeps the arguments that define it (start a new run instead)")
+            raise SystemExit(
+                f"error: --{name.replace('_', '-')} {value} differs from the run's {old}; a saved run keeps the arguments that define it (start a new run instead)"
+            )
     return Args(**merged)
 
 
 def rng_states(generators: list) -> dict:  # numpy's and Python's generators draw nothing in training: not saved
-    return {"minibatches": [g.get_state() for g in generators], "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "minibatches": [g.get_state() for g in generators],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_states(states: dict, generators: list) -> None:
@@ -542,8 +697,15 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         return json.load(open(os.path.join(args.resume, "summary.json")))
     if saved_run:
         model = os.path.join(saved_run, "model.pt")
-        checkpoint = load_checkpoint(model if args.eval_only and os.path.exists(model) else os.path.join(saved_run, "checkpoint.pt"))
-        args = stored_args(args, checkpoint["args"], MAY_CHANGE_ON_RESUME + (("final_eval_episodes", "cuda", "torch_threads") if args.eval_only else ()), named_flags)
+        checkpoint = load_checkpoint(
+            model if args.eval_only and os.path.exists(model) else os.path.join(saved_run, "checkpoint.pt")
+        )
+        args = stored_args(
+            args,
+            checkpoint["args"],
+            MAY_CHANGE_ON_RESUME + (("final_eval_episodes", "cuda", "torch_threads") if args.eval_only else ()),
+            named_flags,
+        )
     validate_args(args)
     dataset = load_minari_dataset(args.env_id)
     low, high = action_bounds(dataset.action_space)
@@ -567,12 +729,24 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]  # each seed's minibatches
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
     inits = [torch.Generator().manual_seed(seed) for seed in seeds]  # each seed's initial weights, from a stream of its own
-    actor = Actor(obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std, len(seeds), inits).to(device)
+    actor = Actor(obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std, len(seeds), inits).to(
+        device
+    )
     # with --compile the learning rate is a tensor: the cosine schedule changes a value, not a constant a compiled update would recompile for
-    optimizer = torch.optim.Adam(actor.parameters(), lr=torch.tensor(args.actor_lr, device=device) if args.compile else args.actor_lr, fused=True)
+    optimizer = torch.optim.Adam(
+        actor.parameters(), lr=torch.tensor(args.actor_lr, device=device) if args.compile else args.actor_lr, fused=True
+    )
     # lr_t = lr * (1 + cos(pi * t / steps)) / 2, like iql.py's actor
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps) if args.actor_lr_schedule == "cosine" else None
-    stateful = {"networks": {"actor": actor}, "optimizers": {"actor": optimizer}, "schedulers": {"actor": scheduler} if scheduler else {}}
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps)
+        if args.actor_lr_schedule == "cosine"
+        else None
+    )
+    stateful = {
+        "networks": {"actor": actor},
+        "optimizers": {"actor": optimizer},
+        "schedulers": {"actor": scheduler} if scheduler else {},
+    }
 
     def update(i: torch.Tensor) -> torch.Tensor:  # one gradient step on each seed's minibatch, i: (seeds, batch) step indices
         with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):  # --bf16: the matmuls only (see Ensemble)
@@ -589,14 +763,26 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         if args.compile:
             torch.compile(lambda x: x * 2)(torch.ones(1, device=device))
     except Exception as e:
-        raise SystemExit(f"error: --compile needs a working torch.compile on {device} ({describe(e)}); leave out --compile") from None
+        raise SystemExit(
+            f"error: --compile needs a working torch.compile on {device} ({describe(e)}); leave out --compile"
+        ) from None
 
     def make_env(render: bool = False):
         kwargs = eval_env_kwargs(rule, args.eval_terminate_at_goal)
         return dataset.recover_environment(eval_env=True, **kwargs, **({"render_mode": "rgb_array"} if render else {}))
 
-    rule["max_episode_steps"] = check_eval_env(make_env, actor, args.capture_video, dataset.observation_space, low, high, device)
-    progress = {"phase": "train", "step": 0, "evaluations": [], "train_time_s": 0.0, "eval_time_s": 0.0, "wall_time_s": 0.0, "wandb_id": None}
+    rule["max_episode_steps"] = check_eval_env(
+        make_env, actor, args.capture_video, dataset.observation_space, low, high, device
+    )
+    progress = {
+        "phase": "train",
+        "step": 0,
+        "evaluations": [],
+        "train_time_s": 0.0,
+        "eval_time_s": 0.0,
+        "wall_time_s": 0.0,
+        "wandb_id": None,
+    }
     if saved_run:
         for group, objects in stateful.items():
             for name, obj in objects.items():
@@ -605,20 +791,38 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
             set_rng_states(checkpoint["rng"], generators)
         progress = checkpoint["progress"]
     selection = {
-        "top_fraction": args.top_fraction, "top_by": args.top_by, "episodes_kept": len(kept.episode_lengths),
-        "steps_kept": len(kept.rewards), "return_threshold": return_threshold,
+        "top_fraction": args.top_fraction,
+        "top_by": args.top_by,
+        "episodes_kept": len(kept.episode_lengths),
+        "steps_kept": len(kept.rewards),
+        "return_threshold": return_threshold,
     }
 
     def make_checkpoint() -> dict:
         """Everything to continue as if never stopped, or to use the policy: plain tensors, numbers and strings."""
         return {
-            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(generators),
+            "args": asdict(args),
+            "obs_dim": obs_dim,
+            "act_dim": act_dim,
+            "progress": progress,
+            "rng": rng_states(generators),
             **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in stateful.items()},
-            "normalization": {"action_low": low.tolist(), "action_high": high.tolist()}, "data_selection": selection,
+            "normalization": {"action_low": low.tolist(), "action_high": high.tolist()},
+            "data_selection": selection,
         }
 
     def evaluate_policy(episodes: int, video_dir=None) -> list:  # a summary per seed
-        episodes = evaluate(actor, make_env, episodes, [EVAL_SEED_BLOCK * seed for seed in seeds], dataset.observation_space, low, high, device, video_dir)
+        episodes = evaluate(
+            actor,
+            make_env,
+            episodes,
+            [EVAL_SEED_BLOCK * seed for seed in seeds],
+            dataset.observation_space,
+            low,
+            high,
+            device,
+            video_dir,
+        )
         return [score_summary(e, rule) for e in episodes]
 
     def record_video(run_dir: str) -> None:
@@ -635,13 +839,21 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         record_video(saved_run)
         return {"policies": {"bc": result}}
 
-    run_name = os.path.basename(os.path.normpath(args.resume)) if args.resume else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}{f'-{seeds[-1]}' if len(seeds) > 1 else ''}__{time.time_ns() // 1_000_000}"  # ms: runs started together stay apart
-    run_dir = args.resume or make_run_dir(os.path.join(args.runs_dir, run_name))  # only now, everything checked, a new run gets a folder
+    run_name = (
+        os.path.basename(os.path.normpath(args.resume))
+        if args.resume
+        else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}{f'-{seeds[-1]}' if len(seeds) > 1 else ''}__{time.time_ns() // 1_000_000}"
+    )  # ms: runs started together stay apart
+    run_dir = args.resume or make_run_dir(
+        os.path.join(args.runs_dir, run_name)
+    )  # only now, everything checked, a new run gets a folder
     if not args.resume:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
         plot_dataset_overview(data, args.env_id, os.path.join(run_dir, "dataset_overview.png"))
-    progress["evaluations"] = [r for r in progress["evaluations"] if not r["final"]]  # a stop during the final evaluation redoes it
+    progress["evaluations"] = [
+        r for r in progress["evaluations"] if not r["final"]
+    ]  # a stop during the final evaluation redoes it
     with open(os.path.join(run_dir, "evaluations.jsonl"), "w") as f:  # on resume, drop evaluations made after the checkpoint
         f.writelines(json.dumps(record) + "\n" for record in progress["evaluations"])
     print(
@@ -653,7 +865,15 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     if args.track:
         import wandb
 
-        run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, dir=run_dir, id=progress["wandb_id"], resume="allow")
+        run = wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            config=asdict(args),
+            name=run_name,
+            dir=run_dir,
+            id=progress["wandb_id"],
+            resume="allow",
+        )
         progress["wandb_id"] = run.id
         if not args.resume:
             wandb.log({"charts/dataset_overview": wandb.Image(os.path.join(run_dir, "dataset_overview.png"))}, step=0)
@@ -669,18 +889,29 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
             f.writelines(json.dumps(record) + "\n" for record in records)
         result = over_seeds(per_seed, seeds)
         score = "n/a" if result["score_mean"] is None else f"{result['score_mean']:.1f}"
-        print(f"eval bc @ {step}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {score} ({episodes} episodes{f' x {len(seeds)} seeds; +- over seeds' if len(seeds) > 1 else ''})")
+        print(
+            f"eval bc @ {step}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {score} ({episodes} episodes{f' x {len(seeds)} seeds; +- over seeds' if len(seeds) > 1 else ''})"
+        )
         if args.track:  # with several seeds, eval/bc/ holds the mean over seeds (what a sweep should optimise)
             prefix = "eval/bc_final/" if final else "eval/bc/"
-            per_seed_logs = {f"{prefix}seed_{seed}/{k}": v for seed, r in zip(seeds, per_seed) for k, v in r.items() if len(seeds) > 1 and v is not None}
-            wandb.log({**{prefix + k: v for k, v in result.items() if k != "seeds" and v is not None}, **per_seed_logs}, step=step)
+            per_seed_logs = {
+                f"{prefix}seed_{seed}/{k}": v
+                for seed, r in zip(seeds, per_seed)
+                for k, v in r.items()
+                if len(seeds) > 1 and v is not None
+            }
+            wandb.log(
+                {**{prefix + k: v for k, v in result.items() if k != "seeds" and v is not None}, **per_seed_logs}, step=step
+            )
         return result
 
     sitting_start, wall_before = time.perf_counter(), progress["wall_time_s"]
 
     def write_checkpoint(path: str) -> None:
         if not all(bool(torch.isfinite(p).all()) for p in actor.parameters()):  # a NaN gradient of a finite loss
-            raise SystemExit(f"error: the run diverged: the weights became NaN or infinite by step {progress['step']}; the last checkpoint before it stays in {run_dir}")
+            raise SystemExit(
+                f"error: the run diverged: the weights became NaN or infinite by step {progress['step']}; the last checkpoint before it stays in {run_dir}"
+            )
         progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
         save_checkpoint(make_checkpoint(), os.path.join(run_dir, path))
 
@@ -696,7 +927,9 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     try:
         for step in range(first_step, steps + 1 if progress["phase"] == "train" else first_step):
             tick = time.perf_counter()
-            i = torch.stack([torch.randint(len(obs_rows), (args.batch_size,), device=device, generator=g) for g in generators])  # (seeds, batch)
+            i = torch.stack(
+                [torch.randint(len(obs_rows), (args.batch_size,), device=device, generator=g) for g in generators]
+            )  # (seeds, batch)
             loss = update(i)
             first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss), step, first_nonfinite)
             progress["step"] = step
@@ -704,10 +937,16 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
 
             log_now = step % args.log_freq == 0 or step in (300, steps)  # an early line: speed and ETA
             stopping = bool(stop)  # read once: a signal may arrive while this step is being wrapped up
-            checkpoint_now = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)  # checked for NaN first
+            checkpoint_now = stopping or (
+                args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0
+            )  # checked for NaN first
             eval_now = args.eval_freq > 0 and step % args.eval_freq == 0 and step < steps
-            if (log_now or checkpoint_now or eval_now or step % 1000 == 0) and first_nonfinite.item() >= 0:  # a host sync: only every so often
-                raise SystemExit(f"error: the run diverged: bc_loss became NaN or infinite at step {first_nonfinite.item()}; the last checkpoint before it stays in {run_dir}")
+            if (
+                log_now or checkpoint_now or eval_now or step % 1000 == 0
+            ) and first_nonfinite.item() >= 0:  # a host sync: only every so often
+                raise SystemExit(
+                    f"error: the run diverged: bc_loss became NaN or infinite at step {first_nonfinite.item()}; the last checkpoint before it stays in {run_dir}"
+                )
             if log_now:
                 rate = (step - last[0]) / max(progress["train_time_s"] - last[1], 1e-9)
                 eta = (steps - step) * (time.perf_counter() - phase_start) / (step - first_step + 1)
@@ -732,9 +971,17 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
             stop_here("the final evaluation")
         progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
         summary = {
-            "env_id": args.env_id, "run_name": run_name, "seed": args.seed, "seeds": seeds, "policies": {"bc": result}, "scoring": rule,
-            "data_selection": selection, "total_steps": args.total_steps, "device": str(device),
-            "updates_per_second": args.total_steps / progress["train_time_s"], **{k: progress[k] for k in ("train_time_s", "eval_time_s", "wall_time_s")},
+            "env_id": args.env_id,
+            "run_name": run_name,
+            "seed": args.seed,
+            "seeds": seeds,
+            "policies": {"bc": result},
+            "scoring": rule,
+            "data_selection": selection,
+            "total_steps": args.total_steps,
+            "device": str(device),
+            "updates_per_second": args.total_steps / progress["train_time_s"],
+            **{k: progress[k] for k in ("train_time_s", "eval_time_s", "wall_time_s")},
         }
         if args.save_model:  # before summary.json, whose presence means the run is finished
             write_checkpoint("model.pt")
@@ -746,9 +993,13 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     if args.track:
         wandb.summary.update({f"final/bc/{k}": v for k, v in result.items() if k != "seeds"})
         wandb.finish()
-    print(f"done in {summary['wall_time_s']:.0f} s ({summary['updates_per_second']:.0f} updates/s, {summary['eval_time_s']:.0f} s evaluating); results in {run_dir}")
+    print(
+        f"done in {summary['wall_time_s']:.0f} s ({summary['updates_per_second']:.0f} updates/s, {summary['eval_time_s']:.0f} s evaluating); results in {run_dir}"
+    )
     return summary
 
 
 if __name__ == "__main__":  # tyro writes --flag, --flag=value and, for booleans, --no-flag
-    main(tyro.cli(Args), {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in sys.argv[1:] if a.startswith("--")})
+    main(
+        tyro.cli(Args), {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in sys.argv[1:] if a.startswith("--")}
+    )

@@ -122,41 +122,86 @@ class Args:
 
 # D4RL's reference returns (random, expert), for datasets with none (Minari's mujoco/*-v0): scores then mean what they meant in D4RL
 D4RL_REFERENCE_RETURNS = {
-    "halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3),
-    "pen": (96.262799, 3076.833), "hammer": (-274.856578, 12794.13), "door": (-56.512833, 2880.569), "relocate": (-6.425911, 4233.878),
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "pen": (96.262799, 3076.833),
+    "hammer": (-274.856578, 12794.13),
+    "door": (-56.512833, 2880.569),
+    "relocate": (-6.425911, 4233.878),
 }
 ACTION_CLIP_EPS = 1e-5
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 EVAL_SEED_BLOCK = 10_000  # training seed k evaluates on env seeds 10_000 k + i: disjoint start states per seed
 # The paper's (expectile, temperature, actor dropout) per family, from the official configs; other datasets get MuJoCo's, like its default config
-PAPER_SETTINGS = {"MuJoCo": (0.7, 3.0, 0.0), "AntMaze": (0.9, 10.0, 0.0), "Kitchen": (0.7, 0.5, 0.1), "Adroit": (0.7, 0.5, 0.1)}
+PAPER_SETTINGS = {
+    "MuJoCo": (0.7, 3.0, 0.0),
+    "AntMaze": (0.9, 10.0, 0.0),
+    "Kitchen": (0.7, 0.5, 0.1),
+    "Adroit": (0.7, 0.5, 0.1),
+}
 
 
 def resolve_paper_settings(args: Args) -> Tuple[Args, str]:
     """The paper's settings for the dataset's family where --expectile, --temperature, --actor-dropout are None and rewards `auto`; and a line saying which."""
     family = dataset_family(args.env_id).replace("PointMaze", "MuJoCo")  # the paper has no PointMaze settings
-    rewards = {"auto": "locomotion" if args.env_id.startswith("mujoco/") else "antmaze" if family == "AntMaze" else "none"}.get(args.reward_normalization, args.reward_normalization)
+    rewards = {
+        "auto": "locomotion" if args.env_id.startswith("mujoco/") else "antmaze" if family == "AntMaze" else "none"
+    }.get(args.reward_normalization, args.reward_normalization)
     names = ("expectile", "temperature", "actor_dropout")
     given = [getattr(args, n) is not None for n in names]
-    args = replace(args, reward_normalization=rewards, **{n: v for n, v, g in zip(names, PAPER_SETTINGS[family], given) if not g})
+    args = replace(
+        args, reward_normalization=rewards, **{n: v for n, v, g in zip(names, PAPER_SETTINGS[family], given) if not g}
+    )
     words = [f"{n.replace('_', ' ')} {getattr(args, n):g}" + (" (given)" if g else "") for n, g in zip(names, given)]
     return args, ", ".join(words) + ("" if all(given) else f" (the paper's {family} settings)")
 
 
 def validate_args(args: Args) -> None:
     """Reject bad settings before any work is done."""
-    positive = ("num_seeds", "total_steps", "batch_size", "posthoc_steps", "exp_adv_max", "actor_lr", "critic_lr", "value_lr", "torch_threads", "eval_episodes", "final_eval_episodes", "log_freq")
+    positive = (
+        "num_seeds",
+        "total_steps",
+        "batch_size",
+        "posthoc_steps",
+        "exp_adv_max",
+        "actor_lr",
+        "critic_lr",
+        "value_lr",
+        "torch_threads",
+        "eval_episodes",
+        "final_eval_episodes",
+        "log_freq",
+    )
     checks = [
         (0.0 < args.expectile < 1.0, f"--expectile must be in (0, 1), got {args.expectile}"),
-        *((getattr(args, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(args, f)}") for f in positive if getattr(args, f) is not None),
-        *((getattr(args, f) >= 0, f"--{f.replace('_', '-')} must be >= 0, got {getattr(args, f)}") for f in ("temperature", "seed", "eval_freq", "checkpoint_freq")),
+        *(
+            (getattr(args, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(args, f)}")
+            for f in positive
+            if getattr(args, f) is not None
+        ),
+        *(
+            (getattr(args, f) >= 0, f"--{f.replace('_', '-')} must be >= 0, got {getattr(args, f)}")
+            for f in ("temperature", "seed", "eval_freq", "checkpoint_freq")
+        ),
         (0.0 <= args.discount <= 1.0, f"--discount must be in [0, 1], got {args.discount}"),
         (0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}"),
-        (len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0, f"--hidden-dims must be positive sizes, got {args.hidden_dims}"),
+        (
+            len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0,
+            f"--hidden-dims must be positive sizes, got {args.hidden_dims}",
+        ),
         (0.0 <= args.actor_dropout < 1.0, f"--actor-dropout must be in [0, 1), got {args.actor_dropout}"),
-        *((getattr(args, f) <= EVAL_SEED_BLOCK, f"--{f.replace('_', '-')} must be at most {EVAL_SEED_BLOCK}, the evaluation seeds of one training seed, got {getattr(args, f)}") for f in ("eval_episodes", "final_eval_episodes")),
-        (dataset_family(args.env_id).endswith("Maze") or not (args.goal_terminal or args.eval_terminate_at_goal),
-         f"--{'goal-terminal' if args.goal_terminal else 'eval-terminate-at-goal'} applies to maze datasets (pointmaze, antmaze) only, got --env-id {args.env_id}"),
+        *(
+            (
+                getattr(args, f) <= EVAL_SEED_BLOCK,
+                f"--{f.replace('_', '-')} must be at most {EVAL_SEED_BLOCK}, the evaluation seeds of one training seed, got {getattr(args, f)}",
+            )
+            for f in ("eval_episodes", "final_eval_episodes")
+        ),
+        (
+            dataset_family(args.env_id).endswith("Maze") or not (args.goal_terminal or args.eval_terminate_at_goal),
+            f"--{'goal-terminal' if args.goal_terminal else 'eval-terminate-at-goal'} applies to maze datasets (pointmaze, antmaze) only, got --env-id {args.env_id}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -170,7 +215,10 @@ def load_minari_dataset(dataset_id: str):
 
     # gymnasium-robotics holds the maze, Kitchen and Adroit environments; its note on Adroit's rewards is shown for Adroit datasets
     # only, and any failure (not installed, a bad MUJOCO_GL) surfaces, explained, when the evaluation env is built
-    with contextlib.suppress(Exception), contextlib.nullcontext() if dataset_family(dataset_id) == "Adroit" else contextlib.redirect_stderr(io.StringIO()):
+    with (
+        contextlib.suppress(Exception),
+        contextlib.nullcontext() if dataset_family(dataset_id) == "Adroit" else contextlib.redirect_stderr(io.StringIO()),
+    ):
         import gymnasium_robotics  # noqa: F401
     store = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     local = list(minari.list_local_datasets())
@@ -183,8 +231,9 @@ def load_minari_dataset(dataset_id: str):
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:  # minari raises many types here: unknown id, no network, offline mode, bad id format
         raise SystemExit(
-            f"error: cannot load Minari dataset '{dataset_id}' ({describe(e)})" if dataset_id in local else
-            f"error: Minari dataset '{dataset_id}' is not in the local store ({store}) and could not be downloaded ({describe(e)}).{hint} "
+            f"error: cannot load Minari dataset '{dataset_id}' ({describe(e)})"
+            if dataset_id in local
+            else f"error: Minari dataset '{dataset_id}' is not in the local store ({store}) and could not be downloaded ({describe(e)}).{hint} "
             "Set MINARI_DATASETS_PATH to use another store, HF_HUB_OFFLINE=1 to fail at once without a network; `minari list local` lists the stored ids."
         ) from None
 
@@ -236,8 +285,10 @@ def flatten_dataset(dataset) -> OfflineData:
     stack = lambda part, dtype: np.concatenate([np.asarray(part(e), dtype=dtype) for e in episodes])
     return OfflineData(
         observations=stack(lambda e: flatten_observation(e.observations, dataset.observation_space), np.float32),
-        actions=stack(lambda e: np.reshape(e.actions, (len(e.rewards), -1)), np.float32), rewards=stack(lambda e: e.rewards, np.float32),
-        terminations=stack(lambda e: e.terminations, bool), truncations=stack(lambda e: e.truncations, bool),
+        actions=stack(lambda e: np.reshape(e.actions, (len(e.rewards), -1)), np.float32),
+        rewards=stack(lambda e: e.rewards, np.float32),
+        terminations=stack(lambda e: e.terminations, bool),
+        truncations=stack(lambda e: e.truncations, bool),
         episode_lengths=np.array([len(e.rewards) for e in episodes], dtype=np.int64),
     )
 
@@ -248,8 +299,12 @@ def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray
     steps = np.concatenate([np.arange(starts[e], starts[e] + n) for e, n in zip(episodes, lengths)])
     rows = np.concatenate([np.arange(starts[e] + e, starts[e] + e + n + 1) for e, n in zip(episodes, lengths)])
     return OfflineData(
-        observations=data.observations[rows], actions=data.actions[steps], rewards=data.rewards[steps],
-        terminations=data.terminations[steps], truncations=data.truncations[steps], episode_lengths=np.asarray(lengths, dtype=np.int64),
+        observations=data.observations[rows],
+        actions=data.actions[steps],
+        rewards=data.rewards[steps],
+        terminations=data.terminations[steps],
+        truncations=data.truncations[steps],
+        episode_lengths=np.asarray(lengths, dtype=np.int64),
     )
 
 
@@ -257,7 +312,9 @@ def reward_transform(mode: str, episode_returns: np.ndarray) -> Tuple[float, flo
     """(scale, shift) such that the training reward is scale * r + shift."""
     return_range = float(episode_returns.max() - episode_returns.min())
     if mode == "locomotion" and return_range <= 0.0:
-        raise SystemExit("error: every episode has the same return, so `locomotion` reward normalisation is undefined; use --reward-normalization none")
+        raise SystemExit(
+            "error: every episode has the same return, so `locomotion` reward normalisation is undefined; use --reward-normalization none"
+        )
     return (1000.0 / return_range, 0.0) if mode == "locomotion" else (1.0, -1.0) if mode == "antmaze" else (1.0, 0.0)
 
 
@@ -278,18 +335,36 @@ def to_unit_box(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.nd
 def dataset_family(dataset_id: str) -> str:
     """AntMaze, PointMaze, Kitchen, Adroit, or MuJoCo: the paper's locomotion family, and the default for other ids."""
     name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
-    return ("AntMaze" if "antmaze" in dataset_id else "PointMaze" if "pointmaze" in dataset_id else "Kitchen" if "kitchen" in dataset_id
-            else "Adroit" if name in ("pen", "hammer", "door", "relocate") else "MuJoCo")
+    return (
+        "AntMaze"
+        if "antmaze" in dataset_id
+        else "PointMaze"
+        if "pointmaze" in dataset_id
+        else "Kitchen"
+        if "kitchen" in dataset_id
+        else "Adroit"
+        if name in ("pen", "hammer", "door", "relocate")
+        else "MuJoCo"
+    )
 
 
 def scoring_rule(dataset, dataset_id: str) -> dict:
     """The paper's score per family (success, Kitchen tasks, normalised return) and any evaluation episode length it needs."""
     family = dataset_family(dataset_id)
     if family.endswith("Maze"):
-        return {"kind": "success", "source": "success rate x100: the env's info['success'] at any step", "max_episode_steps": None}
+        return {
+            "kind": "success",
+            "source": "success rate x100: the env's info['success'] at any step",
+            "max_episode_steps": None,
+        }
     if family == "Kitchen":
         num_tasks = len(dataset.env_spec.kwargs["tasks_to_complete"])
-        return {"kind": "tasks", "num_tasks": num_tasks, "source": f"completed tasks / {num_tasks} x100", "max_episode_steps": None}
+        return {
+            "kind": "tasks",
+            "num_tasks": num_tasks,
+            "source": f"completed tasks / {num_tasks} x100",
+            "max_episode_steps": None,
+        }
     metadata = dataset.storage.metadata
     env_name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
     if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
@@ -300,12 +375,21 @@ def scoring_rule(dataset, dataset_id: str) -> dict:
         return {"kind": "none", "source": "none (the dataset carries no reference scores)", "max_episode_steps": None}
     # D4RL's pen references are returns of 100-step episodes; others go with the dataset's spec (Minari's pen: 200)
     d4rl_pen = env_name == "pen" and np.allclose(ref, D4RL_REFERENCE_RETURNS["pen"], rtol=1e-6)
-    return {"kind": "return", "ref_min": ref[0], "ref_max": ref[1], "source": f"normalised return, references {ref[0]:g} and {ref[1]:g} from {source}", "max_episode_steps": 100 if d4rl_pen else None}
+    return {
+        "kind": "return",
+        "ref_min": ref[0],
+        "ref_max": ref[1],
+        "source": f"normalised return, references {ref[0]:g} and {ref[1]:g} from {source}",
+        "max_episode_steps": 100 if d4rl_pen else None,
+    }
 
 
 def eval_env_kwargs(rule: dict, terminate_at_goal: bool) -> dict:
     """Overrides of the dataset's evaluation environment spec; with terminate_at_goal, D4RL's mazes: the episode ends at the goal."""
-    return {**({"max_episode_steps": rule["max_episode_steps"]} if rule["max_episode_steps"] else {}), **({"continuing_task": False} if terminate_at_goal else {})}
+    return {
+        **({"max_episode_steps": rule["max_episode_steps"]} if rule["max_episode_steps"] else {}),
+        **({"continuing_task": False} if terminate_at_goal else {}),
+    }
 
 
 def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
@@ -328,7 +412,13 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [
         (data.rewards, f"step rewards ({len(data.rewards):,} steps)", "reward of a step", "steps", "tab:red"),
-        (data.episode_lengths, f"episode lengths ({len(data.episode_lengths):,} episodes)", "episode length (steps)", "episodes", "tab:green"),
+        (
+            data.episode_lengths,
+            f"episode lengths ({len(data.episode_lengths):,} episodes)",
+            "episode length (steps)",
+            "episodes",
+            "tab:green",
+        ),
         (data.episode_returns, "episode returns", "episode return (sum of the raw rewards)", "episodes", "tab:blue"),
     ]
     for ax, (values, title, xlabel, counted, color) in zip(axes.flat, panels):
@@ -353,14 +443,36 @@ class Ensemble(nn.Module):
     """`members` independent ReLU MLPs (dropout after each hidden activation), each layer one batched matmul of a (members, in, out) weight:
     (members or fewer, batch, in) -> (members, batch, out). Official init: orthogonal (gain sqrt 2; last_gain last), zero biases; member m from generators[m]."""
 
-    def __init__(self, in_dim: int, hidden_dims, out_dim: Optional[int], members: int, generators=None, dropout: float = 0.0, last_gain: float = math.sqrt(2)):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dims,
+        out_dim: Optional[int],
+        members: int,
+        generators=None,
+        dropout: float = 0.0,
+        last_gain: float = math.sqrt(2),
+    ):
         super().__init__()
-        dims, self.dropout, self.activate_last = [in_dim, *hidden_dims, *([out_dim] if out_dim else [])], dropout, out_dim is None
+        dims, self.dropout, self.activate_last = (
+            [in_dim, *hidden_dims, *([out_dim] if out_dim else [])],
+            dropout,
+            out_dim is None,
+        )
         self.weights = nn.ParameterList([nn.Parameter(torch.empty(members, i, o)) for i, o in zip(dims, dims[1:])])
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(members, 1, o)) for o in dims[1:]])
         for i, w in enumerate(self.weights):  # each drawn as nn.Linear holds it, (out, in), then transposed
             gain = last_gain if out_dim and i == len(self.weights) - 1 else math.sqrt(2)
-            w.data.copy_(torch.stack([nn.init.orthogonal_(torch.empty(w.shape[2], w.shape[1]), gain, generator=generators[m] if generators else None).T for m in range(members)]))
+            w.data.copy_(
+                torch.stack(
+                    [
+                        nn.init.orthogonal_(
+                            torch.empty(w.shape[2], w.shape[1]), gain, generator=generators[m] if generators else None
+                        ).T
+                        for m in range(members)
+                    ]
+                )
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x if len(x) == len(self.weights[0]) else x.repeat_interleave(len(self.weights[0]) // len(x), dim=0)
@@ -368,10 +480,14 @@ class Ensemble(nn.Module):
             x = torch.baddbmm(b, x, w)
             if i < len(self.weights) - 1 or self.activate_last:
                 x = nn.functional.dropout(torch.relu(x), self.dropout, self.training)
-        return x.to(self.biases[0].dtype)  # under --bf16's autocast the matmuls ran in bfloat16; what follows (losses) is float32
+        return x.to(
+            self.biases[0].dtype
+        )  # under --bf16's autocast the matmuls ran in bfloat16; what follows (losses) is float32
 
 
-def twin_q(critic: Ensemble, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:  # (seeds, 2, batch): seed k's are members 2k, 2k+1
+def twin_q(
+    critic: Ensemble, obs: torch.Tensor, actions: torch.Tensor
+) -> torch.Tensor:  # (seeds, 2, batch): seed k's are members 2k, 2k+1
     return critic(torch.cat([obs, actions], dim=-1)).view(len(obs), 2, -1)
 
 
@@ -379,7 +495,16 @@ class Actor(nn.Module):
     """Gaussian with a tanh-squashed mean (the distribution is not squashed); by default one learned log-std vector.
     A member per seed: observations (members, batch, obs_dim) give a mean and a log-std, each (members, batch, act_dim)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims, dropout: float, state_dependent_std: bool, members: int = 1, generators=None):
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden_dims,
+        dropout: float,
+        state_dependent_std: bool,
+        members: int = 1,
+        generators=None,
+    ):
         super().__init__()
         self.trunk = Ensemble(obs_dim, hidden_dims, None, members, generators, dropout)
         self.mean = Ensemble(hidden_dims[-1], (), act_dim, members, generators)
@@ -399,7 +524,12 @@ def make_networks(obs_dim: int, act_dim: int, args: Args, seeds: list, policies:
     inits = [torch.Generator().manual_seed(seed) for seed in seeds]
     value = Ensemble(obs_dim, args.hidden_dims, 1, len(seeds), inits)
     critic = Ensemble(obs_dim + act_dim, args.hidden_dims, 1, 2 * len(seeds), [g for g in inits for _ in range(2)])
-    actors = nn.ModuleDict({name: Actor(obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std, len(seeds), inits) for name in policies})
+    actors = nn.ModuleDict(
+        {
+            name: Actor(obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std, len(seeds), inits)
+            for name in policies
+        }
+    )
     return value, critic, copy.deepcopy(critic).requires_grad_(False), actors
 
 
@@ -434,10 +564,14 @@ def actor_loss(log_prob: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 # Update steps ---------------------------------------------------------------------------------
 def make_optimizer(module: nn.Module, lr: float, tensor_lr: bool = False) -> torch.optim.Adam:
     # fused Adam: one kernel for all of a network's tensors (3x foreach on a CPU); --compile's lr is a tensor: the schedule never recompiles
-    return torch.optim.Adam(module.parameters(), lr=torch.tensor(lr).to(next(module.parameters())) if tensor_lr else lr, fused=True)
+    return torch.optim.Adam(
+        module.parameters(), lr=torch.tensor(lr).to(next(module.parameters())) if tensor_lr else lr, fused=True
+    )
 
 
-Batch = collections.namedtuple("Batch", ["obs", "actions", "rewards", "next_obs", "masks"])  # masks: 1 - termination (truncations bootstrap)
+Batch = collections.namedtuple(
+    "Batch", ["obs", "actions", "rewards", "next_obs", "masks"]
+)  # masks: 1 - termination (truncations bootstrap)
 
 
 class DeviceData:
@@ -453,7 +587,12 @@ class DeviceData:
 
     def sample(self, batch_size: int) -> Batch:
         """A minibatch per seed, each from its own generator: every tensor is (seeds, batch, ...)."""
-        i = torch.stack([torch.randint(len(self.obs_rows), (batch_size,), device=self.obs_rows.device, generator=g) for g in self.generators])
+        i = torch.stack(
+            [
+                torch.randint(len(self.obs_rows), (batch_size,), device=self.obs_rows.device, generator=g)
+                for g in self.generators
+            ]
+        )
         rows = self.obs_rows[i]
         return Batch(self.observations[rows], self.actions[i], self.rewards[i], self.observations[rows + 1], self.masks[i])
 
@@ -479,7 +618,9 @@ def update_value_and_critic(batch: Batch, value, critic, target_critic, value_op
     critic_opt.step()
     with torch.no_grad():  # Polyak averaging of the target critics, one fused op for all tensors
         torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
-    metrics = torch.stack([v_loss.detach() / len(v), q_loss.detach() / len(v), v.detach().mean(), q.detach().mean()])  # means over seeds
+    metrics = torch.stack(
+        [v_loss.detach() / len(v), q_loss.detach() / len(v), v.detach().mean(), q.detach().mean()]
+    )  # means over seeds
     return metrics, q_target - v_new
 
 
@@ -500,13 +641,17 @@ def act(actor: Actor, observations: list, obs_space, low, high, device) -> np.nd
     """The policies' mean actions (dropout off), (seeds, envs, act_dim), for observations[k]: a list of env observations per seed."""
     was_training = actor.training
     actor.eval()
-    obs = torch.as_tensor(np.stack([flatten_observation(stack_observations(o), obs_space) for o in observations]), device=device)
+    obs = torch.as_tensor(
+        np.stack([flatten_observation(stack_observations(o), obs_space) for o in observations]), device=device
+    )
     mean = actor(obs)[0].cpu().numpy()
     actor.train(was_training)
     return np.clip(low + (mean + 1.0) * 0.5 * (high - low), low, high)
 
 
-def evaluate(actor: Actor, make_env, num_episodes: int, first_seeds: list, obs_space, low, high, device, video_dir=None) -> list:
+def evaluate(
+    actor: Actor, make_env, num_episodes: int, first_seeds: list, obs_space, low, high, device, video_dir=None
+) -> list:
     """Per seed k, num_episodes episodes of its policy, one per env (env seeds first_seeds[k] + i), mean actions; one policy call
     per step serves every env of every seed, and only unfinished envs step. Per seed: the returns, successes and completed tasks."""
     shape = (len(first_seeds), num_episodes)
@@ -517,9 +662,14 @@ def evaluate(actor: Actor, make_env, num_episodes: int, first_seeds: list, obs_s
     returns, successes, tasks = np.zeros(shape), np.zeros(shape, bool), np.zeros(shape, int)
     active = [(k, i) for k in range(shape[0]) for i in range(num_episodes)]
     while active:
-        actions, still_active = act(actor, observations, obs_space, low, high, device), []  # a finished env keeps its last observation
+        actions, still_active = (
+            act(actor, observations, obs_space, low, high, device),
+            [],
+        )  # a finished env keeps its last observation
         for k, i in active:
-            observations[k][i], reward, terminated, truncated, info = envs[k][i].step(actions[k, i].reshape(envs[k][i].action_space.shape))
+            observations[k][i], reward, terminated, truncated, info = envs[k][i].step(
+                actions[k, i].reshape(envs[k][i].action_space.shape)
+            )
             returns[k, i] += reward
             successes[k, i] |= bool(info.get("success", False))
             tasks[k, i] = max(tasks[k, i], len(info.get("episode_task_completions", ())))
@@ -535,18 +685,38 @@ def score_summary(episodes, rule: dict) -> dict:
     """Return and score statistics over episodes, scored by the family's rule (see scoring_rule)."""
     returns, successes, tasks = episodes
     kind = rule["kind"]
-    scores = (100.0 * successes if kind == "success" else 100.0 * tasks / rule["num_tasks"] if kind == "tasks"
-              else 100.0 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"]) if kind == "return" else None)
+    scores = (
+        100.0 * successes
+        if kind == "success"
+        else 100.0 * tasks / rule["num_tasks"]
+        if kind == "tasks"
+        else 100.0 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"])
+        if kind == "return"
+        else None
+    )
     summary = {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "num_episodes": len(returns)}
-    return {**summary, "score_mean": None if scores is None else float(scores.mean()), "score_std": None if scores is None else float(scores.std())}
+    return {
+        **summary,
+        "score_mean": None if scores is None else float(scores.mean()),
+        "score_std": None if scores is None else float(scores.std()),
+    }
 
 
 def over_seeds(results: list, seeds: list) -> dict:
     """One seed's summary as it is; for several, the mean and std over seeds of each seed's mean, and each seed's own under `seeds`."""
     if len(results) == 1:
         return results[0]
-    stats = {f"{q}_{f.__name__}": None if results[0][f"{q}_mean"] is None else float(f([r[f"{q}_mean"] for r in results])) for q in ("return", "score") for f in (np.mean, np.std)}
-    return {**stats, "num_episodes": results[0]["num_episodes"], "num_seeds": len(results), "seeds": [{"seed": s, **r} for s, r in zip(seeds, results)]}
+    stats = {
+        f"{q}_{f.__name__}": None if results[0][f"{q}_mean"] is None else float(f([r[f"{q}_mean"] for r in results]))
+        for q in ("return", "score")
+        for f in (np.mean, np.std)
+    }
+    return {
+        **stats,
+        "num_episodes": results[0]["num_episodes"],
+        "num_seeds": len(results),
+        "seeds": [{"seed": s, **r} for s, r in zip(seeds, results)],
+    }
 
 
 def describe(e: Exception) -> str:  # an exception in one line
@@ -561,26 +731,44 @@ def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, 
         if capture_video and env.render() is None:
             raise RuntimeError("render() returned no frame")
     except Exception as e:
-        raise SystemExit(f"error: cannot build the dataset's evaluation environment ({describe(e)}): install the package that provides it"
-                         + ("; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video" if capture_video else "")) from None
+        raise SystemExit(
+            f"error: cannot build the dataset's evaluation environment ({describe(e)}): install the package that provides it"
+            + (
+                "; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video"
+                if capture_video
+                else ""
+            )
+        ) from None
     try:
         env.step(act(actor, [[obs]], obs_space, low, high, device)[0, 0].reshape(env.action_space.shape))
     except Exception as e:
-        raise SystemExit(f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): its spaces differ from the dataset's") from None
+        raise SystemExit(
+            f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): its spaces differ from the dataset's"
+        ) from None
     env.close()
     return env.spec.max_episode_steps
 
 
 # Run folders, checkpoints, resuming -----------------------------------------------------------
 # What `--resume` and `--eval-only` may change: logging and resources, never the algorithm or the data.
-MAY_CHANGE_ON_RESUME = ("track", "wandb_project_name", "wandb_entity", "log_freq", "checkpoint_freq", "capture_video", "save_model")
+MAY_CHANGE_ON_RESUME = (
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "log_freq",
+    "checkpoint_freq",
+    "capture_video",
+    "save_model",
+)
 
 
 def make_run_dir(run_dir: str) -> str:
     try:
         return os.makedirs(run_dir) or run_dir
     except OSError as e:
-        raise SystemExit(f"error: cannot create the run folder {run_dir} ({describe(e)}); give a writable --runs-dir") from None
+        raise SystemExit(
+            f"error: cannot create the run folder {run_dir} ({describe(e)}); give a writable --runs-dir"
+        ) from None
 
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:
@@ -594,7 +782,9 @@ def save_checkpoint(checkpoint: dict, path: str) -> None:
 
 def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint at {path} (the run stopped before its first checkpoint, or ran with --checkpoint-freq 0)")
+        raise SystemExit(
+            f"error: no checkpoint at {path} (the run stopped before its first checkpoint, or ran with --checkpoint-freq 0)"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -615,12 +805,18 @@ def stored_args(given: Args, stored: dict, may_change, named: Optional[set] = No
         elif not is_named or value == old:
             merged[name] = old
         else:
-            raise SystemExit(f"error: --{name.replace('_', '-')} {value} differs from the run's {old}; a saved run keeps the arguments that define it (start a new run instead)")
+            raise SystemExit(
+                f"error: --{name.replace('_', '-')} {value} differs from the run's {old}; a saved run keeps the arguments that define it (start a new run instead)"
+            )
     return Args(**merged)
 
 
 def rng_states(generators: list) -> dict:  # numpy's and Python's generators draw nothing in training: not saved
-    return {"minibatches": [g.get_state() for g in generators], "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "minibatches": [g.get_state() for g in generators],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_states(states: dict, generators: list) -> None:
@@ -646,8 +842,18 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         return json.load(open(os.path.join(args.resume, "summary.json")))
     if saved_run:
         model = os.path.join(saved_run, "model.pt")
-        checkpoint = load_checkpoint(model if args.eval_only and os.path.exists(model) else os.path.join(saved_run, "checkpoint.pt"))
-        args, settings = stored_args(args, checkpoint["args"], MAY_CHANGE_ON_RESUME + (("final_eval_episodes", "cuda", "torch_threads") if args.eval_only else ()), named_flags), "the run's stored settings"
+        checkpoint = load_checkpoint(
+            model if args.eval_only and os.path.exists(model) else os.path.join(saved_run, "checkpoint.pt")
+        )
+        args, settings = (
+            stored_args(
+                args,
+                checkpoint["args"],
+                MAY_CHANGE_ON_RESUME + (("final_eval_episodes", "cuda", "torch_threads") if args.eval_only else ()),
+                named_flags,
+            ),
+            "the run's stored settings",
+        )
     else:
         args, settings = resolve_paper_settings(args)
     validate_args(args)
@@ -660,29 +866,64 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     torch.set_num_threads(args.torch_threads or torch.get_num_threads())
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     try:  # with --compile, a missing compiler fails here, in one line, not at the first update
-        update_vq, update_pi = (torch.compile(f, mode="reduce-overhead" if device.type == "cuda" else None) if args.compile else f for f in (update_value_and_critic, update_actor))
+        update_vq, update_pi = (
+            torch.compile(f, mode="reduce-overhead" if device.type == "cuda" else None) if args.compile else f
+            for f in (update_value_and_critic, update_actor)
+        )
         if args.compile:
             torch.compile(lambda x: x * 2)(torch.ones(1, device=device))
     except Exception as e:
-        raise SystemExit(f"error: --compile needs a working torch.compile on {device} ({describe(e)}); leave out --compile") from None
+        raise SystemExit(
+            f"error: --compile needs a working torch.compile on {device} ({describe(e)}); leave out --compile"
+        ) from None
     train_rewards = (reward_scale * data.rewards + reward_shift).astype(np.float32)
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     buffer = DeviceData(data, train_rewards, to_unit_box(data.actions, low, high), device, seeds)
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
     policies = ["concurrent", "posthoc"] if args.policy_extraction == "both" else [args.policy_extraction]
     value, critic, target_critic, actors = (net.to(device) for net in make_networks(obs_dim, act_dim, args, seeds, policies))
-    actor_steps = {"concurrent": args.total_steps, "posthoc": args.posthoc_steps or args.total_steps}  # each actor's own updates; its cosine runs over them
-    optimizers = {"value": make_optimizer(value, args.value_lr), "critic": make_optimizer(critic, args.critic_lr), **{n: make_optimizer(a, args.actor_lr, args.compile) for n, a in actors.items()}}
+    actor_steps = {
+        "concurrent": args.total_steps,
+        "posthoc": args.posthoc_steps or args.total_steps,
+    }  # each actor's own updates; its cosine runs over them
+    optimizers = {
+        "value": make_optimizer(value, args.value_lr),
+        "critic": make_optimizer(critic, args.critic_lr),
+        **{n: make_optimizer(a, args.actor_lr, args.compile) for n, a in actors.items()},
+    }
     # lr_t = lr * (1 + cos(pi * t / steps)) / 2, optax's cosine_decay_schedule as in the official code
-    schedulers = {n: torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[n], T_max=actor_steps[n]) for n in actors if args.actor_lr_schedule == "cosine"}
-    networks = {"value": value, "critic": critic, "target_critic": target_critic, **{f"actor_{n}": a for n, a in actors.items()}}
+    schedulers = {
+        n: torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[n], T_max=actor_steps[n])
+        for n in actors
+        if args.actor_lr_schedule == "cosine"
+    }
+    networks = {
+        "value": value,
+        "critic": critic,
+        "target_critic": target_critic,
+        **{f"actor_{n}": a for n, a in actors.items()},
+    }
     stateful = {"networks": networks, "optimizers": optimizers, "schedulers": schedulers}  # everything with a state_dict
 
     def make_env(render: bool = False):
-        return dataset.recover_environment(eval_env=True, **eval_env_kwargs(rule, args.eval_terminate_at_goal), **({"render_mode": "rgb_array"} if render else {}))
+        return dataset.recover_environment(
+            eval_env=True,
+            **eval_env_kwargs(rule, args.eval_terminate_at_goal),
+            **({"render_mode": "rgb_array"} if render else {}),
+        )
 
-    rule["max_episode_steps"] = check_eval_env(make_env, actors[policies[0]], args.capture_video, dataset.observation_space, low, high, device)
-    progress = {"phase": "train", "step": 0, "evaluations": [], "train_time_s": 0.0, "eval_time_s": 0.0, "wall_time_s": 0.0, "wandb_id": None}
+    rule["max_episode_steps"] = check_eval_env(
+        make_env, actors[policies[0]], args.capture_video, dataset.observation_space, low, high, device
+    )
+    progress = {
+        "phase": "train",
+        "step": 0,
+        "evaluations": [],
+        "train_time_s": 0.0,
+        "eval_time_s": 0.0,
+        "wall_time_s": 0.0,
+        "wandb_id": None,
+    }
     if saved_run:
         for group, objects in stateful.items():
             for name, obj in objects.items():
@@ -694,13 +935,32 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     def make_checkpoint() -> dict:
         """Everything to continue as if never stopped, or to use the policies: plain tensors, numbers and strings."""
         return {
-            "args": asdict(args), "obs_dim": obs_dim, "act_dim": act_dim, "progress": progress, "rng": rng_states(buffer.generators),
+            "args": asdict(args),
+            "obs_dim": obs_dim,
+            "act_dim": act_dim,
+            "progress": progress,
+            "rng": rng_states(buffer.generators),
             **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in stateful.items()},
-            "normalization": {"reward_scale": reward_scale, "reward_shift": reward_shift, "action_low": low.tolist(), "action_high": high.tolist()},
+            "normalization": {
+                "reward_scale": reward_scale,
+                "reward_shift": reward_shift,
+                "action_low": low.tolist(),
+                "action_high": high.tolist(),
+            },
         }
 
     def evaluate_policy(name: str, episodes: int, video_dir=None) -> list:  # a summary per seed
-        episodes = evaluate(actors[name], make_env, episodes, [EVAL_SEED_BLOCK * seed for seed in seeds], dataset.observation_space, low, high, device, video_dir)
+        episodes = evaluate(
+            actors[name],
+            make_env,
+            episodes,
+            [EVAL_SEED_BLOCK * seed for seed in seeds],
+            dataset.observation_space,
+            low,
+            high,
+            device,
+            video_dir,
+        )
         return [score_summary(e, rule) for e in episodes]
 
     def record_videos(run_dir: str) -> None:
@@ -711,19 +971,28 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
                 evaluate_policy(name, 1, video_dir=os.path.join(run_dir, "videos", name))
             except Exception as e:
                 print(f"warning: no video of the {name} policy ({describe(e)})")
+
     if args.eval_only:
         results = {name: over_seeds(evaluate_policy(name, args.final_eval_episodes), seeds) for name in policies}
         print(json.dumps({"run": saved_run, "phase": progress["phase"], "step": progress["step"], "policies": results}))
         record_videos(saved_run)
         return {"policies": results}
 
-    run_name = os.path.basename(os.path.normpath(args.resume)) if args.resume else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}{f'-{seeds[-1]}' if len(seeds) > 1 else ''}__{time.time_ns() // 1_000_000}"  # ms: runs started together stay apart
-    run_dir = args.resume or make_run_dir(os.path.join(args.runs_dir, run_name))  # only now, everything checked, a new run gets a folder
+    run_name = (
+        os.path.basename(os.path.normpath(args.resume))
+        if args.resume
+        else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}{f'-{seeds[-1]}' if len(seeds) > 1 else ''}__{time.time_ns() // 1_000_000}"
+    )  # ms: runs started together stay apart
+    run_dir = args.resume or make_run_dir(
+        os.path.join(args.runs_dir, run_name)
+    )  # only now, everything checked, a new run gets a folder
     if not args.resume:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
         plot_dataset_overview(data, args.env_id, os.path.join(run_dir, "dataset_overview.png"))
-    progress["evaluations"] = [r for r in progress["evaluations"] if not r["final"]]  # a stop during the final evaluation redoes it
+    progress["evaluations"] = [
+        r for r in progress["evaluations"] if not r["final"]
+    ]  # a stop during the final evaluation redoes it
     with open(os.path.join(run_dir, "evaluations.jsonl"), "w") as f:  # on resume, drop evaluations made after the checkpoint
         f.writelines(json.dumps(record) + "\n" for record in progress["evaluations"])
     print(
@@ -734,7 +1003,16 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     )
     if args.track:
         import wandb
-        progress["wandb_id"] = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name, dir=run_dir, id=progress["wandb_id"], resume="allow").id
+
+        progress["wandb_id"] = wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            config=asdict(args),
+            name=run_name,
+            dir=run_dir,
+            id=progress["wandb_id"],
+            resume="allow",
+        ).id
         if not args.resume:
             wandb.log({"charts/dataset_overview": wandb.Image(os.path.join(run_dir, "dataset_overview.png"))}, step=0)
 
@@ -742,23 +1020,40 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         start = time.perf_counter()
         per_seed = evaluate_policy(name, episodes)
         progress["eval_time_s"] += time.perf_counter() - start
-        records = [{"policy": name, "step": step, "final": final, "seed": seed, **r} for seed, r in zip(seeds, per_seed)]  # step: the policy's own updates
+        records = [
+            {"policy": name, "step": step, "final": final, "seed": seed, **r} for seed, r in zip(seeds, per_seed)
+        ]  # step: the policy's own updates
         progress["evaluations"] += records
         with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:
             f.writelines(json.dumps(record) + "\n" for record in records)
         result = over_seeds(per_seed, seeds)
         score = "n/a" if result["score_mean"] is None else f"{result['score_mean']:.1f}"
-        print(f"eval {name} @ {step}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {score} ({episodes} episodes{f' x {len(seeds)} seeds; +- over seeds' if len(seeds) > 1 else ''})")
+        print(
+            f"eval {name} @ {step}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {score} ({episodes} episodes{f' x {len(seeds)} seeds; +- over seeds' if len(seeds) > 1 else ''})"
+        )
         if args.track:  # with several seeds, eval/{name}/ holds the mean over seeds (what a sweep should optimise)
             prefix = f"eval/{name}{'_final' if final else ''}/"
-            per_seed_logs = {f"{prefix}seed_{seed}/{k}": v for seed, r in zip(seeds, per_seed) for k, v in r.items() if len(seeds) > 1 and v is not None}
-            wandb.log({**{prefix + k: v for k, v in result.items() if k != "seeds" and v is not None}, **per_seed_logs}, step=wandb_step)
+            per_seed_logs = {
+                f"{prefix}seed_{seed}/{k}": v
+                for seed, r in zip(seeds, per_seed)
+                for k, v in r.items()
+                if len(seeds) > 1 and v is not None
+            }
+            wandb.log(
+                {**{prefix + k: v for k, v in result.items() if k != "seeds" and v is not None}, **per_seed_logs},
+                step=wandb_step,
+            )
         return result
+
     sitting_start, wall_before = time.perf_counter(), progress["wall_time_s"]
 
     def write_checkpoint(path: str) -> None:
-        if not all(bool(torch.isfinite(p).all()) for net in networks.values() for p in net.parameters()):  # a NaN gradient of a finite loss
-            raise SystemExit(f"error: the run diverged: the weights became NaN or infinite by {progress['phase']} step {progress['step']}; the last checkpoint before it stays in {run_dir}")
+        if not all(
+            bool(torch.isfinite(p).all()) for net in networks.values() for p in net.parameters()
+        ):  # a NaN gradient of a finite loss
+            raise SystemExit(
+                f"error: the run diverged: the weights became NaN or infinite by {progress['phase']} step {progress['step']}; the last checkpoint before it stays in {run_dir}"
+            )
         progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
         save_checkpoint(make_checkpoint(), os.path.join(run_dir, path))
 
@@ -766,18 +1061,42 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         write_checkpoint("checkpoint.pt")
         print(f"stopped at {where}; continue with: python {os.path.basename(__file__)} --resume {run_dir}", flush=True)
         raise SystemExit(128 + stop[0])
-    value_names, actor_names = ["losses/value_loss", "losses/critic_loss", "charts/v_mean", "charts/q_mean"], ["losses/actor_loss", "charts/advantage_mean", "charts/awr_weight_mean"]
+
+    value_names, actor_names = (
+        ["losses/value_loss", "losses/critic_loss", "charts/v_mean", "charts/q_mean"],
+        ["losses/actor_loss", "charts/advantage_mean", "charts/awr_weight_mean"],
+    )
     # (phase, steps, W&B step of its step 0, the actor it trains, its metrics); the post-hoc actor learns from the final V and target Q
-    phases = [("train", args.total_steps, 0, "concurrent" if "concurrent" in actors else None, value_names + (actor_names if "concurrent" in actors else []))]
+    phases = [
+        (
+            "train",
+            args.total_steps,
+            0,
+            "concurrent" if "concurrent" in actors else None,
+            value_names + (actor_names if "concurrent" in actors else []),
+        )
+    ]
     if "posthoc" in actors:
-        phases.append(("posthoc", actor_steps["posthoc"], args.total_steps, "posthoc", [n.replace("/", "/posthoc_") for n in actor_names]))
+        phases.append(
+            (
+                "posthoc",
+                actor_steps["posthoc"],
+                args.total_steps,
+                "posthoc",
+                [n.replace("/", "/posthoc_") for n in actor_names],
+            )
+        )
     order = [phase[0] for phase in phases] + ["done"]
     stop = catch_stop_signals()
     try:
         for index, (phase, steps, wandb_offset, policy, names) in enumerate(phases):
             if order.index(progress["phase"]) > index:
                 continue
-            first_step, phase_start, last = progress["step"] + 1, time.perf_counter(), (progress["step"], progress["train_time_s"])
+            first_step, phase_start, last = (
+                progress["step"] + 1,
+                time.perf_counter(),
+                (progress["step"], progress["train_time_s"]),
+            )
             nonfinite_at = -1  # per metric, the first step it was NaN or infinite (-1: never), kept on the device
             for step in range(first_step, steps + 1):
                 tick = time.perf_counter()
@@ -785,10 +1104,17 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
                 with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):  # --bf16: the matmuls only (see Ensemble)
                     if phase == "train":
                         # --compile on CUDA: the actor's compiled call starts a new CUDA-graph generation, which overwrites these outputs
-                        metrics, adv = (t.clone() if args.compile else t for t in update_vq(batch, value, critic, target_critic, optimizers["value"], optimizers["critic"], args))
+                        metrics, adv = (
+                            t.clone() if args.compile else t
+                            for t in update_vq(
+                                batch, value, critic, target_critic, optimizers["value"], optimizers["critic"], args
+                            )
+                        )
                     else:
                         with torch.no_grad():
-                            adv = twin_q(target_critic, batch.obs, batch.actions).min(dim=1).values - value(batch.obs).squeeze(-1)
+                            adv = twin_q(target_critic, batch.obs, batch.actions).min(dim=1).values - value(batch.obs).squeeze(
+                                -1
+                            )
                     if policy is not None:
                         actor_metrics = update_pi(batch, adv, actors[policy], optimizers[policy], schedulers.get(policy), args)
                         metrics = actor_metrics if phase == "posthoc" else torch.cat([metrics, actor_metrics])
@@ -797,17 +1123,26 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
                 progress["train_time_s"] += time.perf_counter() - tick
                 log_now = step % args.log_freq == 0 or step in (300, steps)  # an early line: speed and ETA
                 stopping = bool(stop)  # read once: a signal may arrive while this step is being wrapped up
-                checkpoint_now = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)  # checked for NaN first
+                checkpoint_now = stopping or (
+                    args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0
+                )  # checked for NaN first
                 eval_now = policy is not None and args.eval_freq > 0 and step % args.eval_freq == 0 and step < steps
-                if (log_now or checkpoint_now or eval_now or step % 1000 == 0) and nonfinite_at.max() >= 0:  # a host sync, every so often
+                if (
+                    log_now or checkpoint_now or eval_now or step % 1000 == 0
+                ) and nonfinite_at.max() >= 0:  # a host sync, every so often
                     first = int(nonfinite_at[nonfinite_at >= 0].min())
                     which = ", ".join(n.split("/")[1] for n, s in zip(names, nonfinite_at.tolist()) if s == first)
-                    raise SystemExit(f"error: the run diverged: {which} became NaN or infinite at {phase} step {first}; the last checkpoint before it stays in {run_dir}")
+                    raise SystemExit(
+                        f"error: the run diverged: {which} became NaN or infinite at {phase} step {first}; the last checkpoint before it stays in {run_dir}"
+                    )
                 if log_now:
                     rate = (step - last[0]) / max(progress["train_time_s"] - last[1], 1e-9)
                     eta = (steps - step) * (time.perf_counter() - phase_start) / (step - first_step + 1)
                     values, last = dict(zip(names, metrics.tolist())), (step, progress["train_time_s"])
-                    print(f"{phase} step {step:>8}/{steps} | {rate:7.0f} upd/s | ETA {eta / 60:5.1f} min | " + " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in values.items()))
+                    print(
+                        f"{phase} step {step:>8}/{steps} | {rate:7.0f} upd/s | ETA {eta / 60:5.1f} min | "
+                        + " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in values.items())
+                    )
                     if args.track:
                         wandb.log({**values, "charts/updates_per_second": rate}, step=wandb_offset + step)
                 if eval_now:
@@ -822,14 +1157,24 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
         if args.checkpoint_freq > 0:
             write_checkpoint("checkpoint.pt")  # a run stopped during the final evaluation resumes there
         updates = args.total_steps + (actor_steps["posthoc"] if "posthoc" in actors else 0)  # also the last W&B step
-        results = {name: run_evaluation(name, actor_steps[name], args.final_eval_episodes, updates, final=True) for name in policies}
+        results = {
+            name: run_evaluation(name, actor_steps[name], args.final_eval_episodes, updates, final=True) for name in policies
+        }
         if stop:
             stop_here("the final evaluation")
         progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
         summary = {
-            "env_id": args.env_id, "run_name": run_name, "seed": args.seed, "seeds": seeds, "policies": results, "scoring": rule,
-            "reward_normalization": args.reward_normalization, "total_steps": args.total_steps, "device": str(device),
-            "updates_per_second": updates / progress["train_time_s"], **{k: progress[k] for k in ("train_time_s", "eval_time_s", "wall_time_s")},
+            "env_id": args.env_id,
+            "run_name": run_name,
+            "seed": args.seed,
+            "seeds": seeds,
+            "policies": results,
+            "scoring": rule,
+            "reward_normalization": args.reward_normalization,
+            "total_steps": args.total_steps,
+            "device": str(device),
+            "updates_per_second": updates / progress["train_time_s"],
+            **{k: progress[k] for k in ("train_time_s", "eval_time_s", "wall_time_s")},
         }
         if args.save_model:  # before summary.json, whose presence means the run is finished
             write_checkpoint("model.pt")
@@ -841,9 +1186,13 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags:
     if args.track:
         wandb.summary.update({f"final/{name}/{k}": v for name, r in results.items() for k, v in r.items() if k != "seeds"})
         wandb.finish()
-    print(f"done in {summary['wall_time_s']:.0f} s ({summary['updates_per_second']:.0f} updates/s, {summary['eval_time_s']:.0f} s evaluating); results in {run_dir}")
+    print(
+        f"done in {summary['wall_time_s']:.0f} s ({summary['updates_per_second']:.0f} updates/s, {summary['eval_time_s']:.0f} s evaluating); results in {run_dir}"
+    )
     return summary
 
 
 if __name__ == "__main__":  # tyro writes --flag, --flag=value and, for booleans, --no-flag
-    main(tyro.cli(Args), {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in sys.argv[1:] if a.startswith("--")})
+    main(
+        tyro.cli(Args), {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in sys.argv[1:] if a.startswith("--")}
+    )

@@ -8,5 +8,8 @@ def processor() -> str:
     """The CPU's model name (Linux), else what `platform` knows. Float results, and so a seeded SAC run, repeat exactly
     only on the same kind of processor."""
     if os.path.exists("/proc/cpuinfo"):
-        return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+        return next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+            platform.processor(),
+        )
     return platform.processor()

@@ -43,9 +43,17 @@ class Checkpoints(BaseCallback):
 
     def _on_step(self) -> bool:
         if self.num_timesteps % self.every == 0:
-            returns, _ = evaluate_policy(self.model, self.eval_env, n_eval_episodes=self.episodes, deterministic=True, return_episode_rewards=True)
+            returns, _ = evaluate_policy(
+                self.model, self.eval_env, n_eval_episodes=self.episodes, deterministic=True, return_episode_rewards=True
+            )
             self.model.save(os.path.join(self.out, f"step_{self.num_timesteps}.zip"))
-            record = {"step": self.num_timesteps, "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)), "wall_s": time.time() - self.start, "processor": self.processor}
+            record = {
+                "step": self.num_timesteps,
+                "return_mean": float(np.mean(returns)),
+                "return_std": float(np.std(returns)),
+                "wall_s": time.time() - self.start,
+                "processor": self.processor,
+            }
             with open(os.path.join(self.out, "progress.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(record, flush=True)
@@ -58,8 +66,12 @@ def save_replay(model, path: str) -> None:
     buffer, n = model.replay_buffer, model.replay_buffer.size()
     np.savez(
         path + ".tmp.npz",
-        observations=buffer.observations[:n, 0], next_observations=buffer.next_observations[:n, 0],
-        actions=buffer.actions[:n, 0], rewards=buffer.rewards[:n, 0], dones=buffer.dones[:n, 0], timeouts=buffer.timeouts[:n, 0],
+        observations=buffer.observations[:n, 0],
+        next_observations=buffer.next_observations[:n, 0],
+        actions=buffer.actions[:n, 0],
+        rewards=buffer.rewards[:n, 0],
+        dones=buffer.dones[:n, 0],
+        timeouts=buffer.timeouts[:n, 0],
     )
     os.replace(path + ".tmp.npz", path)
 

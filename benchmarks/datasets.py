@@ -53,8 +53,13 @@ def record_episodes(env: gym.Env, policy, num_episodes: int, seed: int, max_step
             done = terminated or truncated
         episodes.append(
             EpisodeBuffer(
-                id=e, observations=stack_observations(observations), actions=actions, rewards=rewards,
-                terminations=terminations, truncations=truncations, infos={},
+                id=e,
+                observations=stack_observations(observations),
+                actions=actions,
+                rewards=rewards,
+                terminations=terminations,
+                truncations=truncations,
+                infos={},
             )
         )
         steps += len(rewards)
@@ -67,21 +72,37 @@ def create(dataset_id: str, env: gym.Env, episodes, eval_env=None, description="
     # Minari appends episodes that share an id to one another: number the concatenated lists afresh
     episodes = [dataclasses.replace(episode, id=i) for i, episode in enumerate(episodes)]
     return minari.create_dataset_from_buffers(
-        dataset_id, episodes, env=env.spec, eval_env=(eval_env or env).spec, algorithm_name="see benchmarks/datasets.py",
-        author="offline-rl benchmarks", author_email="benchmarks@localhost", code_permalink="benchmarks/datasets.py",
-        description=description, **metadata,
+        dataset_id,
+        episodes,
+        env=env.spec,
+        eval_env=(eval_env or env).spec,
+        algorithm_name="see benchmarks/datasets.py",
+        author="offline-rl benchmarks",
+        author_email="benchmarks@localhost",
+        code_permalink="benchmarks/datasets.py",
+        description=description,
+        **metadata,
     )
 
 
 def fingerprint(dataset) -> str:
     """SHA-256 of every episode's observations, actions, rewards, terminations and truncations, in order: two builds of a
     dataset hold the same data exactly when their fingerprints agree, whatever the files' own bytes."""
+
     def arrays(x):  # the leaves of (nested) dict observations, by key
         return [a for k in sorted(x) for a in arrays(x[k])] if isinstance(x, dict) else [np.ascontiguousarray(x)]
 
     digest = hashlib.sha256()
     for episode in dataset.iterate_episodes():
-        for array in arrays({"obs": episode.observations, "act": episode.actions, "rew": episode.rewards, "term": episode.terminations, "trunc": episode.truncations}):
+        for array in arrays(
+            {
+                "obs": episode.observations,
+                "act": episode.actions,
+                "rew": episode.rewards,
+                "term": episode.terminations,
+                "trunc": episode.truncations,
+            }
+        ):
             digest.update(f"{array.dtype}{array.shape}".encode() + array.tobytes())
     return digest.hexdigest()
 
@@ -91,10 +112,17 @@ def record_summary(dataset, **extra) -> dict:
     returns = np.array([e.rewards.sum() for e in dataset.iterate_episodes()])
     metadata = dataset.storage.metadata
     line = {
-        "dataset_id": dataset.spec.dataset_id, "episodes": dataset.total_episodes, "steps": dataset.total_steps, "sha256": fingerprint(dataset),
-        "return_min": float(returns.min()), "return_mean": float(returns.mean()), "return_max": float(returns.max()),
+        "dataset_id": dataset.spec.dataset_id,
+        "episodes": dataset.total_episodes,
+        "steps": dataset.total_steps,
+        "sha256": fingerprint(dataset),
+        "return_min": float(returns.min()),
+        "return_mean": float(returns.mean()),
+        "return_max": float(returns.max()),
         "return_quartiles": [float(q) for q in np.percentile(returns, [25, 50, 75])],
-        "ref_min_score": metadata.get("ref_min_score"), "ref_max_score": metadata.get("ref_max_score"), **extra,
+        "ref_min_score": metadata.get("ref_min_score"),
+        "ref_max_score": metadata.get("ref_max_score"),
+        **extra,
     }
     store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
     os.makedirs(store, exist_ok=True)
@@ -130,7 +158,9 @@ def make_two_step_dataset(dataset_id="toy/twostep/fifty-v0", up_fraction=0.5, nu
             steps.extend(next(plan))
         return np.array([steps.pop(0) * rng.uniform(0.2, 1.0)], np.float32)
 
-    return create(dataset_id, env, record_episodes(env, policy, num_episodes, seed), description=f"two-step MDP, {up_fraction:.0%} up")
+    return create(
+        dataset_id, env, record_episodes(env, policy, num_episodes, seed), description=f"two-step MDP, {up_fraction:.0%} up"
+    )
 
 
 def make_bandit_dataset(dataset_id="toy/bandit/fifty-v0", up_fraction=0.5, num_episodes=100, seed=0):
@@ -138,7 +168,12 @@ def make_bandit_dataset(dataset_id="toy/bandit/fifty-v0", up_fraction=0.5, num_e
     n_up = int(round(up_fraction * num_episodes))
     signs = iter(np.random.default_rng(seed).permutation(np.r_[np.ones(n_up), -np.ones(num_episodes - n_up)]))
     policy = lambda obs, rng: np.array([next(signs) * rng.uniform(0.2, 1.0)], np.float32)
-    return create(dataset_id, env, record_episodes(env, policy, num_episodes, seed), description=f"one-state bandit, {up_fraction:.0%} good arm")
+    return create(
+        dataset_id,
+        env,
+        record_episodes(env, policy, num_episodes, seed),
+        description=f"one-state bandit, {up_fraction:.0%} good arm",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +218,9 @@ def make_pointmaze_dataset(maze: str, total_steps: int, episode_steps: int, seed
     controller = WaypointController(env.unwrapped.maze, noise)
     episodes = record_episodes(env, controller, num_episodes=total_steps // episode_steps, seed=seed)
     dataset_id = f"local/pointmaze/{maze.lower()}-v0"
-    return create(dataset_id, env, episodes, eval_env=eval_env, description=f"PointMaze {maze}, waypoint controller, noise {noise}")
+    return create(
+        dataset_id, env, episodes, eval_env=eval_env, description=f"PointMaze {maze}, waypoint controller, noise {noise}"
+    )
 
 
 def make_stitching_dataset(maze: str, goal_cell: tuple, total_steps: int, episode_steps: int, seed=0, noise=0.5):
@@ -193,19 +230,32 @@ def make_stitching_dataset(maze: str, goal_cell: tuple, total_steps: int, episod
     env = gym.make(f"PointMaze_{maze}-v3", continuing_task=True, reset_target=True, max_episode_steps=episode_steps)
     eval_map = [list(row) for row in env.unwrapped.maze.maze_map]
     eval_map[goal_cell[0]][goal_cell[1]] = "g"
-    eval_env = gym.make(f"PointMaze_{maze}-v3", maze_map=eval_map, continuing_task=True, reset_target=False, max_episode_steps=episode_steps)
+    eval_env = gym.make(
+        f"PointMaze_{maze}-v3", maze_map=eval_map, continuing_task=True, reset_target=False, max_episode_steps=episode_steps
+    )
     goal = env.unwrapped.maze.cell_rowcol_to_xy(np.array(goal_cell))
-    episodes = record_episodes(env, WaypointController(env.unwrapped.maze, noise), num_episodes=total_steps // episode_steps, seed=seed)
+    episodes = record_episodes(
+        env, WaypointController(env.unwrapped.maze, noise), num_episodes=total_steps // episode_steps, seed=seed
+    )
     relabelled = [
         dataclasses.replace(
             episode,
-            observations={**episode.observations, "desired_goal": np.tile(goal, (len(episode.observations["desired_goal"]), 1))},
+            observations={
+                **episode.observations,
+                "desired_goal": np.tile(goal, (len(episode.observations["desired_goal"]), 1)),
+            },
             rewards=(np.linalg.norm(episode.observations["achieved_goal"][1:] - goal, axis=1) <= 0.45).astype(np.float64),
         )
         for episode in episodes
     ]
     dataset_id = f"local/pointmaze/{maze.lower()}-stitch-v0"
-    return create(dataset_id, env, relabelled, eval_env=eval_env, description=f"PointMaze {maze}, random-goal drives relabelled to goal cell {goal_cell}")
+    return create(
+        dataset_id,
+        env,
+        relabelled,
+        eval_env=eval_env,
+        description=f"PointMaze {maze}, random-goal drives relabelled to goal cell {goal_cell}",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,9 +273,11 @@ def replay_episodes(path: str, steps: int):
             EpisodeBuffer(
                 id=len(episodes),
                 observations=np.concatenate([replay["observations"][sl], replay["next_observations"][end][None]]),
-                actions=replay["actions"][sl], rewards=replay["rewards"][sl],
+                actions=replay["actions"][sl],
+                rewards=replay["rewards"][sl],
                 terminations=np.r_[np.zeros(end - start, bool), [not truncated]],
-                truncations=np.r_[np.zeros(end - start, bool), [truncated]], infos={},
+                truncations=np.r_[np.zeros(end - start, bool), [truncated]],
+                infos={},
             )
         )
         start = end + 1
@@ -254,8 +306,13 @@ def make_hopper_datasets(behaviour_dir: str, steps: int, env_id="Hopper-v5", nam
     # the candidate within 5% of the best deterministic return whose sampled rollouts score highest.
     candidates = [p for p in progress if p["return_mean"] >= 0.95 * best["return_mean"]]
     for p in candidates:
-        p["sampled_return"] = float(np.mean([sum(e.rewards) for e in record_episodes(env, sac_policy(p["step"]), 5, seed + 70_000)]))
-        print(f"expert candidate: step {p['step']}, deterministic {p['return_mean']:.0f}, sampled {p['sampled_return']:.0f}", flush=True)
+        p["sampled_return"] = float(
+            np.mean([sum(e.rewards) for e in record_episodes(env, sac_policy(p["step"]), 5, seed + 70_000)])
+        )
+        print(
+            f"expert candidate: step {p['step']}, deterministic {p['return_mean']:.0f}, sampled {p['sampled_return']:.0f}",
+            flush=True,
+        )
     expert = max(candidates, key=lambda p: p["sampled_return"])
     policies = {
         tag: record_episodes(env, sac_policy(checkpoint["step"]), num_episodes=10**9, seed=seed + offset, max_steps=steps)
@@ -263,11 +320,27 @@ def make_hopper_datasets(behaviour_dir: str, steps: int, env_id="Hopper-v5", nam
     }
     behaviour = {"medium_policy": medium, "expert_policy": expert, "random_return": refs["ref_min_score"]}
     made = [
-        create(f"local/{name}/medium-v0", env, policies["medium"], description=f"{name} medium: SAC at step {medium['step']}", **refs),
-        create(f"local/{name}/medium-replay-v0", env, replay_episodes(os.path.join(behaviour_dir, "replay.npz"), medium["step"]),
-               description=f"{name} medium-replay: the SAC replay buffer up to step {medium['step']}", **refs),
-        create(f"local/{name}/medium-expert-v0", env, policies["medium"] + policies["expert"],
-               description=f"{name} medium-expert: medium plus SAC at step {expert['step']}", **refs),
+        create(
+            f"local/{name}/medium-v0",
+            env,
+            policies["medium"],
+            description=f"{name} medium: SAC at step {medium['step']}",
+            **refs,
+        ),
+        create(
+            f"local/{name}/medium-replay-v0",
+            env,
+            replay_episodes(os.path.join(behaviour_dir, "replay.npz"), medium["step"]),
+            description=f"{name} medium-replay: the SAC replay buffer up to step {medium['step']}",
+            **refs,
+        ),
+        create(
+            f"local/{name}/medium-expert-v0",
+            env,
+            policies["medium"] + policies["expert"],
+            description=f"{name} medium-expert: medium plus SAC at step {expert['step']}",
+            **refs,
+        ),
     ]
     return [record_summary(d, behaviour=behaviour) for d in made]
 

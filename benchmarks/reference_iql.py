@@ -65,8 +65,20 @@ def asymmetric_l2_loss(u, tau):
 
 
 class ReferenceIQL:
-    def __init__(self, obs_dim, act_dim, hidden_dims=(256, 256), total_steps=1_000_000, lr=3e-4, discount=0.99,
-                 tau=0.005, expectile=0.7, temperature=3.0, exp_adv_max=100.0, device="cpu"):
+    def __init__(
+        self,
+        obs_dim,
+        act_dim,
+        hidden_dims=(256, 256),
+        total_steps=1_000_000,
+        lr=3e-4,
+        discount=0.99,
+        tau=0.005,
+        expectile=0.7,
+        temperature=3.0,
+        exp_adv_max=100.0,
+        device="cpu",
+    ):
         self.qf = TwinQ(obs_dim, act_dim, hidden_dims).to(device)
         self.q_target = copy.deepcopy(self.qf).requires_grad_(False)
         self.vf = mlp([obs_dim, *hidden_dims, 1]).to(device)

@@ -40,7 +40,10 @@ IQL_FLAGS = [
 # MuJoCo are not hosted; see benchmarks.md)
 PAPER_DATASETS = [
     *(f"mujoco/{env}/medium-v0" for env in ("halfcheetah", "hopper", "walker2d")),
-    *(f"D4RL/antmaze/{name}-v1" for name in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")),
+    *(
+        f"D4RL/antmaze/{name}-v1"
+        for name in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+    ),
     *(f"D4RL/kitchen/{name}-v2" for name in ("complete", "partial", "mixed")),
     *(f"D4RL/{env}/{name}-v2" for env in ("pen", "hammer", "door", "relocate") for name in ("human", "cloned")),
 ]
@@ -53,13 +56,19 @@ def iql_flags(dataset_id: str) -> list:
     return []
 
 
-def commands(dataset_id: str, seed: int, steps: int, runs_dir: str, extra: list, expectiles: list, algos: list, policy_extraction="both") -> list:
+def commands(
+    dataset_id: str, seed: int, steps: int, runs_dir: str, extra: list, expectiles: list, algos: list, policy_extraction="both"
+) -> list:
     common = ["--env-id", dataset_id, "--seed", str(seed), "--total-steps", str(steps), "--runs-dir", runs_dir]
     iql_runs = [["iql.py", *common, *iql_flags(dataset_id), "--policy-extraction", policy_extraction]]
     if expectiles:  # an expectile scan, e.g. on the toy MDPs
         iql_runs = [[*iql_runs[0], "--expectile", str(e)] for e in expectiles]
     # BC names its --top-fraction even at 1, so that every planned run differs from the others in a flag it names
-    runs = {"iql": iql_runs, "bc": [["bc.py", *common, "--top-fraction", "1.0"]], "bc10": [["bc.py", *common, "--top-fraction", "0.1"]]}
+    runs = {
+        "iql": iql_runs,
+        "bc": [["bc.py", *common, "--top-fraction", "1.0"]],
+        "bc10": [["bc.py", *common, "--top-fraction", "0.1"]],
+    }
     return [run + extra for algo in algos for run in runs[algo]]  # the user's flags come last, so they override the defaults
 
 
@@ -69,7 +78,9 @@ def unfinished_runs(runs_dir: str) -> list:
     for run_dir in sorted(glob.glob(os.path.join(runs_dir, "*", "args.json")), key=os.path.getmtime):
         run_dir = os.path.dirname(run_dir)
         if not os.path.exists(os.path.join(run_dir, "summary.json")):
-            runs.append(("bc.py" if "top_fraction" in json.load(open(os.path.join(run_dir, "args.json"))) else "iql.py", run_dir))
+            runs.append(
+                ("bc.py" if "top_fraction" in json.load(open(os.path.join(run_dir, "args.json"))) else "iql.py", run_dir)
+            )
     return runs
 
 
@@ -79,7 +90,9 @@ def earlier_run(runs_dir: str, command: list):
     sys.path.insert(0, REPO)
     module = importlib.import_module(command[0][: -len(".py")])
     planned = dataclasses.asdict(tyro.cli(module.Args, args=command[1:]))
-    named = [flag[2:].replace("-", "_") for flag in command[1:] if flag.startswith("--") and flag != "--runs-dir"]  # where it lives is what the search is for
+    named = [
+        flag[2:].replace("-", "_") for flag in command[1:] if flag.startswith("--") and flag != "--runs-dir"
+    ]  # where it lives is what the search is for
     found = []
     for path in glob.glob(os.path.join(runs_dir, "*", "args.json")):
         stored, run_dir = json.load(open(path)), os.path.dirname(path)
@@ -96,12 +109,16 @@ def earlier_run(runs_dir: str, command: list):
 def pin_code_version(runs_dir: str) -> str:
     """The commit the code is at ("-dirty" with uncommitted changes), written to runs_dir/commit.txt by the first grid
     run there; a later grid run there from other code is refused, so that one table never mixes code versions."""
+
     def git(*words):
         return subprocess.run(["git", "-C", REPO, *words], capture_output=True, text=True, check=True).stdout.strip()
+
     commit = git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     path = os.path.join(runs_dir, "commit.txt")
     if os.path.exists(path) and open(path).read().strip() != commit:
-        sys.exit(f"run_grid.py: the runs in {runs_dir} come from commit {open(path).read().strip()}, this checkout is at {commit}")
+        sys.exit(
+            f"run_grid.py: the runs in {runs_dir} come from commit {open(path).read().strip()}, this checkout is at {commit}"
+        )
     os.makedirs(runs_dir, exist_ok=True)
     with open(path, "w") as f:
         f.write(commit + "\n")
@@ -126,16 +143,25 @@ def main():
     parser.add_argument("--runs-dir", default="logs/bench_runs")
     parser.add_argument("--algos", nargs="*", choices=["iql", "bc", "bc10"], default=["iql", "bc", "bc10"])
     parser.add_argument("--expectiles", nargs="*", type=float, default=[], help="run IQL once per expectile")
-    parser.add_argument("--policy-extraction", choices=["both", "concurrent", "posthoc"], default="both", help="IQL's; BC has none")
+    parser.add_argument(
+        "--policy-extraction", choices=["both", "concurrent", "posthoc"], default="both", help="IQL's; BC has none"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
-    parser.add_argument("--resume-all", action="store_true", help="continue every unfinished run under --runs-dir (with a checkpoint), and nothing else")
+    parser.add_argument(
+        "--resume-all",
+        action="store_true",
+        help="continue every unfinished run under --runs-dir (with a checkpoint), and nothing else",
+    )
     args, extra = parser.parse_known_args()  # anything else goes to every run of both scripts, e.g. --eval-freq 5000
     if not args.dry_run:
         print(f"# code: commit {pin_code_version(args.runs_dir)}", flush=True)
     if args.resume_all:
         for script, run_dir in unfinished_runs(args.runs_dir):
             if not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-                print(f"# {run_dir}: stopped before its first checkpoint; nothing to continue (start it again by hand if wanted)", flush=True)
+                print(
+                    f"# {run_dir}: stopped before its first checkpoint; nothing to continue (start it again by hand if wanted)",
+                    flush=True,
+                )
                 continue
             print(f"python {script} --resume {run_dir}", flush=True)
             if not args.dry_run:
@@ -145,7 +171,9 @@ def main():
     steps = args.steps or 1_000_000
     for dataset_id in datasets:
         for seed in args.seeds:
-            for command in commands(dataset_id, seed, steps, args.runs_dir, extra, args.expectiles, args.algos, args.policy_extraction):
+            for command in commands(
+                dataset_id, seed, steps, args.runs_dir, extra, args.expectiles, args.algos, args.policy_extraction
+            ):
                 run_dir = earlier_run(args.runs_dir, command)
                 if run_dir and os.path.exists(os.path.join(run_dir, "summary.json")):
                     print(f"# done: {run_dir}", flush=True)

@@ -108,7 +108,9 @@ def random_buffer(n_episodes, episode_len, obs_dim, act_dim, device, seed=0, see
         observations=rng.standard_normal((n + n_episodes, obs_dim), dtype=np.float32),
         actions=rng.uniform(-0.99, 0.99, (n, act_dim)).astype(np.float32),
         rewards=rng.standard_normal(n, dtype=np.float32),
-        terminations=rng.random(n) < 0.001, truncations=np.zeros(n, bool), episode_lengths=lengths,
+        terminations=rng.random(n) < 0.001,
+        truncations=np.zeros(n, bool),
+        episode_lengths=lengths,
     )
     return iql.DeviceData(data, data.rewards, data.actions, device, list(seeds))
 
@@ -117,19 +119,29 @@ def make_iql_step(cfg, device, num_seeds=1, mode="eager"):
     """iql.py's training step as its main loop runs it (concurrent actor), for num_seeds seeds in lockstep;
     mode: eager, compile (--compile), bf16 (--bf16) or compile+bf16."""
     args = iql.resolve_paper_settings(iql.Args(hidden_dims=tuple(cfg.hidden), batch_size=cfg.batch, total_steps=1_000_000))[0]
-    buffer = random_buffer(cfg.buffer_episodes, cfg.episode_steps, cfg.obs_dim, cfg.act_dim, device, seeds=list(range(num_seeds)))
-    value, critic, target_critic, actors = (net.to(device) for net in iql.make_networks(cfg.obs_dim, cfg.act_dim, args, list(range(num_seeds)), ["concurrent"]))
+    buffer = random_buffer(
+        cfg.buffer_episodes, cfg.episode_steps, cfg.obs_dim, cfg.act_dim, device, seeds=list(range(num_seeds))
+    )
+    value, critic, target_critic, actors = (
+        net.to(device) for net in iql.make_networks(cfg.obs_dim, cfg.act_dim, args, list(range(num_seeds)), ["concurrent"])
+    )
     actor = actors["concurrent"]
     value_opt, critic_opt = iql.make_optimizer(value, args.value_lr), iql.make_optimizer(critic, args.critic_lr)
     actor_opt = iql.make_optimizer(actor, args.actor_lr, tensor_lr="compile" in mode)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, T_max=args.total_steps)
     compile_mode = "reduce-overhead" if device.type == "cuda" else None  # as iql.py chooses
-    update_vq, update_pi = (torch.compile(f, mode=compile_mode) if "compile" in mode else f for f in (iql.update_value_and_critic, iql.update_actor))
+    update_vq, update_pi = (
+        torch.compile(f, mode=compile_mode) if "compile" in mode else f
+        for f in (iql.update_value_and_critic, iql.update_actor)
+    )
 
     def step():
         batch = buffer.sample(args.batch_size)
         with torch.autocast(device.type, torch.bfloat16, enabled="bf16" in mode):
-            metrics, adv = (t.clone() if "compile" in mode else t for t in update_vq(batch, value, critic, target_critic, value_opt, critic_opt, args))  # as iql.py
+            metrics, adv = (
+                t.clone() if "compile" in mode else t
+                for t in update_vq(batch, value, critic, target_critic, value_opt, critic_opt, args)
+            )  # as iql.py
             return torch.cat([metrics, update_pi(batch, adv, actor, actor_opt, scheduler, args)])
 
     return step, (value, critic, target_critic, actor)
@@ -166,13 +178,27 @@ def bench_updates(cfg, device) -> str:
     rows, notes = [], []
     for threads in cfg.threads if device.type == "cpu" else [torch.get_num_threads()]:
         torch.set_num_threads(threads or DEFAULT_THREADS)
-        peaks = {dtype: max(matmul_throughput(n, device, dtype, cfg.peak_seconds) for n in sizes) for dtype in (torch.float32, torch.bfloat16)}
+        peaks = {
+            dtype: max(matmul_throughput(n, device, dtype, cfg.peak_seconds) for n in sizes)
+            for dtype in (torch.float32, torch.bfloat16)
+        }
         base_step, nets = make_iql_step(cfg, device)
         ref_step = make_reference_step(cfg, device, nets)  # from the same initial weights
         timed(ref_step, device, cfg.warmup)
         ref = statistics.median(rate(ref_step, device, cfg.steps, cfg.repeats))
-        rows.append([torch.get_num_threads(), 1, "reference (CORL-style, eager fp32)", f"{ref:,.0f}", f"{ref:,.0f}", "1.00x",
-                     f"{flops * ref / 1e9:,.1f}", f"{100 * flops * ref / 1e9 / peaks[torch.float32]:.0f}% (fp32)", f"{1e6 / ref / 60:.1f} min"])
+        rows.append(
+            [
+                torch.get_num_threads(),
+                1,
+                "reference (CORL-style, eager fp32)",
+                f"{ref:,.0f}",
+                f"{ref:,.0f}",
+                "1.00x",
+                f"{flops * ref / 1e9:,.1f}",
+                f"{100 * flops * ref / 1e9 / peaks[torch.float32]:.0f}% (fp32)",
+                f"{1e6 / ref / 60:.1f} min",
+            ]
+        )
         for n in cfg.num_seeds:
             for mode in cfg.modes:
                 start = time.perf_counter()
@@ -187,24 +213,51 @@ def bench_updates(cfg, device) -> str:
                     continue
                 dtype = torch.bfloat16 if "bf16" in mode else torch.float32
                 achieved = n * flops * r / 1e9
-                rows.append([torch.get_num_threads(), n, f"iql.py {mode}", f"{r:,.0f}", f"**{n * r:,.0f}**", f"{r / ref:.2f}x",
-                             f"{achieved:,.1f}", f"{100 * achieved / peaks[dtype]:.0f}% ({'bf16' if dtype == torch.bfloat16 else 'fp32'})",
-                             f"{1e6 / r / 60:.1f} min"])
+                rows.append(
+                    [
+                        torch.get_num_threads(),
+                        n,
+                        f"iql.py {mode}",
+                        f"{r:,.0f}",
+                        f"**{n * r:,.0f}**",
+                        f"{r / ref:.2f}x",
+                        f"{achieved:,.1f}",
+                        f"{100 * achieved / peaks[dtype]:.0f}% ({'bf16' if dtype == torch.bfloat16 else 'fp32'})",
+                        f"{1e6 / r / 60:.1f} min",
+                    ]
+                )
                 if "compile" in mode:
-                    notes.append(f"{torch.get_num_threads()} thread(s), {n} seed(s), {mode}: {warm_s:.0f} s for the {cfg.warmup} warm-up updates, compiling included")
-        notes.append(f"{torch.get_num_threads()} thread(s): measured matmul peak (n x n by n x n, best of n in {sizes}) "
-                     f"fp32 {peaks[torch.float32]:,.1f} GFLOP/s, bf16 {peaks[torch.bfloat16]:,.1f} GFLOP/s")
+                    notes.append(
+                        f"{torch.get_num_threads()} thread(s), {n} seed(s), {mode}: {warm_s:.0f} s for the {cfg.warmup} warm-up updates, compiling included"
+                    )
+        notes.append(
+            f"{torch.get_num_threads()} thread(s): measured matmul peak (n x n by n x n, best of n in {sizes}) "
+            f"fp32 {peaks[torch.float32]:,.1f} GFLOP/s, bf16 {peaks[torch.bfloat16]:,.1f} GFLOP/s"
+        )
     torch.set_num_threads(cfg.threads[0] or DEFAULT_THREADS)  # for the sections after this one
     return (
         f"### Update step (batch {cfg.batch} per seed, obs {cfg.obs_dim}, act {cfg.act_dim}, hidden {tuple(cfg.hidden)}; "
         f"{cfg.steps} timed updates / seeds x {cfg.repeats} repeats (median) after {cfg.warmup} warm-up updates)\n\n"
-        + table(["threads", "seeds", "update", "updates/s", "seed-updates/s", "vs reference", "matmul GFLOP/s",
-                 "of peak matmul", "1M updates take"], rows)
+        + table(
+            [
+                "threads",
+                "seeds",
+                "update",
+                "updates/s",
+                "seed-updates/s",
+                "vs reference",
+                "matmul GFLOP/s",
+                "of peak matmul",
+                "1M updates take",
+            ],
+            rows,
+        )
         + f"\n\nMatmul FLOPs per update and seed: {flops / 1e6:.1f} MFLOP. Counted: forward 2*B*in*out per linear layer; "
         f"backward = weight gradients of every layer + input gradients of every layer but the first; target twins on B rows, "
         f"V forward+backward on B and forward on 2B, twin Q forward+backward on B, actor forward+backward on B. Not counted: "
         f"biases, activations, losses, Adam, Polyak, sampling. seed-updates/s = updates/s x seeds.\n\n"
-        + "\n".join(f"- {note}" for note in notes) + "\n"
+        + "\n".join(f"- {note}" for note in notes)
+        + "\n"
     )
 
 
@@ -229,14 +282,26 @@ def build_dataset(cfg, store: str) -> float:
     T = cfg.episode_steps
     episodes = [
         EpisodeBuffer(
-            id=e, observations=rng.standard_normal((T + 1, 11)), actions=rng.uniform(-1, 1, (T, 3)).astype(np.float32),
-            rewards=rng.standard_normal(T), terminations=np.zeros(T, bool), truncations=np.arange(T) == T - 1, infos={},
+            id=e,
+            observations=rng.standard_normal((T + 1, 11)),
+            actions=rng.uniform(-1, 1, (T, 3)).astype(np.float32),
+            rewards=rng.standard_normal(T),
+            terminations=np.zeros(T, bool),
+            truncations=np.arange(T) == T - 1,
+            infos={},
         )
         for e in range(cfg.dataset_episodes)
     ]
     minari.create_dataset_from_buffers(
-        dataset_id(cfg), episodes, env=env.spec, eval_env=env.spec, algorithm_name="random", author="benchmarks/speed.py",
-        author_email="none@localhost", code_permalink="benchmarks/speed.py", description="random data with Hopper-v5 spaces",
+        dataset_id(cfg),
+        episodes,
+        env=env.spec,
+        eval_env=env.spec,
+        algorithm_name="random",
+        author="benchmarks/speed.py",
+        author_email="none@localhost",
+        code_permalink="benchmarks/speed.py",
+        description="random data with Hopper-v5 spaces",
     )
     if old is None:
         del os.environ["MINARI_DATASETS_PATH"]
@@ -292,7 +357,9 @@ def dataset_worker(cfg) -> dict:
         result["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device) - base
     n, obs_dim, act_dim = len(data.rewards), data.observations.shape[1], data.actions.shape[1]
     result["raw_float32_bytes"] = 4 * n * (2 * obs_dim + act_dim + 1 + 1)  # s, s', a, r, terminal
-    result["flat_bytes"] = sum(x.nbytes for x in (data.observations, data.actions, data.rewards, data.terminations, data.truncations))
+    result["flat_bytes"] = sum(
+        x.nbytes for x in (data.observations, data.actions, data.rewards, data.terminations, data.truncations)
+    )
     result.update(transitions=n, episodes=len(data.episode_lengths), obs_dim=obs_dim, act_dim=act_dim)
     return result
 
@@ -301,8 +368,22 @@ def bench_dataset(cfg) -> str:
     store = os.path.abspath(os.path.join(cfg.cache_dir, "minari"))
     built = build_dataset(cfg, store)
     env = {**os.environ, "MINARI_DATASETS_PATH": store, "HF_HUB_OFFLINE": "1"}
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in (("device", cfg.device), ("dataset_episodes", cfg.dataset_episodes), ("episode_steps", cfg.episode_steps), ("threads", cfg.threads[0]))]
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--dataset-worker", *flags], env=env, capture_output=True, text=True, check=True)
+    flags = [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in (
+            ("device", cfg.device),
+            ("dataset_episodes", cfg.dataset_episodes),
+            ("episode_steps", cfg.episode_steps),
+            ("threads", cfg.threads[0]),
+        )
+    ]
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--dataset-worker", *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     r = json.loads(out.stdout.strip().splitlines()[-1])
     mib = lambda b: f"{b / 2**20:,.1f} MiB"
     peak_note = "" if r["peak_reset"] else " (peak could not be reset: includes imports)"
@@ -312,13 +393,22 @@ def bench_dataset(cfg) -> str:
         ["minari.load_dataset (iql.load_minari_dataset)", f"{r['load_s']:.2f} s"],
         ["load + iql.flatten_dataset", f"{r['load_flatten_s']:.2f} s"],
         ["RSS after imports", f"{r['rss_imports_mib']:,.0f} MiB"],
-        ["peak RSS during load + flatten" + peak_note, f"{r['peak_load_flatten_mib']:,.0f} MiB (+{r['peak_load_flatten_mib'] - r['rss_imports_mib']:,.0f} MiB over imports)"],
+        [
+            "peak RSS during load + flatten" + peak_note,
+            f"{r['peak_load_flatten_mib']:,.0f} MiB (+{r['peak_load_flatten_mib'] - r['rss_imports_mib']:,.0f} MiB over imports)",
+        ],
         ["RSS after load + flatten", f"{r['rss_after_flatten_mib']:,.0f} MiB (flattened arrays: {mib(r['flat_bytes'])})"],
-        [f"iql.DeviceData on {cfg.device}", f"{mib(r['device_bytes'])} of tensors, built in {r['device_data_s']:.2f} s; peak RSS {r['peak_device_data_mib']:,.0f} MiB"],
+        [
+            f"iql.DeviceData on {cfg.device}",
+            f"{mib(r['device_bytes'])} of tensors, built in {r['device_data_s']:.2f} s; peak RSS {r['peak_device_data_mib']:,.0f} MiB",
+        ],
         *([["CUDA memory allocated by DeviceData", mib(r["cuda_allocated_bytes"])]] if "cuda_allocated_bytes" in r else []),
         ["raw float32 s, a, r, s', terminal", mib(r["raw_float32_bytes"])],
         ["DeviceData / raw float32", f"{r['device_bytes'] / r['raw_float32_bytes']:.2f}"],
-        ["getrusage ru_maxrss of the subprocess (includes the parent's peak, see docstring)", f"{r['ru_maxrss_mib']:,.0f} MiB"],
+        [
+            "getrusage ru_maxrss of the subprocess (includes the parent's peak, see docstring)",
+            f"{r['ru_maxrss_mib']:,.0f} MiB",
+        ],
     ]
     return (
         f"### Dataset ({dataset_id(cfg)}: Hopper-v5 spaces, random data, measured in a fresh subprocess)\n\n"
@@ -358,7 +448,9 @@ def bench_evaluation(cfg, device) -> str:
             return RecordActions(gym.make("Hopper-v5", **env_kwargs), logs[-1])
 
         start = time.perf_counter()
-        returns = iql.evaluate(actor, make_env, k, [cfg.seed], probe.observation_space, low, high, device)[0][0]  # seed 0's returns
+        returns = iql.evaluate(actor, make_env, k, [cfg.seed], probe.observation_space, low, high, device)[0][
+            0
+        ]  # seed 0's returns
         eval_s = time.perf_counter() - start
         steps = sum(len(log) for log in logs)
 
@@ -375,16 +467,33 @@ def bench_evaluation(cfg, device) -> str:
         sim_s = time.perf_counter() - start
         assert np.allclose(returns, replay_returns), "the replay did not reproduce the evaluation"
         overhead = eval_s - sim_s
-        rows.append([
-            k, f"{steps:,}", f"{eval_s:.2f} s", f"{sim_s:.2f} s", f"{steps / sim_s:,.0f}",
-            f"{overhead:.2f} s ({100 * overhead / sim_s:.0f}% of sim)", f"{1e6 * overhead / steps:.0f} us",
-        ])
+        rows.append(
+            [
+                k,
+                f"{steps:,}",
+                f"{eval_s:.2f} s",
+                f"{sim_s:.2f} s",
+                f"{steps / sim_s:,.0f}",
+                f"{overhead:.2f} s ({100 * overhead / sim_s:.0f}% of sim)",
+                f"{1e6 * overhead / steps:.0f} us",
+            ]
+        )
     return (
         f"### Evaluation (iql.evaluate, Hopper-v5, "
         f"{'default termination' if cfg.eval_terminate else 'terminate_when_unhealthy=False so that every episode runs the full 1000 steps'}, "
         f"randomly initialised actor on {device})\n\n"
-        + table(["episodes", "env steps", "iql.evaluate", "simulator alone (same actions)", "sim steps/s",
-                 "overhead", "overhead per env step"], rows)
+        + table(
+            [
+                "episodes",
+                "env steps",
+                "iql.evaluate",
+                "simulator alone (same actions)",
+                "sim steps/s",
+                "overhead",
+                "overhead per env step",
+            ],
+            rows,
+        )
         + "\n\nBoth timings include creating and resetting the environments.\n"
     )
 
@@ -393,9 +502,23 @@ def bench_evaluation(cfg, device) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch intra-op threads of each CPU update timing (0: torch's default); the first for the rest")
-    p.add_argument("--num-seeds", type=int, nargs="+", default=[1, 3, 10], help="seeds trained in lockstep (--num-seeds), one timing each")
-    p.add_argument("--modes", nargs="+", default=["eager", "compile", "bf16"], choices=["eager", "compile", "bf16", "compile+bf16"], help="iql.py's update as run plainly, with --compile, --bf16")
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="torch intra-op threads of each CPU update timing (0: torch's default); the first for the rest",
+    )
+    p.add_argument(
+        "--num-seeds", type=int, nargs="+", default=[1, 3, 10], help="seeds trained in lockstep (--num-seeds), one timing each"
+    )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["eager", "compile", "bf16"],
+        choices=["eager", "compile", "bf16", "compile+bf16"],
+        help="iql.py's update as run plainly, with --compile, --bf16",
+    )
     p.add_argument("--steps", type=int, default=1000, help="timed updates per repeat and implementation")
     p.add_argument("--warmup", type=int, default=100, help="untimed updates first")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing repeats; the median is reported")
@@ -404,13 +527,17 @@ def parse_args(argv=None):
     p.add_argument("--obs-dim", type=int, default=11)
     p.add_argument("--act-dim", type=int, default=3)
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
-    p.add_argument("--buffer-episodes", type=int, default=1000, help="episodes of the random DeviceData the updates sample from")
+    p.add_argument(
+        "--buffer-episodes", type=int, default=1000, help="episodes of the random DeviceData the updates sample from"
+    )
     p.add_argument("--dataset-episodes", type=int, default=1000, help="episodes of the synthetic Minari dataset")
     p.add_argument("--episode-steps", type=int, default=1000, help="steps per episode of both datasets")
     p.add_argument("--eval-episodes", type=int, nargs="+", default=[10], help="one evaluation timing per value")
     p.add_argument("--eval-terminate", action="store_true", help="let Hopper terminate when unhealthy (short episodes)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default=os.path.join(REPO, "logs", "speed_cache"), help="where the synthetic dataset is kept")
+    p.add_argument(
+        "--cache-dir", default=os.path.join(REPO, "logs", "speed_cache"), help="where the synthetic dataset is kept"
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=["updates", "dataset", "eval"])
     p.add_argument("--dataset-worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -424,8 +551,15 @@ def main(cfg) -> None:
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
-    print(f"## iql.py speed\n\n`{' '.join(['python', 'benchmarks/speed.py', *sys.argv[1:]])}`\n\n{versions(device)}\n", flush=True)
-    sections = [("updates", lambda: bench_updates(cfg, device)), ("dataset", lambda: bench_dataset(cfg)), ("eval", lambda: bench_evaluation(cfg, device))]
+    print(
+        f"## iql.py speed\n\n`{' '.join(['python', 'benchmarks/speed.py', *sys.argv[1:]])}`\n\n{versions(device)}\n",
+        flush=True,
+    )
+    sections = [
+        ("updates", lambda: bench_updates(cfg, device)),
+        ("dataset", lambda: bench_dataset(cfg)),
+        ("eval", lambda: bench_evaluation(cfg, device)),
+    ]
     for name, run in sections:
         if name not in cfg.skip:
             start = time.perf_counter()

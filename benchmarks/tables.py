@@ -43,7 +43,9 @@ COLUMNS = ["BC", "10% BC", "10% BC by episodes", "IQL", "IQL post-hoc"]
 
 def commit_file(run_dir: str) -> Optional[str]:
     """run_grid.py writes commit.txt beside its runs; an archived run keeps a copy of its own."""
-    return next((p for p in (os.path.join(d, "commit.txt") for d in (run_dir, os.path.dirname(run_dir))) if os.path.exists(p)), None)
+    return next(
+        (p for p in (os.path.join(d, "commit.txt") for d in (run_dir, os.path.dirname(run_dir))) if os.path.exists(p)), None
+    )
 
 
 def load_runs(runs_dirs: list) -> list:
@@ -53,7 +55,12 @@ def load_runs(runs_dirs: list) -> list:
         summary = json.load(open(path))
         args = json.load(open(os.path.join(run_dir, "args.json")))
         commit = commit_file(run_dir)
-        run = {"dir": run_dir, "summary": summary, "args": args, "commit": open(commit).read().strip()[:12] if commit else None}
+        run = {
+            "dir": run_dir,
+            "summary": summary,
+            "args": args,
+            "commit": open(commit).read().strip()[:12] if commit else None,
+        }
         evaluations = os.path.join(run_dir, "evaluations.jsonl")  # read once for the late scores and the learning curves
         run["evaluations"] = [json.loads(line) for line in open(evaluations)] if os.path.exists(evaluations) else []
         for key, name in (("training", "training.json"), ("awr", "awr_weights.json")):  # written by --archive
@@ -73,7 +80,9 @@ def method(run: dict, policy: str) -> str:
         if selection["top_fraction"] == 1.0:
             return "BC"
         # runs made before the steps rule existed selected by episodes
-        return f"{selection['top_fraction']:.0%} BC" + (" by episodes" if selection.get("top_by", "episodes") == "episodes" else "")
+        return f"{selection['top_fraction']:.0%} BC" + (
+            " by episodes" if selection.get("top_by", "episodes") == "episodes" else ""
+        )
     return {"concurrent": "IQL", "posthoc": "IQL post-hoc"}[policy]
 
 
@@ -89,7 +98,11 @@ def budgets(runs: list) -> list:
 def late_score(run: dict, policy: str, result: dict, steps: int) -> Optional[float]:
     """The mean of a seed's evaluations from half the budget on, the final one included, each checkpoint counted once."""
     seed = result.get("seed", run["args"]["seed"])
-    late = [h["score_mean"] for h in run["evaluations"] if h["policy"] == policy and h.get("seed", seed) == seed and h["step"] >= steps / 2]
+    late = [
+        h["score_mean"]
+        for h in run["evaluations"]
+        if h["policy"] == policy and h.get("seed", seed) == seed and h["step"] >= steps / 2
+    ]
     return float(np.mean(late)) if late and None not in late else None
 
 
@@ -115,7 +128,11 @@ def score_table(runs: list, steps: int, late: bool = False) -> str:
     complete = [d for d in datasets if all((d, c) in scores for c in columns)]
     if complete:
         averages = [np.mean([np.mean(scores[d, c]) for d in complete]) for c in columns]
-        lines.append(f"| **average** ({len(complete)} dataset{'s' if len(complete) > 1 else ''}) | " + " | ".join(f"**{a:.1f}**" for a in averages) + " |")
+        lines.append(
+            f"| **average** ({len(complete)} dataset{'s' if len(complete) > 1 else ''}) | "
+            + " | ".join(f"**{a:.1f}**" for a in averages)
+            + " |"
+        )
     return "\n".join(lines) + f"\n\nCode: commit {', '.join(sorted(commits))}."
 
 
@@ -136,10 +153,21 @@ def datasets_table(records: dict, dataset_ids: set) -> str:
     for r in sorted(records.values(), key=lambda r: r["dataset_id"]):
         scored = r["ref_max_score"] is not None
         refs = f"{r['ref_min_score']:.1f}, {r['ref_max_score']:.1f}" if scored else "–"
-        normalised = f"{100 * (r['return_mean'] - r['ref_min_score']) / (r['ref_max_score'] - r['ref_min_score']):.1f}" if scored else "–"
+        normalised = (
+            f"{100 * (r['return_mean'] - r['ref_min_score']) / (r['ref_max_score'] - r['ref_min_score']):.1f}"
+            if scored
+            else "–"
+        )
         quartiles = ", ".join(number(q) for q in r["return_quartiles"])
         behaviour = r.get("behaviour")
-        policies = "; ".join(f"{tag}: SAC at step {behaviour[f'{tag}_policy']['step']:,} ({behaviour[f'{tag}_policy']['return_mean']:.1f})" for tag in ("medium", "expert")) if behaviour else "–"
+        policies = (
+            "; ".join(
+                f"{tag}: SAC at step {behaviour[f'{tag}_policy']['step']:,} ({behaviour[f'{tag}_policy']['return_mean']:.1f})"
+                for tag in ("medium", "expert")
+            )
+            if behaviour
+            else "–"
+        )
         lines.append(
             f"| {r['dataset_id']} | {r['episodes']:,} | {r['steps']:,} | {number(r['return_mean'])} ({quartiles}; {number(r['return_min'])}, {number(r['return_max'])}) | {normalised} | {refs} | {policies} | {r.get('sha256', '–')[:12]} |"
         )
@@ -175,14 +203,22 @@ def toy_table(runs: list) -> Optional[str]:
     if not rows:
         return None
     precisions = sorted({p for _, _, p in rows}, reverse=True)  # fp32 first; bf16 (--bf16) beside it when there are such runs
-    lines = ["| dataset | expectile | V(s1) analytic | " + " | ".join(f"V(s1) learned, {p}" for p in precisions)
-             + " | " + " | ".join(f"return of the policy, {p} (best: 10)" for p in precisions) + " |", "|---" * (3 + 2 * len(precisions)) + "|"]
+    lines = [
+        "| dataset | expectile | V(s1) analytic | "
+        + " | ".join(f"V(s1) learned, {p}" for p in precisions)
+        + " | "
+        + " | ".join(f"return of the policy, {p} (best: 10)" for p in precisions)
+        + " |",
+        "|---" * (3 + 2 * len(precisions)) + "|",
+    ]
     for env_id, expectile in sorted({(d, e) for d, e, _ in rows}):
         found = [rows.get((env_id, expectile, p)) for p in precisions]
         lines.append(
             f"| {env_id} | {expectile} | {analytic_v_s1(fractions[env_id], expectile):.2f} | "
-            + " | ".join(f"{np.mean(r['v']):.2f} ± {np.std(r['v']):.2f}" if r else "–" for r in found) + " | "
-            + " | ".join(f"{np.mean(r['ret']):.1f} ({len(r['ret'])} seeds)" if r else "–" for r in found) + " |"
+            + " | ".join(f"{np.mean(r['v']):.2f} ± {np.std(r['v']):.2f}" if r else "–" for r in found)
+            + " | "
+            + " | ".join(f"{np.mean(r['ret']):.1f} ({len(r['ret'])} seeds)" if r else "–" for r in found)
+            + " |"
         )
     return "\n".join(lines)
 
@@ -217,8 +253,14 @@ def learning_curves(runs: list, out_dir: str) -> list:
         if run["summary"]["env_id"].startswith("toy/") or not history:
             continue
         for policy in run["summary"]["policies"]:
-            for seed in sorted({h.get("seed") for h in history}, key=str):  # one curve per seed; runs of one seed may predate the field
-                points = [(h["step"], h["score_mean"]) for h in history if h["policy"] == policy and h.get("seed") == seed and h["score_mean"] is not None]
+            for seed in sorted(
+                {h.get("seed") for h in history}, key=str
+            ):  # one curve per seed; runs of one seed may predate the field
+                points = [
+                    (h["step"], h["score_mean"])
+                    for h in history
+                    if h["policy"] == policy and h.get("seed") == seed and h["score_mean"] is not None
+                ]
                 if points:
                     curves[run["summary"]["env_id"], run["args"]["total_steps"]][label(run, policy)].append(points)
     os.makedirs(out_dir, exist_ok=True)
@@ -231,7 +273,9 @@ def learning_curves(runs: list, out_dir: str) -> list:
         ax.set_xlabel("policy updates (IQL post-hoc: its own, after the V/Q steps)")
         ax.set_ylabel("score")
         ax.set_title(f"{dataset}, {budget:,} steps")
-        ax.legend(title="band: ± 1 std over seeds", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: curves fill the axes
+        ax.legend(
+            title="band: ± 1 std over seeds", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1)
+        )  # outside: curves fill the axes
         written.append((f"{dataset}, {budget:,} steps", save_figure(fig, out_dir, dataset, budget)))
     return written
 
@@ -255,23 +299,39 @@ def return_figures(runs: list, out_dir: str, episode_returns) -> list:
     for run in runs:
         if run["summary"]["scoring"]["kind"] == "return" and not run["summary"]["env_id"].startswith("toy/"):
             for policy, result in run["summary"]["policies"].items():
-                groups[run["summary"]["env_id"], run["args"]["total_steps"]][label(run, policy)] += [seed["score_mean"] for seed in result.get("seeds", [result])]
+                groups[run["summary"]["env_id"], run["args"]["total_steps"]][label(run, policy)] += [
+                    seed["score_mean"] for seed in result.get("seeds", [result])
+                ]
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for (dataset, budget), by_label in sorted(groups.items()):
         rule = next(run["summary"]["scoring"] for run in runs if run["summary"]["env_id"] == dataset)
         returns = np.asarray(episode_returns(dataset))
         fig, ax = plt.subplots(figsize=(8, 4))
-        ax.hist(100 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"]), bins=40, color="lightgray", label=f"the dataset's {len(returns)} episodes")
+        ax.hist(
+            100 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"]),
+            bins=40,
+            color="lightgray",
+            label=f"the dataset's {len(returns)} episodes",
+        )
         for i, (name, scores) in enumerate(sorted(by_label.items())):
             color = f"C{i}"
-            ax.axvline(np.mean(scores), color=color, label=f"{name}: {np.mean(scores):.1f} (mean over {len(scores)} seed{'s' if len(scores) > 1 else ''}; dots: each seed)")
+            ax.axvline(
+                np.mean(scores),
+                color=color,
+                label=f"{name}: {np.mean(scores):.1f} (mean over {len(scores)} seed{'s' if len(scores) > 1 else ''}; dots: each seed)",
+            )
             ax.plot(scores, np.full(len(scores), ax.get_ylim()[1] * (0.95 - 0.05 * i)), "o", color=color)
         ax.set_xlabel("score (normalised return)")
         ax.set_ylabel("episodes")
         ax.set_title(f"{dataset}, {budget:,} steps: final scores among the episode returns")
         ax.legend(fontsize="small", loc="center left")
-        written.append((f"{dataset}, {budget:,} steps: final scores among the dataset's episode returns", save_figure(fig, out_dir, dataset, budget, "__returns")))
+        written.append(
+            (
+                f"{dataset}, {budget:,} steps: final scores among the dataset's episode returns",
+                save_figure(fig, out_dir, dataset, budget, "__returns"),
+            )
+        )
     return written
 
 
@@ -292,15 +352,24 @@ def started_run(flags: list, claimed: set) -> Optional[str]:
     runs_dir = named.pop("runs_dir")[0]
 
     def same(stored, given: list) -> bool:
-        stored, given = stored if isinstance(stored, list) else [stored], given or [True]  # a flag without a value turns a bool on
+        stored, given = (
+            stored if isinstance(stored, list) else [stored],
+            given or [True],
+        )  # a flag without a value turns a bool on
         try:
-            return len(stored) == len(given) and all(a is b if isinstance(b, bool) else str(a) == b or float(a) == float(b) for a, b in zip(stored, given))
+            return len(stored) == len(given) and all(
+                a is b if isinstance(b, bool) else str(a) == b or float(a) == float(b) for a, b in zip(stored, given)
+            )
         except (TypeError, ValueError):
             return False
 
     for path in sorted(glob.glob(os.path.join(runs_dir, "*", "args.json"))):
         stored = json.load(open(path))
-        if os.path.dirname(path) not in claimed and "top_fraction" not in stored and all(same(stored.get(k), v) for k, v in named.items()):
+        if (
+            os.path.dirname(path) not in claimed
+            and "top_fraction" not in stored
+            and all(same(stored.get(k), v) for k, v in named.items())
+        ):
             return os.path.dirname(path)
     return None
 
@@ -315,15 +384,22 @@ def training_metrics(log_paths: list) -> dict:
         for line in open(path):
             words = line.split()
             if words[:1] == ["python"]:
-                run_dir = None if words[1] != "iql.py" else words[3] if words[2] == "--resume" else started_run(words[2:], claimed)
+                run_dir = (
+                    None if words[1] != "iql.py" else words[3] if words[2] == "--resume" else started_run(words[2:], claimed)
+                )
                 claimed.add(run_dir)
                 last_step = -1
             elif words[:2] == ["train", "step"] and run_dir:
                 step, values = int(words[2].split("/")[0]), line.split("|")[-1].split()
                 if step <= last_step:
-                    sys.exit(f"tables.py: {path}: train step {step} after step {last_step} of the same run: two runs printed into "
-                             "this log at the same time; give each run_grid.py process a log of its own")
-                metrics[os.path.abspath(run_dir)][step], last_step = {k: float(v) for k, v in zip(values[::2], values[1::2])}, step
+                    sys.exit(
+                        f"tables.py: {path}: train step {step} after step {last_step} of the same run: two runs printed into "
+                        "this log at the same time; give each run_grid.py process a log of its own"
+                    )
+                metrics[os.path.abspath(run_dir)][step], last_step = (
+                    {k: float(v) for k, v in zip(values[::2], values[1::2])},
+                    step,
+                )
     return metrics
 
 
@@ -362,7 +438,9 @@ def mlp_output(layers: list, x: torch.Tensor) -> torch.Tensor:
 
 def saved_networks(run: dict) -> Optional[str]:
     """The file holding a finished run's final networks, as --eval-only picks it: model.pt, else the last checkpoint.pt."""
-    return next((p for p in (os.path.join(run["dir"], name) for name in ("model.pt", "checkpoint.pt")) if os.path.exists(p)), None)
+    return next(
+        (p for p in (os.path.join(run["dir"], name) for name in ("model.pt", "checkpoint.pt")) if os.path.exists(p)), None
+    )
 
 
 def final_advantages(run: dict) -> tuple:
@@ -373,13 +451,18 @@ def final_advantages(run: dict) -> tuple:
     data = dataset_arrays(args["env_id"])
     data = iql.cut_episodes_at_goal(data) if args["goal_terminal"] else data  # the steps the run trained on
     obs = torch.as_tensor(data.observations[data.obs_rows])
-    actions = torch.as_tensor(iql.to_unit_box(data.actions, np.array(bounds["action_low"]), np.array(bounds["action_high"])), dtype=torch.float32)
+    actions = torch.as_tensor(
+        iql.to_unit_box(data.actions, np.array(bounds["action_low"]), np.array(bounds["action_high"])), dtype=torch.float32
+    )
     value, critic = saved_mlp(checkpoint["networks"]["value"]), saved_mlp(checkpoint["networks"]["target_critic"])
     with torch.no_grad():  # in chunks: a whole dataset's hidden activations would take gigabytes
-        advantages = torch.cat([
-            mlp_output(critic, torch.cat([o, a], -1)).view(-1, 2, len(o)).min(1).values - mlp_output(value, o)
-            for o, a in zip(obs.split(16384), actions.split(16384))
-        ], dim=1)
+        advantages = torch.cat(
+            [
+                mlp_output(critic, torch.cat([o, a], -1)).view(-1, 2, len(o)).min(1).values - mlp_output(value, o)
+                for o, a in zip(obs.split(16384), actions.split(16384))
+            ],
+            dim=1,
+        )
     return data, args, advantages.double().numpy()
 
 
@@ -399,10 +482,17 @@ def awr_weight_stats(data, advantages: np.ndarray, temperature: float, exp_adv_m
     stats = []
     for adv, w, clipped in zip(advantages, weights, logits >= clip):
         episode_adv = np.add.reduceat(adv, data.episode_starts) / data.episode_lengths
-        stats.append({
-            "top10_weight": w[top].sum() / w.sum(), "top10_steps": top.mean(), "fall_weight": w[before_fall].sum() / w.sum(), "fall_steps": before_fall.mean(),
-            "return_rank_corr": np.corrcoef(rank(returns), rank(episode_adv))[0, 1], "ess": w.sum() ** 2 / (len(w) * np.square(w).sum()), "clipped": clipped.mean(),
-        })
+        stats.append(
+            {
+                "top10_weight": w[top].sum() / w.sum(),
+                "top10_steps": top.mean(),
+                "fall_weight": w[before_fall].sum() / w.sum(),
+                "fall_steps": before_fall.mean(),
+                "return_rank_corr": np.corrcoef(rank(returns), rank(episode_adv))[0, 1],
+                "ess": w.sum() ** 2 / (len(w) * np.square(w).sum()),
+                "clipped": clipped.mean(),
+            }
+        )
     return stats
 
 
@@ -415,13 +505,20 @@ def awr_results(runs: list) -> dict:
         if "posthoc_steps" in run["args"] and saved_networks(run):
             data, args, advantages = final_advantages(run)
             rows = [f"{os.path.basename(run['dir'])}:{i}" for i in range(len(advantages))]
-            results[run["dir"]] = {"rows": dict(zip(rows, awr_weight_stats(data, advantages, args["temperature"], args["exp_adv_max"]))), "pairs": {}}
-            live[run["summary"]["env_id"], run["args"]["total_steps"]] += [(run["dir"], row, a) for row, a in zip(rows, advantages)]
+            results[run["dir"]] = {
+                "rows": dict(zip(rows, awr_weight_stats(data, advantages, args["temperature"], args["exp_adv_max"]))),
+                "pairs": {},
+            }
+            live[run["summary"]["env_id"], run["args"]["total_steps"]] += [
+                (run["dir"], row, a) for row, a in zip(rows, advantages)
+            ]
         elif "awr" in run:
             results[run["dir"]] = run["awr"]
     for members in live.values():
         for i, (run_dir, row, a) in enumerate(members):
-            results[run_dir]["pairs"].update({f"{row}|{other}": float(np.corrcoef(a, b)[0, 1]) for _, other, b in members[i + 1 :]})
+            results[run_dir]["pairs"].update(
+                {f"{row}|{other}": float(np.corrcoef(a, b)[0, 1]) for _, other, b in members[i + 1 :]}
+            )
     return results
 
 
@@ -449,7 +546,11 @@ def awr_weight_table(runs: list) -> str:
             f"| {dataset} | {steps:,} | {column('top10_weight', percent)} ({percent(stats[0]['top10_steps'])}) | {column('fall_weight', percent)} "
             f"({percent(stats[0]['fall_steps'])}) | {column('return_rank_corr', plain)} | {column('ess', percent)} | {column('clipped', percent)} | {spread(pairs, plain)} | {len(stats)} |"
         )
-    return "\n".join(lines) if groups else "no IQL run with its final networks (model.pt or checkpoint.pt) or archived AWR statistics"
+    return (
+        "\n".join(lines)
+        if groups
+        else "no IQL run with its final networks (model.pt or checkpoint.pt) or archived AWR statistics"
+    )
 
 
 def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
@@ -460,9 +561,16 @@ def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = {"v_mean": "mean V(s)", "advantage_mean": "mean advantage Q(s, a) - V(s)", "awr_weight_mean": "mean AWR weight (clipped at exp_adv_max)"}
+    panels = {
+        "v_mean": "mean V(s)",
+        "advantage_mean": "mean advantage Q(s, a) - V(s)",
+        "awr_weight_mean": "mean AWR weight (clipped at exp_adv_max)",
+    }
     groups = collections.defaultdict(lambda: collections.defaultdict(list))  # dataset and budget -> label -> runs
-    history = lambda run: metrics.get(os.path.abspath(run["dir"])) or {int(step): m for step, m in run.get("training", {}).get("steps", {}).items()}
+    history = lambda run: (
+        metrics.get(os.path.abspath(run["dir"]))
+        or {int(step): m for step, m in run.get("training", {}).get("steps", {}).items()}
+    )
     for run in runs:
         if history(run):
             groups[run["summary"]["env_id"], run["args"]["total_steps"]][label(run, "concurrent")].append(run)
@@ -486,13 +594,19 @@ def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
             ax.set_title(title)
             ax.legend(title="band: ± 1 std over runs", fontsize="small", title_fontsize="small")
         fig.suptitle(f"{dataset}, {budget:,} steps: IQL's value function, each point one logged step's minibatch")
-        written.append((f"{dataset}, {budget:,} steps: V, advantages, AWR weights", save_figure(fig, out_dir, dataset, budget, "__value")))
+        written.append(
+            (f"{dataset}, {budget:,} steps: V, advantages, AWR weights", save_figure(fig, out_dir, dataset, budget, "__value"))
+        )
     return written
 
 
 def begun_datasets(runs_dirs: list) -> set:
     """The datasets of every run begun under runs_dirs, finished or not: a grid under way shows all it will cover."""
-    return {json.load(open(path))["env_id"] for runs_dir in runs_dirs for path in glob.glob(os.path.join(runs_dir, "*", "args.json"))}
+    return {
+        json.load(open(path))["env_id"]
+        for runs_dir in runs_dirs
+        for path in glob.glob(os.path.join(runs_dir, "*", "args.json"))
+    }
 
 
 def archive_runs(runs_dirs: list, archive_dir: str, metrics: dict, records: dict, awr_weights: bool) -> None:
@@ -507,8 +621,10 @@ def archive_runs(runs_dirs: list, archive_dir: str, metrics: dict, records: dict
         # a dataset that benchmarks/datasets.py did not build (a Minari download) has no record
         record, before = records.get(dataset), archived.get(dataset, {"record": None})
         if record and before["record"] and record.get("sha256") != before["record"].get("sha256"):
-            sys.exit(f"tables.py: {dataset} was rebuilt with other contents than the archived runs trained on "
-                     f"(sha256 {record.get('sha256')}, archived {before['record'].get('sha256')}); archive its runs elsewhere")
+            sys.exit(
+                f"tables.py: {dataset} was rebuilt with other contents than the archived runs trained on "
+                f"(sha256 {record.get('sha256')}, archived {before['record'].get('sha256')}); archive its runs elsewhere"
+            )
         if "episode_returns" not in before:
             before["episode_returns"] = dataset_arrays(dataset).episode_returns.tolist()
         archived[dataset] = {**before, "record": record or before["record"]}
@@ -530,7 +646,11 @@ def archive_runs(runs_dirs: list, archive_dir: str, metrics: dict, records: dict
         if run["dir"] in awr:
             path = os.path.join(target, "awr_weights.json")
             stored = json.load(open(path)) if os.path.exists(path) else {"rows": {}, "pairs": {}}
-            json.dump({"rows": awr[run["dir"]]["rows"], "pairs": {**stored["pairs"], **awr[run["dir"]]["pairs"]}}, open(path, "w"), indent=1)
+            json.dump(
+                {"rows": awr[run["dir"]]["rows"], "pairs": {**stored["pairs"], **awr[run["dir"]]["pairs"]}},
+                open(path, "w"),
+                indent=1,
+            )
     json.dump(archived, open(datasets_path, "w"))
 
 
@@ -538,15 +658,39 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs-dir", nargs="+", default=["logs/bench_runs"], help="folders of runs (runs/{run_name}/)")
     parser.add_argument("--write", help="a Markdown file whose block to replace; default: print")
-    parser.add_argument("--block", default="tables", help="with --write: the name in its <!-- NAME:start --> and <!-- NAME:end --> lines")
+    parser.add_argument(
+        "--block", default="tables", help="with --write: the name in its <!-- NAME:start --> and <!-- NAME:end --> lines"
+    )
     parser.add_argument("--curves", default="benchmarks/curves", help="folder for the learning-curve PNGs")
-    parser.add_argument("--train-logs", nargs="*", default=[], help="run_grid.py's output (one log per run_grid.py process), from which IQL's V and advantage curves are drawn")
-    parser.add_argument("--returns", action="store_true", help="per dataset, a figure of its episode returns with each method's final score (reads the datasets)")
-    parser.add_argument("--awr-weights", action="store_true", help="a table of how each IQL run's final AWR weights spread over its dataset (reads the datasets)")
-    parser.add_argument("--late", action="store_true", help="per budget, a second score table: each seed's mean over its evaluations from half the budget on")
-    parser.add_argument("--archive", help="copy the finished runs into this folder with all their tables need, and make the tables from the folder (see above)")
+    parser.add_argument(
+        "--train-logs",
+        nargs="*",
+        default=[],
+        help="run_grid.py's output (one log per run_grid.py process), from which IQL's V and advantage curves are drawn",
+    )
+    parser.add_argument(
+        "--returns",
+        action="store_true",
+        help="per dataset, a figure of its episode returns with each method's final score (reads the datasets)",
+    )
+    parser.add_argument(
+        "--awr-weights",
+        action="store_true",
+        help="a table of how each IQL run's final AWR weights spread over its dataset (reads the datasets)",
+    )
+    parser.add_argument(
+        "--late",
+        action="store_true",
+        help="per budget, a second score table: each seed's mean over its evaluations from half the budget on",
+    )
+    parser.add_argument(
+        "--archive",
+        help="copy the finished runs into this folder with all their tables need, and make the tables from the folder (see above)",
+    )
     store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
-    parser.add_argument("--datasets-record", default=os.path.join(store, "local_datasets.jsonl"), help="written by benchmarks/datasets.py")
+    parser.add_argument(
+        "--datasets-record", default=os.path.join(store, "local_datasets.jsonl"), help="written by benchmarks/datasets.py"
+    )
     args = parser.parse_args()
     records, metrics = read_records(args.datasets_record), training_metrics(args.train_logs)
     trained_on = begun_datasets(args.runs_dir)
@@ -564,9 +708,15 @@ def main():
     curves += return_figures(runs, args.curves, episode_returns) if args.returns else []
     base = os.path.dirname(os.path.abspath(args.write)) if args.write else os.getcwd()
     scores = [
-        (f"### Scores at {steps:,} gradient steps ({what}, mean ± std over seeds, number of seeds)", score_table(runs, steps, late))
+        (
+            f"### Scores at {steps:,} gradient steps ({what}, mean ± std over seeds, number of seeds)",
+            score_table(runs, steps, late),
+        )
         for steps in budgets(runs)
-        for late, what in ((False, "final evaluation"), *([(True, f"mean of the evaluations from step {steps // 2:,} on")] if args.late else []))
+        for late, what in (
+            (False, "final evaluation"),
+            *([(True, f"mean of the evaluations from step {steps // 2:,} on")] if args.late else []),
+        )
     ]
     toy = toy_table(runs)
     block = "\n\n".join(
@@ -574,7 +724,14 @@ def main():
             "### Datasets as built",
             datasets_table(records, trained_on) if records else f"no {args.datasets_record}",
             *(part for pair in scores for part in pair),
-            *(["### Where the AWR weights of the final V and Q fall (IQL runs, both extractions; every step of the dataset)", awr_weight_table(runs)] if args.awr_weights else []),
+            *(
+                [
+                    "### Where the AWR weights of the final V and Q fall (IQL runs, both extractions; every step of the dataset)",
+                    awr_weight_table(runs),
+                ]
+                if args.awr_weights
+                else []
+            ),
             *(["### Toy two-step MDP: V(s1) against the expectile", toy] if toy else []),
             "### Learning curves",
             "\n".join(f"- [{d}]({os.path.relpath(p, base)})" for d, p in curves) or "–",

@@ -26,7 +26,9 @@ def minari_store(tmp_path_factory):
     datasets.make_antmaze_dataset()
     datasets.make_kitchen_dataset()
     datasets.make_pen_dataset()
-    datasets.make_pen_dataset("D4RL/pen/tiny-other-refs-v0", ref_min_score=50.0, ref_max_score=5000.0)  # references of 200-step episodes
+    datasets.make_pen_dataset(
+        "D4RL/pen/tiny-other-refs-v0", ref_min_score=50.0, ref_max_score=5000.0
+    )  # references of 200-step episodes
     yield path
     if old is None:
         del os.environ["MINARI_DATASETS_PATH"]

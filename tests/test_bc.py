@@ -19,7 +19,9 @@ def synthetic_data(returns, lengths):
     rewards = np.concatenate([np.full(n, r / n, np.float32) for r, n in zip(returns, lengths)])
     n_rows = lengths.sum() + len(lengths)
     # observation rows carry (episode, position) so a wrong row is visible
-    obs = np.concatenate([np.stack([np.full(n + 1, e), np.arange(n + 1)], 1) for e, n in enumerate(lengths)]).astype(np.float32)
+    obs = np.concatenate([np.stack([np.full(n + 1, e), np.arange(n + 1)], 1) for e, n in enumerate(lengths)]).astype(
+        np.float32
+    )
     assert len(obs) == n_rows
     return bc.OfflineData(
         observations=obs,
@@ -82,8 +84,19 @@ def test_top_fraction_counts_without_float_error():
 def train_bc(env_id, top_fraction, runs_dir, steps=1500, top_by="steps"):
     summary = bc.main(
         bc.Args(
-            env_id=env_id, top_fraction=top_fraction, top_by=top_by, total_steps=steps, batch_size=64, hidden_dims=(32, 32),
-            actor_lr=1e-3, eval_freq=0, final_eval_episodes=4, log_freq=500, save_model=True, runs_dir=str(runs_dir), cuda=False,
+            env_id=env_id,
+            top_fraction=top_fraction,
+            top_by=top_by,
+            total_steps=steps,
+            batch_size=64,
+            hidden_dims=(32, 32),
+            actor_lr=1e-3,
+            eval_freq=0,
+            final_eval_episodes=4,
+            log_freq=500,
+            save_model=True,
+            runs_dir=str(runs_dir),
+            cuda=False,
         )
     )
     checkpoint = torch.load(runs_dir / summary["run_name"] / "model.pt", weights_only=True)
@@ -114,10 +127,22 @@ def test_bandit_bc_imitates_the_mixture_top_bc_takes_the_good_arm(minari_store, 
     assert prob_up(actor, [1.0]) == pytest.approx(0.5, abs=0.15)  # half the mass on each arm, like the data
     assert summary["data_selection"]["episodes_kept"] == 100
     summary, actor = train_bc("toy/bandit/fifty-v0", 0.1, tmp_path, top_by="episodes")
-    assert summary["data_selection"] == {"top_fraction": 0.1, "top_by": "episodes", "episodes_kept": 10, "steps_kept": 10, "return_threshold": 1.0}
+    assert summary["data_selection"] == {
+        "top_fraction": 0.1,
+        "top_by": "episodes",
+        "episodes_kept": 10,
+        "steps_kept": 10,
+        "return_threshold": 1.0,
+    }
     summary, actor = train_bc("toy/bandit/fifty-v0", 0.1, tmp_path)
     # one-step episodes, a budget of 10 steps: Decision Transformer's rule keeps 9 (strictly below)
-    assert summary["data_selection"] == {"top_fraction": 0.1, "top_by": "steps", "episodes_kept": 9, "steps_kept": 9, "return_threshold": 1.0}
+    assert summary["data_selection"] == {
+        "top_fraction": 0.1,
+        "top_by": "steps",
+        "episodes_kept": 9,
+        "steps_kept": 9,
+        "return_threshold": 1.0,
+    }
     assert takes_the_good_action(actor, [1.0])
     assert summary["policies"]["bc"]["return_mean"] == 1.0
 
@@ -134,11 +159,41 @@ def test_two_step_bc_imitates_the_mixture_top_bc_goes_up_twice(minari_store, tmp
 
 # ------------------------------------------------------------------ the two copies stay identical
 SHARED = [
-    "D4RL_REFERENCE_RETURNS", "ACTION_CLIP_EPS", "LOG_STD_MIN", "LOG_STD_MAX",
-    "load_minari_dataset", "flatten_observation", "stack_observations", "OfflineData", "flatten_dataset", "action_bounds", "to_unit_box",
-    "subset_episodes", "dataset_family", "scoring_rule", "eval_env_kwargs", "cut_episodes_at_goal", "plot_dataset_overview", "Ensemble", "Actor", "gaussian_log_prob",
-    "evaluate", "score_summary", "over_seeds", "EVAL_SEED_BLOCK", "MAY_CHANGE_ON_RESUME", "act", "describe", "check_eval_env",
-    "make_run_dir", "save_checkpoint", "load_checkpoint", "stored_args", "rng_states", "set_rng_states", "catch_stop_signals",
+    "D4RL_REFERENCE_RETURNS",
+    "ACTION_CLIP_EPS",
+    "LOG_STD_MIN",
+    "LOG_STD_MAX",
+    "load_minari_dataset",
+    "flatten_observation",
+    "stack_observations",
+    "OfflineData",
+    "flatten_dataset",
+    "action_bounds",
+    "to_unit_box",
+    "subset_episodes",
+    "dataset_family",
+    "scoring_rule",
+    "eval_env_kwargs",
+    "cut_episodes_at_goal",
+    "plot_dataset_overview",
+    "Ensemble",
+    "Actor",
+    "gaussian_log_prob",
+    "evaluate",
+    "score_summary",
+    "over_seeds",
+    "EVAL_SEED_BLOCK",
+    "MAY_CHANGE_ON_RESUME",
+    "act",
+    "describe",
+    "check_eval_env",
+    "make_run_dir",
+    "save_checkpoint",
+    "load_checkpoint",
+    "stored_args",
+    "rng_states",
+    "set_rng_states",
+    "catch_stop_signals",
 ]
 
 
@@ -177,20 +232,66 @@ def test_data_and_evaluation_identical_in_both_files(minari_store):
 
 def test_both_scripts_take_the_same_flags_for_the_same_things():
     """One vocabulary: a sweep or a shell loop can pass the policy's and the run's flags to either script."""
-    assert set(bc.Args.__dataclass_fields__) - set(iql.Args.__dataclass_fields__) == {"top_fraction", "top_by"}  # bc.py's own flags
-    flags = ["--actor-lr", "1e-3", "--actor-dropout", "0.1", "--actor-lr-schedule", "constant", "--hidden-dims", "64", "64",
-             "--state-dependent-std", "--batch-size", "32", "--torch-threads", "2", "--final-eval-episodes", "5"]
+    assert set(bc.Args.__dataclass_fields__) - set(iql.Args.__dataclass_fields__) == {
+        "top_fraction",
+        "top_by",
+    }  # bc.py's own flags
+    flags = [
+        "--actor-lr",
+        "1e-3",
+        "--actor-dropout",
+        "0.1",
+        "--actor-lr-schedule",
+        "constant",
+        "--hidden-dims",
+        "64",
+        "64",
+        "--state-dependent-std",
+        "--batch-size",
+        "32",
+        "--torch-threads",
+        "2",
+        "--final-eval-episodes",
+        "5",
+    ]
     parsed = [vars(tyro.cli(script.Args, args=flags)) for script in (iql, bc)]
-    for field in ("actor_lr", "actor_dropout", "actor_lr_schedule", "hidden_dims", "state_dependent_std", "batch_size", "torch_threads"):
+    for field in (
+        "actor_lr",
+        "actor_dropout",
+        "actor_lr_schedule",
+        "hidden_dims",
+        "state_dependent_std",
+        "batch_size",
+        "torch_threads",
+    ):
         assert parsed[0][field] == parsed[1][field], field
 
 
 # ------------------------------------------------------------------ end to end and bad input
 def test_cli_runs_end_to_end(minari_store, tmp_path):
     result = run_cli(
-        "bc.py", "--env-id", "mujoco/hopper/tiny-v0", "--top-fraction", "0.5", "--total-steps", "50", "--batch-size", "32",
-        "--hidden-dims", "32", "32", "--eval-freq", "25", "--eval-episodes", "2", "--final-eval-episodes", "3",
-        "--log-freq", "25", "--save-model", cwd=tmp_path,
+        "bc.py",
+        "--env-id",
+        "mujoco/hopper/tiny-v0",
+        "--top-fraction",
+        "0.5",
+        "--total-steps",
+        "50",
+        "--batch-size",
+        "32",
+        "--hidden-dims",
+        "32",
+        "32",
+        "--eval-freq",
+        "25",
+        "--eval-episodes",
+        "2",
+        "--final-eval-episodes",
+        "3",
+        "--log-freq",
+        "25",
+        "--save-model",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -201,13 +302,25 @@ def test_cli_runs_end_to_end(minari_store, tmp_path):
     # the default rule is Decision Transformer's, by steps
     kept, _ = bc.top_episodes(bc.flatten_dataset(minari.load_dataset("mujoco/hopper/tiny-v0")), 0.5, "steps")
     selection = summary["data_selection"]
-    assert (selection["top_by"], selection["episodes_kept"], selection["steps_kept"]) == ("steps", len(kept.episode_lengths), len(kept.rewards))
+    assert (selection["top_by"], selection["episodes_kept"], selection["steps_kept"]) == (
+        "steps",
+        len(kept.episode_lengths),
+        len(kept.rewards),
+    )
     assert (run_dir / "dataset_overview.png").exists() and (run_dir / "model.pt").exists()
     assert f"top 0.5 by steps keeps {len(kept.episode_lengths)} episodes ({len(kept.rewards)} steps" in result.stdout
 
 
 def test_run_names_tell_bc_and_top_bc_apart(minari_store, tmp_path):
-    quick = dict(env_id="mujoco/hopper/tiny-v0", total_steps=2, batch_size=8, hidden_dims=(8,), eval_freq=0, final_eval_episodes=1, cuda=False)
+    quick = dict(
+        env_id="mujoco/hopper/tiny-v0",
+        total_steps=2,
+        batch_size=8,
+        hidden_dims=(8,),
+        eval_freq=0,
+        final_eval_episodes=1,
+        cuda=False,
+    )
     names = []
     for fraction, exp_name in ((1.0, None), (0.1, None), (0.25, None), (0.1, "mine")):
         summary = bc.main(bc.Args(top_fraction=fraction, exp_name=exp_name, runs_dir=str(tmp_path), **quick))
@@ -219,7 +332,15 @@ def test_run_names_tell_bc_and_top_bc_apart(minari_store, tmp_path):
 def test_runs_use_one_torch_thread_unless_told(minari_store, tmp_path):
     """Runs sharing a machine must not fight over its cores: both scripts default to one torch thread."""
     assert iql.Args().torch_threads == 1 and bc.Args().torch_threads == 1
-    quick = dict(env_id="mujoco/hopper/tiny-v0", total_steps=2, batch_size=8, hidden_dims=(8,), eval_freq=0, final_eval_episodes=1, cuda=False)
+    quick = dict(
+        env_id="mujoco/hopper/tiny-v0",
+        total_steps=2,
+        batch_size=8,
+        hidden_dims=(8,),
+        eval_freq=0,
+        final_eval_episodes=1,
+        cuda=False,
+    )
     try:
         torch.set_num_threads(2)
         bc.main(bc.Args(runs_dir=str(tmp_path), **quick))
@@ -232,7 +353,10 @@ def test_runs_use_one_torch_thread_unless_told(minari_store, tmp_path):
 
 @pytest.mark.parametrize(
     "flags, message",
-    [(["--top-fraction", "0"], "--top-fraction must be in (0, 1]"), (["--top-fraction", "1.5"], "--top-fraction must be in (0, 1]")],
+    [
+        (["--top-fraction", "0"], "--top-fraction must be in (0, 1]"),
+        (["--top-fraction", "1.5"], "--top-fraction must be in (0, 1]"),
+    ],
 )
 def test_bad_top_fraction(flags, message, tmp_path):
     result = run_cli("bc.py", *flags, "--env-id", "does/not/exist-v0", cwd=tmp_path)
@@ -243,8 +367,14 @@ def test_bad_top_fraction(flags, message, tmp_path):
 
 @pytest.mark.parametrize(
     "flags",
-    [["--env-id", "mujoco/nothing/here-v0"], ["--total-steps", "0"], ["--batch-size", "0"], ["--env-id", "toy/cartpole/tiny-v0"],
-     ["--actor-lr", "-1"], ["--eval-episodes", "0"]],
+    [
+        ["--env-id", "mujoco/nothing/here-v0"],
+        ["--total-steps", "0"],
+        ["--batch-size", "0"],
+        ["--env-id", "toy/cartpole/tiny-v0"],
+        ["--actor-lr", "-1"],
+        ["--eval-episodes", "0"],
+    ],
 )
 def test_rejects_what_iql_rejects_the_same_way(flags, minari_store, tmp_path):
     results = [run_cli(script, *flags, cwd=tmp_path) for script in ("iql.py", "bc.py")]

@@ -18,8 +18,18 @@ def test_tables_report_the_last_evaluation_per_step_budget(minari_store, tmp_pat
     for steps, seed, num_seeds in ((40, 1, 1), (40, 2, 1), (40, 3, 2), (80, 1, 1), (80, 2, 1)):
         bc.main(
             bc.Args(
-                env_id="mujoco/hopper/tiny-v0", seed=seed, num_seeds=num_seeds, total_steps=steps, batch_size=16, hidden_dims=(8, 8),
-                eval_freq=20, eval_episodes=2, final_eval_episodes=3, log_freq=20, runs_dir=str(tmp_path), cuda=False,
+                env_id="mujoco/hopper/tiny-v0",
+                seed=seed,
+                num_seeds=num_seeds,
+                total_steps=steps,
+                batch_size=16,
+                hidden_dims=(8, 8),
+                eval_freq=20,
+                eval_episodes=2,
+                final_eval_episodes=3,
+                log_freq=20,
+                runs_dir=str(tmp_path),
+                cuda=False,
             )
         )
     runs = tables.load_runs([str(tmp_path)])
@@ -55,7 +65,9 @@ def test_replay_buffer_is_cut_into_episodes_at_terminations_and_time_limits(tmp_
     dones = np.array([0, 0, 1, 0, 1, 0, 0, 0], dtype=np.float32)
     timeouts = np.array([0, 0, 0, 0, 1, 0, 0, 0], dtype=np.float32)
     path = tmp_path / "replay.npz"
-    np.savez(path, observations=obs, next_observations=next_obs, actions=obs, rewards=obs[:, 0], dones=dones, timeouts=timeouts)
+    np.savez(
+        path, observations=obs, next_observations=next_obs, actions=obs, rewards=obs[:, 0], dones=dones, timeouts=timeouts
+    )
 
     episodes = datasets.replay_episodes(str(path), steps=7)
     assert [len(e.rewards) for e in episodes] == [3, 2]  # the unfinished third episode is left out
@@ -68,31 +80,65 @@ def test_replay_buffer_is_cut_into_episodes_at_terminations_and_time_limits(tmp_
 
 def test_bf16_runs_get_columns_of_their_own():
     fp32, bf16 = {"args": {"bf16": False}}, {"args": {"bf16": True}}
-    assert [tables.label(run, policy) for run in (fp32, bf16) for policy in ("concurrent", "posthoc")] == ["IQL", "IQL post-hoc", "IQL (bf16)", "IQL post-hoc (bf16)"]
+    assert [tables.label(run, policy) for run in (fp32, bf16) for policy in ("concurrent", "posthoc")] == [
+        "IQL",
+        "IQL post-hoc",
+        "IQL (bf16)",
+        "IQL post-hoc (bf16)",
+    ]
     assert tables.label({"args": {}}, "concurrent") == "IQL"  # runs from before --bf16 existed
 
 
 def test_a_log_that_two_runs_printed_into_at_once_is_refused(tmp_path):
     # run a had printed step 5,000 when run b began in the same log; a's next line then reads as b's, and b's own next one goes back
-    lines = ["python iql.py --resume runs/a", "train step     5000/300000 |  80 upd/s | ETA  60.0 min | v_mean 30",
-             "python iql.py --resume runs/b", "train step      300/300000 |  80 upd/s | ETA  62.0 min | v_mean 1",
-             "train step    10000/300000 |  80 upd/s | ETA  59.0 min | v_mean 40", "train step     5000/300000 |  80 upd/s | ETA  61.0 min | v_mean 28"]
+    lines = [
+        "python iql.py --resume runs/a",
+        "train step     5000/300000 |  80 upd/s | ETA  60.0 min | v_mean 30",
+        "python iql.py --resume runs/b",
+        "train step      300/300000 |  80 upd/s | ETA  62.0 min | v_mean 1",
+        "train step    10000/300000 |  80 upd/s | ETA  59.0 min | v_mean 40",
+        "train step     5000/300000 |  80 upd/s | ETA  61.0 min | v_mean 28",
+    ]
     (tmp_path / "grid.log").write_text("\n".join(lines) + "\n")
-    with pytest.raises(SystemExit, match="grid.log: train step 5000 after step 10000 of the same run: two runs printed into this log"):
+    with pytest.raises(
+        SystemExit, match="grid.log: train step 5000 after step 10000 of the same run: two runs printed into this log"
+    ):
         tables.training_metrics([str(tmp_path / "grid.log")])
 
 
 def test_value_curves_come_from_each_iql_runs_own_log_lines(minari_store, tmp_path, capsys):
-    import iql
     import tyro
 
+    import iql
     from benchmarks import run_grid
 
     # a grid's log as run_grid.py prints it: each command, then what the run printed; two IQL seeds and a BC run between them
-    flags = ["--batch-size", "16", "--hidden-dims", "8", "8", "--eval-freq", "0", "--final-eval-episodes", "2", "--log-freq", "50", "--no-cuda"]
+    flags = [
+        "--batch-size",
+        "16",
+        "--hidden-dims",
+        "8",
+        "8",
+        "--eval-freq",
+        "0",
+        "--final-eval-episodes",
+        "2",
+        "--log-freq",
+        "50",
+        "--no-cuda",
+    ]
     log = []
     for seed in (1, 2):
-        for command in run_grid.commands("mujoco/hopper/tiny-v0", seed, 100, str(tmp_path / "runs"), flags, [], ["iql", "bc"] if seed == 1 else ["iql"], "concurrent"):
+        for command in run_grid.commands(
+            "mujoco/hopper/tiny-v0",
+            seed,
+            100,
+            str(tmp_path / "runs"),
+            flags,
+            [],
+            ["iql", "bc"] if seed == 1 else ["iql"],
+            "concurrent",
+        ):
             module = iql if command[0] == "iql.py" else bc
             module.main(tyro.cli(module.Args, args=command[1:]))
             log += [" ".join(["python", *command]), capsys.readouterr().out]
@@ -101,14 +147,20 @@ def test_value_curves_come_from_each_iql_runs_own_log_lines(minari_store, tmp_pa
     first, second = (os.path.abspath(iql_runs[seed]["dir"]) for seed in (1, 2))
     second_output = log[5]
     # a resumed segment's line for a step wins over the line of the same step before the resume
-    log += [f"python iql.py --resume {iql_runs[1]['dir']}", "train step       50/100 |     10 upd/s | ETA   0.1 min | v_mean 7.5 advantage_mean -1 awr_weight_mean 2"]
+    log += [
+        f"python iql.py --resume {iql_runs[1]['dir']}",
+        "train step       50/100 |     10 upd/s | ETA   0.1 min | v_mean 7.5 advantage_mean -1 awr_weight_mean 2",
+    ]
     # seed 2 as if its first start had stopped before its first checkpoint: an older folder of the same arguments, its lines, then
     # the same command again; each start's lines go to its own folder
     prefix, started = iql_runs[2]["dir"].rsplit("__", 1)
     stale = f"{prefix}__{int(started) - 1}"
     os.makedirs(stale)
     shutil.copyfile(os.path.join(iql_runs[2]["dir"], "args.json"), os.path.join(stale, "args.json"))
-    log[4:4] = [log[4], "train step       50/100 |     10 upd/s | ETA   0.1 min | v_mean 9.5 advantage_mean -2 awr_weight_mean 3"]
+    log[4:4] = [
+        log[4],
+        "train step       50/100 |     10 upd/s | ETA   0.1 min | v_mean 9.5 advantage_mean -2 awr_weight_mean 3",
+    ]
     (tmp_path / "grid.log").write_text("\n".join(log) + "\n")
     metrics = tables.training_metrics([str(tmp_path / "grid.log")])
     assert sorted(metrics) == sorted([first, second, os.path.abspath(stale)])  # the BC run's lines belong to no IQL run
@@ -116,34 +168,87 @@ def test_value_curves_come_from_each_iql_runs_own_log_lines(minari_store, tmp_pa
     assert metrics[first][50] == {"v_mean": 7.5, "advantage_mean": -1.0, "awr_weight_mean": 2.0}
     assert metrics[os.path.abspath(stale)] == {50: {"v_mean": 9.5, "advantage_mean": -2.0, "awr_weight_mean": 3.0}}
     assert metrics[first][100] != metrics[second][100]
-    (line,) = [line for line in second_output.splitlines() if line.startswith("train step      100/")]  # what seed 2's run printed
+    (line,) = [
+        line for line in second_output.splitlines() if line.startswith("train step      100/")
+    ]  # what seed 2's run printed
     assert line.endswith(" ".join(f"{k} {v:.4g}" for k, v in metrics[second][100].items()))
     # the V panel's reference line: the dataset's mean discounted return-to-go in the run's training reward
     data = iql.flatten_dataset(iql.load_minari_dataset("mujoco/hopper/tiny-v0"))
     scale, shift = iql.reward_transform("locomotion", data.episode_returns)
-    to_go = [sum(0.99**k * (r * scale + shift) for k, r in enumerate(data.rewards[start + t : start + n])) for start, n in zip(data.episode_starts, data.episode_lengths) for t in range(n)]
+    to_go = [
+        sum(0.99**k * (r * scale + shift) for k, r in enumerate(data.rewards[start + t : start + n]))
+        for start, n in zip(data.episode_starts, data.episode_lengths)
+        for t in range(n)
+    ]
     assert tables.discounted_return_to_go(iql_runs[1]) == pytest.approx(np.mean(to_go), rel=1e-5)
     curves = tables.training_curves(runs, metrics, str(tmp_path / "curves"))
-    assert [name for name, _ in curves] == ["mujoco/hopper/tiny-v0, 100 steps: V, advantages, AWR weights"] and os.path.exists(curves[0][1])
+    assert [name for name, _ in curves] == ["mujoco/hopper/tiny-v0, 100 steps: V, advantages, AWR weights"] and os.path.exists(
+        curves[0][1]
+    )
 
 
 def test_write_fills_only_the_named_block_with_the_runs_datasets(minari_store, tmp_path, monkeypatch):
-    bc.main(bc.Args(env_id="mujoco/hopper/tiny-v0", total_steps=20, batch_size=16, hidden_dims=(8, 8), eval_freq=0, final_eval_episodes=2, runs_dir=str(tmp_path / "runs"), cuda=False))
-    record = {"episodes": 10, "steps": 500, "return_min": 10.0, "return_mean": 60.0, "return_max": 110.0, "return_quartiles": [30.0, 55.0, 90.0], "ref_min_score": 10.0, "ref_max_score": 210.0}
-    (tmp_path / "datasets.jsonl").write_text("".join(json.dumps({"dataset_id": d, **record}) + "\n" for d in ("mujoco/hopper/tiny-v0", "local/unused-v0")))
+    bc.main(
+        bc.Args(
+            env_id="mujoco/hopper/tiny-v0",
+            total_steps=20,
+            batch_size=16,
+            hidden_dims=(8, 8),
+            eval_freq=0,
+            final_eval_episodes=2,
+            runs_dir=str(tmp_path / "runs"),
+            cuda=False,
+        )
+    )
+    record = {
+        "episodes": 10,
+        "steps": 500,
+        "return_min": 10.0,
+        "return_mean": 60.0,
+        "return_max": 110.0,
+        "return_quartiles": [30.0, 55.0, 90.0],
+        "ref_min_score": 10.0,
+        "ref_max_score": 210.0,
+    }
+    (tmp_path / "datasets.jsonl").write_text(
+        "".join(json.dumps({"dataset_id": d, **record}) + "\n" for d in ("mujoco/hopper/tiny-v0", "local/unused-v0"))
+    )
     page = tmp_path / "page.md"
-    page.write_text("intro\n<!-- tables:start -->\nold results\n<!-- tables:end -->\nmiddle\n<!-- later:start -->\n<!-- later:end -->\nend\n")
-    argv = ["tables.py", "--runs-dir", str(tmp_path / "runs"), "--write", str(page), "--block", "later", "--curves", str(tmp_path / "curves"), "--datasets-record", str(tmp_path / "datasets.jsonl"), "--returns"]
+    page.write_text(
+        "intro\n<!-- tables:start -->\nold results\n<!-- tables:end -->\nmiddle\n<!-- later:start -->\n<!-- later:end -->\nend\n"
+    )
+    argv = [
+        "tables.py",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--write",
+        str(page),
+        "--block",
+        "later",
+        "--curves",
+        str(tmp_path / "curves"),
+        "--datasets-record",
+        str(tmp_path / "datasets.jsonl"),
+        "--returns",
+    ]
     monkeypatch.setattr("sys.argv", argv)
     tables.main()
     text = page.read_text()
-    assert text.startswith("intro\n<!-- tables:start -->\nold results\n<!-- tables:end -->\nmiddle\n<!-- later:start -->\n### Datasets as built")
+    assert text.startswith(
+        "intro\n<!-- tables:start -->\nold results\n<!-- tables:end -->\nmiddle\n<!-- later:start -->\n### Datasets as built"
+    )
     assert text.endswith("<!-- later:end -->\nend\n")
     # only the dataset the runs used; its normalised mean return is 100 * (60 - 10) / (210 - 10) = 25
-    assert "| mujoco/hopper/tiny-v0 | 10 | 500 | 60 (30, 55, 90; 10, 110) | 25.0 | 10.0, 210.0 | – | – |" in text and "unused" not in text
+    assert (
+        "| mujoco/hopper/tiny-v0 | 10 | 500 | 60 (30, 55, 90; 10, 110) | 25.0 | 10.0, 210.0 | – | – |" in text
+        and "unused" not in text
+    )
     assert "Toy two-step MDP" not in text and "### Scores at 20 gradient steps" in text
     # --returns: the BC run's final score drawn among the dataset's episode returns
-    assert "- [mujoco/hopper/tiny-v0, 20 steps: final scores among the dataset's episode returns](curves/mujoco__hopper__tiny-v0__20__returns.png)" in text
+    assert (
+        "- [mujoco/hopper/tiny-v0, 20 steps: final scores among the dataset's episode returns](curves/mujoco__hopper__tiny-v0__20__returns.png)"
+        in text
+    )
     assert (tmp_path / "curves" / "mujoco__hopper__tiny-v0__20__returns.png").exists()
 
 
@@ -154,7 +259,9 @@ def test_awr_weight_stats_by_hand():
     ends = np.cumsum(lengths) - 1
     terminations, truncations = np.zeros(100, bool), np.zeros(100, bool)
     terminations[ends[0]], truncations[ends[1:]] = True, True
-    data = bc.OfflineData(np.zeros((104, 3), np.float32), np.zeros((100, 1), np.float32), rewards, terminations, truncations, lengths)
+    data = bc.OfflineData(
+        np.zeros((104, 3), np.float32), np.zeros((100, 1), np.float32), rewards, terminations, truncations, lengths
+    )
     adv = np.repeat([0.0, np.log(3.0), -0.1, 0.0], lengths)
     adv[-1] = 5.0  # clipped at exp_adv_max = e^2
     seed_1, seed_2 = tables.awr_weight_stats(data, np.stack([adv, -adv]), temperature=1.0, exp_adv_max=np.e**2)
@@ -169,15 +276,31 @@ def test_awr_weight_stats_by_hand():
 
 
 def test_awr_weights_come_from_the_saved_networks_as_the_update_computes_them(minari_store, tmp_path):
-    import iql
     import torch
 
-    iql.main(iql.Args(env_id="mujoco/hopper/tiny-v0", num_seeds=2, total_steps=30, batch_size=16, hidden_dims=(8, 8), eval_freq=0, final_eval_episodes=2,
-                      checkpoint_freq=10, runs_dir=str(tmp_path / "runs"), cuda=False))
+    import iql
+
+    iql.main(
+        iql.Args(
+            env_id="mujoco/hopper/tiny-v0",
+            num_seeds=2,
+            total_steps=30,
+            batch_size=16,
+            hidden_dims=(8, 8),
+            eval_freq=0,
+            final_eval_episodes=2,
+            checkpoint_freq=10,
+            runs_dir=str(tmp_path / "runs"),
+            cuda=False,
+        )
+    )
     (run,) = tables.load_runs([str(tmp_path / "runs")])
     data, args, advantages = tables.final_advantages(run)
     checkpoint = iql.load_checkpoint(os.path.join(run["dir"], "checkpoint.pt"))
-    value, critic = iql.Ensemble(data.observations.shape[1], (8, 8), 1, 2), iql.Ensemble(data.observations.shape[1] + 3, (8, 8), 1, 4)
+    value, critic = (
+        iql.Ensemble(data.observations.shape[1], (8, 8), 1, 2),
+        iql.Ensemble(data.observations.shape[1] + 3, (8, 8), 1, 4),
+    )
     value.load_state_dict(checkpoint["networks"]["value"])
     critic.load_state_dict(checkpoint["networks"]["target_critic"])
     obs, actions = (torch.as_tensor(x).expand(2, -1, -1) for x in (data.observations[data.obs_rows], data.actions))
@@ -187,52 +310,110 @@ def test_awr_weights_come_from_the_saved_networks_as_the_update_computes_them(mi
     assert not np.allclose(advantages[0], advantages[1])  # each seed's networks
     (row,) = tables.awr_weight_table([run]).splitlines()[2:]
     # the two seeds' advantages agree as much as Pearson's r over the steps says: one pair, so no spread
-    assert row.startswith("| mujoco/hopper/tiny-v0 | 30 | ") and row.endswith(f" | {np.corrcoef(*advantages)[0, 1]:.2f} ± 0.00 | 2 |")
+    assert row.startswith("| mujoco/hopper/tiny-v0 | 30 | ") and row.endswith(
+        f" | {np.corrcoef(*advantages)[0, 1]:.2f} ± 0.00 | 2 |"
+    )
     # a value network saved as an nn.Sequential of Linear layers, as checkpoints from before Ensemble hold it, gives the same outputs
-    sequential = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    sequential = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)
+    )
     x = torch.randn(7, 5)
     with torch.no_grad():
-        assert torch.allclose(tables.mlp_output(tables.saved_mlp(sequential.state_dict()), x), sequential(x).squeeze(-1), atol=1e-6)
+        assert torch.allclose(
+            tables.mlp_output(tables.saved_mlp(sequential.state_dict()), x), sequential(x).squeeze(-1), atol=1e-6
+        )
 
 
 def test_tables_from_the_archive_alone_equal_those_from_the_runs(minari_store, tmp_path, monkeypatch, capsys):
-    import iql
     import minari
     import tyro
 
+    import iql
     from benchmarks import run_grid
 
     # a grid of BC and two IQL seeds, with its log, as run_grid.py runs it
-    flags = ["--batch-size", "16", "--hidden-dims", "8", "8", "--eval-freq", "50", "--eval-episodes", "2", "--final-eval-episodes", "2", "--log-freq", "50", "--no-cuda"]
+    flags = [
+        "--batch-size",
+        "16",
+        "--hidden-dims",
+        "8",
+        "8",
+        "--eval-freq",
+        "50",
+        "--eval-episodes",
+        "2",
+        "--final-eval-episodes",
+        "2",
+        "--log-freq",
+        "50",
+        "--no-cuda",
+    ]
     runs_dir, log = tmp_path / "grid", []
     for seed in (1, 2):
-        for command in run_grid.commands("mujoco/hopper/tiny-v0", seed, 100, str(runs_dir), flags, [], ["iql", "bc"] if seed == 1 else ["iql"], "concurrent"):
+        for command in run_grid.commands(
+            "mujoco/hopper/tiny-v0", seed, 100, str(runs_dir), flags, [], ["iql", "bc"] if seed == 1 else ["iql"], "concurrent"
+        ):
             module = iql if command[0] == "iql.py" else bc
             module.main(tyro.cli(module.Args, args=command[1:]))
             log += [" ".join(["python", *command]), capsys.readouterr().out]
     (runs_dir / "commit.txt").write_text("0123456789abcdef\n")
     (tmp_path / "grid.log").write_text("\n".join(log) + "\n")
-    record = {"dataset_id": "mujoco/hopper/tiny-v0", "episodes": 12, "steps": 300, "return_min": 1.0, "return_mean": 20.0, "return_max": 50.0,
-              "return_quartiles": [10.0, 20.0, 30.0], "ref_min_score": 0.0, "ref_max_score": 100.0,
-              "sha256": datasets.fingerprint(minari.load_dataset("mujoco/hopper/tiny-v0"))}
+    record = {
+        "dataset_id": "mujoco/hopper/tiny-v0",
+        "episodes": 12,
+        "steps": 300,
+        "return_min": 1.0,
+        "return_mean": 20.0,
+        "return_max": 50.0,
+        "return_quartiles": [10.0, 20.0, 30.0],
+        "ref_min_score": 0.0,
+        "ref_max_score": 100.0,
+        "sha256": datasets.fingerprint(minari.load_dataset("mujoco/hopper/tiny-v0")),
+    }
     (tmp_path / "record.jsonl").write_text(json.dumps(record) + "\n")
 
     def block(*flags):
         page = tmp_path / "page.md"
         page.write_text("<!-- b:start -->\n<!-- b:end -->\n")
-        common = ["--train-logs", str(tmp_path / "grid.log"), "--awr-weights", "--returns", "--datasets-record", str(tmp_path / "record.jsonl")]
-        monkeypatch.setattr("sys.argv", ["tables.py", "--runs-dir", str(runs_dir), *common, "--write", str(page), "--block", "b", "--curves", str(tmp_path / "curves"), *flags])
+        common = [
+            "--train-logs",
+            str(tmp_path / "grid.log"),
+            "--awr-weights",
+            "--returns",
+            "--datasets-record",
+            str(tmp_path / "record.jsonl"),
+        ]
+        monkeypatch.setattr(
+            "sys.argv",
+            [
+                "tables.py",
+                "--runs-dir",
+                str(runs_dir),
+                *common,
+                "--write",
+                str(page),
+                "--block",
+                "b",
+                "--curves",
+                str(tmp_path / "curves"),
+                *flags,
+            ],
+        )
         tables.main()
         return page.read_text()
 
     from_runs = block()
-    assert "Code: commit 0123456789ab." in from_runs and "| mujoco/hopper/tiny-v0 | 100 | " in from_runs  # the AWR table has its row
+    assert (
+        "Code: commit 0123456789ab." in from_runs and "| mujoco/hopper/tiny-v0 | 100 | " in from_runs
+    )  # the AWR table has its row
     assert "V, advantages, AWR weights" in from_runs and "final scores among the dataset's episode returns" in from_runs
     assert f"| 0.0, 100.0 | – | {record['sha256'][:12]} |" in from_runs  # the datasets table names the data's fingerprint
     assert block("--archive", str(tmp_path / "archive")) == from_runs
     archived = sorted(p.name for p in (tmp_path / "archive" / "grid").iterdir())
     assert len(archived) == 3 and sorted(os.listdir(tmp_path / "archive" / "grid" / archived[0])) == sorted(
-        ["args.json", "summary.json", "evaluations.jsonl", "commit.txt"] + (["training.json", "awr_weights.json"] if "iql" in archived[0] else []))
+        ["args.json", "summary.json", "evaluations.jsonl", "commit.txt"]
+        + (["training.json", "awr_weights.json"] if "iql" in archived[0] else [])
+    )
     # runs on a dataset rebuilt with other contents are never archived beside those trained on the old one
     (tmp_path / "record.jsonl").write_text(json.dumps({**record, "sha256": "0" * 64}) + "\n")
     with pytest.raises(SystemExit, match="rebuilt with other contents"):
@@ -250,11 +431,17 @@ def test_a_dataset_fingerprint_follows_its_contents(minari_store, tmp_path, monk
 
     from tests.datasets import make_hopper_dataset
 
-    hopper, maze = (minari.load_dataset(d) for d in ("mujoco/hopper/tiny-v0", "D4RL/pointmaze/open-tiny-v0"))  # array and dict observations
+    hopper, maze = (
+        minari.load_dataset(d) for d in ("mujoco/hopper/tiny-v0", "D4RL/pointmaze/open-tiny-v0")
+    )  # array and dict observations
     assert datasets.fingerprint(hopper) == datasets.fingerprint(minari.load_dataset("mujoco/hopper/tiny-v0"))
     assert len({datasets.fingerprint(hopper), datasets.fingerprint(maze)}) == 2
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))  # a store of its own: the shared one's ids are what other tests list
-    assert datasets.fingerprint(make_hopper_dataset(seed=0)) == datasets.fingerprint(hopper)  # the same recipe and seed: the same data
+    monkeypatch.setenv(
+        "MINARI_DATASETS_PATH", str(tmp_path)
+    )  # a store of its own: the shared one's ids are what other tests list
+    assert datasets.fingerprint(make_hopper_dataset(seed=0)) == datasets.fingerprint(
+        hopper
+    )  # the same recipe and seed: the same data
     assert datasets.fingerprint(make_hopper_dataset("mujoco/hopper/tiny-seed1-v0", seed=1)) != datasets.fingerprint(hopper)
 
 
@@ -266,8 +453,23 @@ def test_a_behaviour_policy_run_repeats_on_one_processor_and_names_it(tmp_path):
     outs = [tmp_path / name for name in ("first", "second")]
     for out in outs:
         subprocess.run(
-            [sys.executable, behaviour_policies.__file__, "--env", "Hopper-v5", "--total-steps", "200", "--eval-every", "100", "--eval-episodes", "1", "--out", str(out)],
-            check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            [
+                sys.executable,
+                behaviour_policies.__file__,
+                "--env",
+                "Hopper-v5",
+                "--total-steps",
+                "200",
+                "--eval-every",
+                "100",
+                "--eval-episodes",
+                "1",
+                "--out",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
     progress = [[json.loads(line) for line in open(out / "progress.jsonl")] for out in outs]
     assert [p["step"] for p in progress[0]] == [100, 200]

@@ -24,7 +24,9 @@ def random_batches(dtype):
         observations=rng.standard_normal((n + len(lengths), OBS_DIM)).astype(np.float32),
         actions=rng.uniform(-0.99, 0.99, (n, ACT_DIM)).astype(np.float32),
         rewards=rng.standard_normal(n).astype(np.float32),
-        terminations=terminations, truncations=truncations, episode_lengths=lengths,
+        terminations=terminations,
+        truncations=truncations,
+        episode_lengths=lengths,
     )
     buffer = iql.DeviceData(data, data.rewards, data.actions, torch.device("cpu"), seeds=[0])
     batches = [buffer.sample(BATCH) for _ in range(STEPS)]
@@ -32,11 +34,23 @@ def random_batches(dtype):
     return [iql.Batch(*(t.to(dtype) for t in (b.obs, b.actions, b.rewards, b.next_obs, b.masks))) for b in batches]
 
 
-@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float32, 1e-5, 1e-6), (torch.float64, 1e-10, 1e-12)], ids=["float32", "float64"])
+@pytest.mark.parametrize(
+    "dtype, rtol, atol", [(torch.float32, 1e-5, 1e-6), (torch.float64, 1e-10, 1e-12)], ids=["float32", "float64"]
+)
 def test_iql_update_matches_corl_style_reference(dtype, rtol, atol):
     # a temperature and rewards large enough that some AWR weights hit the exp_adv_max cap
-    args = iql.Args(hidden_dims=HIDDEN, batch_size=BATCH, total_steps=STEPS, expectile=0.7, temperature=3.0, exp_adv_max=2.0, actor_dropout=0.0)
-    value, critic, target_critic, actors = (net.to(dtype) for net in iql.make_networks(OBS_DIM, ACT_DIM, args, [0], ["concurrent"]))
+    args = iql.Args(
+        hidden_dims=HIDDEN,
+        batch_size=BATCH,
+        total_steps=STEPS,
+        expectile=0.7,
+        temperature=3.0,
+        exp_adv_max=2.0,
+        actor_dropout=0.0,
+    )
+    value, critic, target_critic, actors = (
+        net.to(dtype) for net in iql.make_networks(OBS_DIM, ACT_DIM, args, [0], ["concurrent"])
+    )
     actor = actors["concurrent"]
     with torch.no_grad():
         actor.log_std.copy_(torch.linspace(-0.5, 0.5, ACT_DIM))  # not all equal, so a mix-up of dims would show
@@ -45,8 +59,16 @@ def test_iql_update_matches_corl_style_reference(dtype, rtol, atol):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, T_max=args.total_steps)
 
     ref = reference_iql.ReferenceIQL(
-        OBS_DIM, ACT_DIM, HIDDEN, total_steps=args.total_steps, lr=args.actor_lr, discount=args.discount, tau=args.tau,
-        expectile=args.expectile, temperature=args.temperature, exp_adv_max=args.exp_adv_max,
+        OBS_DIM,
+        ACT_DIM,
+        HIDDEN,
+        total_steps=args.total_steps,
+        lr=args.actor_lr,
+        discount=args.discount,
+        tau=args.tau,
+        expectile=args.expectile,
+        temperature=args.temperature,
+        exp_adv_max=args.exp_adv_max,
     ).to(dtype)
     reference_iql.copy_from_iql(ref, value, critic, target_critic, actor)
 
@@ -61,7 +83,11 @@ def test_iql_update_matches_corl_style_reference(dtype, rtol, atol):
         for twin, ref_twin in ((critic, ref.qf), (target_critic, ref.q_target)):
             for k, q in enumerate((ref_twin.q1, ref_twin.q2)):
                 check(f"critic {k}", reference_iql.member_layers(twin, k), params(q))
-        check("actor", reference_iql.member_layers(actor.trunk, 0) + reference_iql.member_layers(actor.mean, 0), params(ref.actor.net))
+        check(
+            "actor",
+            reference_iql.member_layers(actor.trunk, 0) + reference_iql.member_layers(actor.mean, 0),
+            params(ref.actor.net),
+        )
         check("actor log_std", actor.log_std[0, 0], ref.actor.log_std)
 
     check_all()  # the copy itself
@@ -89,14 +115,44 @@ def test_speed_benchmark_runs(tmp_path):
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    small = ["--threads", "1", "--num-seeds", "2", "--modes", "bf16", "--peak-seconds", "0.01", "--steps", "3", "--warmup", "1", "--repeats", "1", "--buffer-episodes", "3",
-             "--dataset-episodes", "3", "--episode-steps", "20", "--eval-episodes", "1", "--cache-dir", str(tmp_path)]
-    result = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "speed.py"), *small], capture_output=True, text=True, timeout=600)
+    small = [
+        "--threads",
+        "1",
+        "--num-seeds",
+        "2",
+        "--modes",
+        "bf16",
+        "--peak-seconds",
+        "0.01",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--buffer-episodes",
+        "3",
+        "--dataset-episodes",
+        "3",
+        "--episode-steps",
+        "20",
+        "--eval-episodes",
+        "1",
+        "--cache-dir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(
+        [sys.executable, os.path.join(repo, "benchmarks", "speed.py"), *small], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr
     for heading in ("### Update step", "### Dataset", "### Evaluation"):
         assert heading in result.stdout
     # a row per seed count and update kind, beside the reference
-    rows = [line.split(" | ")[1:3] for line in result.stdout.splitlines() if line.startswith("| 1 | ") and ("iql.py" in line or "reference" in line)]
+    rows = [
+        line.split(" | ")[1:3]
+        for line in result.stdout.splitlines()
+        if line.startswith("| 1 | ") and ("iql.py" in line or "reference" in line)
+    ]
     assert rows == [["1", "reference (CORL-style, eager fp32)"], ["2", "iql.py bf16"]]
 
 
@@ -113,8 +169,29 @@ def test_speed_benchmark_reports_a_failing_mode_and_measures_the_rest(monkeypatc
 
     real = speed.make_iql_step
     monkeypatch.setattr(speed, "make_iql_step", make_iql_step)
-    cfg = speed.parse_args(["--threads", "1", "--num-seeds", "1", "--modes", "compile", "bf16", "--peak-seconds", "0.01", "--steps", "3",
-                            "--warmup", "1", "--repeats", "1", "--buffer-episodes", "3", "--episode-steps", "20"])
+    cfg = speed.parse_args(
+        [
+            "--threads",
+            "1",
+            "--num-seeds",
+            "1",
+            "--modes",
+            "compile",
+            "bf16",
+            "--peak-seconds",
+            "0.01",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--buffer-episodes",
+            "3",
+            "--episode-steps",
+            "20",
+        ]
+    )
     table = speed.bench_updates(cfg, torch.device("cpu"))  # leaves torch at the first --threads, 1
     rows = {line.split(" | ")[2]: line.split(" | ")[3] for line in table.splitlines() if line.startswith("| 1 | ")}
     assert rows["iql.py compile"] == "failed"

@@ -17,7 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_cli(script, *flags, cwd):
     env = {**os.environ, "PYTHONPATH": REPO}
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *flags], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, script), *flags], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 # ------------------------------------------------------------------ data
@@ -58,8 +60,12 @@ def test_dataset_overview_shows_small_counts_with_labelled_axes_and_integer_bins
     rewards = np.zeros(900, np.float32)
     rewards[450] = 1.0
     data = iql.OfflineData(
-        observations=np.zeros((903, 2), np.float32), actions=np.zeros((900, 1), np.float32), rewards=rewards,
-        terminations=np.zeros(900, bool), truncations=np.isin(np.arange(900), [299, 599, 899]), episode_lengths=np.array([300, 300, 300]),
+        observations=np.zeros((903, 2), np.float32),
+        actions=np.zeros((900, 1), np.float32),
+        rewards=rewards,
+        terminations=np.zeros(900, bool),
+        truncations=np.isin(np.arange(900), [299, 599, 899]),
+        episode_lengths=np.array([300, 300, 300]),
     )
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
@@ -110,7 +116,9 @@ def test_critic_loss_sums_the_twins():
     target = torch.tensor([1.0, 1.0])
     assert iql.critic_loss(q, target).item() == pytest.approx((0 + 1) / 2 + (1 + 9) / 2)
     # with a seed axis, the seeds' losses add up
-    assert iql.critic_loss(torch.stack([q, q + 1]), torch.stack([target, target])).item() == pytest.approx(5.5 + (1 + 4) / 2 + (0 + 16) / 2)
+    assert iql.critic_loss(torch.stack([q, q + 1]), torch.stack([target, target])).item() == pytest.approx(
+        5.5 + (1 + 4) / 2 + (0 + 16) / 2
+    )
     assert iql.expectile_loss(torch.tensor([[2.0, -1.0], [1.0, 1.0]]), 0.9).item() == pytest.approx((0.9 * 4 + 0.1) / 2 + 0.9)
 
 
@@ -148,7 +156,9 @@ def test_reward_normalization_modes():
     assert iql.reward_transform("locomotion", returns) == (pytest.approx(1000.0 / 50.0), 0.0)
     assert iql.reward_transform("antmaze", returns) == (1.0, -1.0)
     assert iql.reward_transform("none", returns) == (1.0, 0.0)
-    resolved = lambda env_id, mode="auto": iql.resolve_paper_settings(iql.Args(env_id=env_id, reward_normalization=mode))[0].reward_normalization
+    resolved = lambda env_id, mode="auto": (
+        iql.resolve_paper_settings(iql.Args(env_id=env_id, reward_normalization=mode))[0].reward_normalization
+    )
     assert resolved("mujoco/hopper/medium-v0") == "locomotion"
     assert resolved("D4RL/antmaze/umaze-v1") == "antmaze"
     assert resolved("D4RL/pen/human-v2") == "none"
@@ -162,7 +172,9 @@ def test_twin_q_is_independent_networks_two_per_seed():
     obs, act = torch.randn(2, 6, 3), torch.randn(2, 6, 2)
     q = iql.twin_q(critic, obs, act)
     assert q.shape == (2, 2, 6)
-    for seed, twin in np.ndindex(2, 2):  # member 2 seed + twin is a plain MLP with that slice of each weight, fed its seed's batch
+    for seed, twin in np.ndindex(
+        2, 2
+    ):  # member 2 seed + twin is a plain MLP with that slice of each weight, fed its seed's batch
         x = torch.cat([obs[seed], act[seed]], 1)
         for i, (w, b) in enumerate(zip(critic.weights, critic.biases)):
             x = x @ w[2 * seed + twin] + b[2 * seed + twin]
@@ -178,9 +190,22 @@ def test_twin_q_is_independent_networks_two_per_seed():
 def train_toy(expectile, runs_dir, bf16=False):
     summary = iql.main(
         iql.Args(
-            env_id="toy/twostep/fifty-v0", expectile=expectile, temperature=3.0, total_steps=1500, batch_size=64,
-            hidden_dims=(64, 64), value_lr=1e-3, critic_lr=1e-3, actor_lr=1e-3, eval_freq=0,
-            final_eval_episodes=2, log_freq=500, save_model=True, runs_dir=str(runs_dir), cuda=False, bf16=bf16,
+            env_id="toy/twostep/fifty-v0",
+            expectile=expectile,
+            temperature=3.0,
+            total_steps=1500,
+            batch_size=64,
+            hidden_dims=(64, 64),
+            value_lr=1e-3,
+            critic_lr=1e-3,
+            actor_lr=1e-3,
+            eval_freq=0,
+            final_eval_episodes=2,
+            log_freq=500,
+            save_model=True,
+            runs_dir=str(runs_dir),
+            cuda=False,
+            bf16=bf16,
         )
     )
     checkpoint = torch.load(os.path.join(runs_dir, summary["run_name"], "model.pt"), weights_only=True)
@@ -205,9 +230,31 @@ def test_two_step_mdp_sarsa_goes_down_iql_goes_up(minari_store, tmp_path):
 # ------------------------------------------------------------------ end to end
 def test_cli_runs_end_to_end_with_both_extractions(minari_store, tmp_path):
     result = run_cli(
-        "iql.py", "--env-id", "mujoco/hopper/tiny-v0", "--total-steps", "60", "--batch-size", "32",
-        "--hidden-dims", "32", "32", "--policy-extraction", "both", "--posthoc-steps", "40", "--eval-freq", "30",
-        "--eval-episodes", "2", "--final-eval-episodes", "3", "--log-freq", "20", "--save-model", "--runs-dir", "runs",
+        "iql.py",
+        "--env-id",
+        "mujoco/hopper/tiny-v0",
+        "--total-steps",
+        "60",
+        "--batch-size",
+        "32",
+        "--hidden-dims",
+        "32",
+        "32",
+        "--policy-extraction",
+        "both",
+        "--posthoc-steps",
+        "40",
+        "--eval-freq",
+        "30",
+        "--eval-episodes",
+        "2",
+        "--final-eval-episodes",
+        "3",
+        "--log-freq",
+        "20",
+        "--save-model",
+        "--runs-dir",
+        "runs",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
@@ -220,13 +267,23 @@ def test_cli_runs_end_to_end_with_both_extractions(minari_store, tmp_path):
         ref_min, ref_max = iql.D4RL_REFERENCE_RETURNS["hopper"]
         assert policy["score_mean"] == pytest.approx(100 * (policy["return_mean"] - ref_min) / (ref_max - ref_min))
     assert summary["scoring"]["kind"] == "return" and "D4RL reference returns of hopper" in summary["scoring"]["source"]
-    assert summary["updates_per_second"] > 0 and summary["wall_time_s"] > summary["train_time_s"] + summary["eval_time_s"] > summary["eval_time_s"] > 0
-    assert summary["updates_per_second"] == pytest.approx(100 / summary["train_time_s"])  # V/Q and post-hoc updates, evaluation excluded
+    assert (
+        summary["updates_per_second"] > 0
+        and summary["wall_time_s"] > summary["train_time_s"] + summary["eval_time_s"] > summary["eval_time_s"] > 0
+    )
+    assert summary["updates_per_second"] == pytest.approx(
+        100 / summary["train_time_s"]
+    )  # V/Q and post-hoc updates, evaluation excluded
     assert (run_dir / "dataset_overview.png").stat().st_size > 0
     assert json.loads((run_dir / "args.json").read_text())["posthoc_steps"] == 40
     history = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
     # each policy's own update count: the post-hoc actor's start after the V/Q steps
-    assert [(h["policy"], h["step"], h["final"]) for h in history] == [("concurrent", 30, False), ("posthoc", 30, False), ("concurrent", 60, True), ("posthoc", 40, True)]
+    assert [(h["policy"], h["step"], h["final"]) for h in history] == [
+        ("concurrent", 30, False),
+        ("posthoc", 30, False),
+        ("concurrent", 60, True),
+        ("posthoc", 40, True),
+    ]
     checkpoint = torch.load(run_dir / "model.pt", weights_only=True)
     assert set(checkpoint["networks"]) == {"value", "critic", "target_critic", "actor_concurrent", "actor_posthoc"}
     assert {"optimizers", "schedulers", "normalization", "args", "rng", "progress"} <= set(checkpoint)
@@ -270,7 +327,11 @@ def test_bad_arguments_fail_before_any_work(flags, message, tmp_path):
 def parse(flags):
     import tyro
 
-    return {k: v for k, v in vars(tyro.cli(iql.Args, args=flags)).items() if k in {f.lstrip("-").replace("-", "_") for f in flags[::2]}}
+    return {
+        k: v
+        for k, v in vars(tyro.cli(iql.Args, args=flags)).items()
+        if k in {f.lstrip("-").replace("-", "_") for f in flags[::2]}
+    }
 
 
 def test_unknown_dataset_is_one_clear_line_and_no_run_folder(minari_store, tmp_path):
@@ -279,7 +340,12 @@ def test_unknown_dataset_is_one_clear_line_and_no_run_folder(minari_store, tmp_p
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: Minari dataset 'mujoco/nothing/here-v0' is not in the local store")
     # it says what failed and how to fail fast or look elsewhere; nothing stored is close enough to suggest
-    for words in ("could not be downloaded (OfflineModeIsEnabled", "HF_HUB_OFFLINE=1", "MINARI_DATASETS_PATH", "minari list local"):
+    for words in (
+        "could not be downloaded (OfflineModeIsEnabled",
+        "HF_HUB_OFFLINE=1",
+        "MINARI_DATASETS_PATH",
+        "minari list local",
+    ):
         assert words in lines[0]
     assert "Did you mean" not in result.stdout + result.stderr
     assert not (tmp_path / "runs").exists()
@@ -315,11 +381,35 @@ def test_each_training_seed_evaluates_on_its_own_start_states(minari_store, tmp_
     monkeypatch.setattr(iql, "evaluate", recording)
     finals = []
     for seed, num_seeds in ((1, 1), (2, 1), (1, 1), (4, 2)):
-        summary = iql.main(iql.Args(env_id="mujoco/hopper/tiny-v0", seed=seed, num_seeds=num_seeds, total_steps=20, batch_size=16, hidden_dims=(8,), eval_freq=10,
-                                    eval_episodes=2, final_eval_episodes=3, runs_dir=str(tmp_path), cuda=False))
+        summary = iql.main(
+            iql.Args(
+                env_id="mujoco/hopper/tiny-v0",
+                seed=seed,
+                num_seeds=num_seeds,
+                total_steps=20,
+                batch_size=16,
+                hidden_dims=(8,),
+                eval_freq=10,
+                eval_episodes=2,
+                final_eval_episodes=3,
+                runs_dir=str(tmp_path),
+                cuda=False,
+            )
+        )
         finals.append(summary["policies"]["concurrent"]["return_mean"])
     # env seeds 10_000 * seed + i: periodic and final evaluations of a seed share its block, other seeds never touch it
-    assert calls == [([10_000], 2), ([10_000], 3), ([20_000], 2), ([20_000], 3), ([10_000], 2), ([10_000], 3), ([40_000, 50_000], 2), ([40_000, 50_000], 3)]
+    assert calls == [
+        ([10_000], 2),
+        ([10_000], 3),
+        ([20_000], 2),
+        ([20_000], 3),
+        ([10_000], 2),
+        ([10_000], 3),
+        ([40_000, 50_000], 2),
+        ([40_000, 50_000], 3),
+    ]
     assert finals[0] == finals[2]  # reproducible
-    with pytest.raises(SystemExit, match="--final-eval-episodes must be at most 10000, the evaluation seeds of one training seed, got 10001"):
+    with pytest.raises(
+        SystemExit, match="--final-eval-episodes must be at most 10000, the evaluation seeds of one training seed, got 10001"
+    ):
         iql.main(iql.Args(env_id="mujoco/hopper/tiny-v0", final_eval_episodes=10_001, runs_dir=str(tmp_path)))

@@ -18,13 +18,34 @@ import iql
 from tests.test_iql import REPO, run_cli
 
 HOPPER = "mujoco/hopper/tiny-v0"
-SMALL = ["--env-id", HOPPER, "--batch-size", "32", "--hidden-dims", "32", "32", "--eval-episodes", "2", "--final-eval-episodes", "3", "--log-freq", "100"]
+SMALL = [
+    "--env-id",
+    HOPPER,
+    "--batch-size",
+    "32",
+    "--hidden-dims",
+    "32",
+    "32",
+    "--eval-episodes",
+    "2",
+    "--final-eval-episodes",
+    "3",
+    "--log-freq",
+    "100",
+]
 
 
 def crash(script, kill_at, *flags, cwd):
     """The run, SIGKILLed just before its kill_at-th checkpoint write."""
     env = {**os.environ, "PYTHONPATH": REPO}
-    result = subprocess.run([sys.executable, os.path.join(REPO, "tests", "crash_driver.py"), script, str(kill_at), *flags], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tests", "crash_driver.py"), script, str(kill_at), *flags],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr
     (run_dir,) = (cwd / "runs").iterdir()
     return run_dir
@@ -60,7 +81,12 @@ def flatten(tree, prefix=""):
         # checkpoints at 150 and 300: killed before writing the second, after the step-200 evaluation
         ("iql", ["--total-steps", "300", "--eval-freq", "100"], 2, 150),
         # checkpoints at V/Q step 150, post-hoc steps 150 and 300: killed during the post-hoc phase, after its step-200 evaluation
-        ("iql", ["--total-steps", "200", "--policy-extraction", "both", "--posthoc-steps", "300", "--eval-freq", "100"], 3, 150),
+        (
+            "iql",
+            ["--total-steps", "200", "--policy-extraction", "both", "--posthoc-steps", "300", "--eval-freq", "100"],
+            3,
+            150,
+        ),
         ("bc", ["--total-steps", "300", "--eval-freq", "100", "--top-fraction", "0.5"], 2, 150),
         # killed while writing model.pt, after the final evaluation: not finished, so it resumes at the end of training
         ("iql", ["--total-steps", "200", "--eval-freq", "100"], 3, 0),
@@ -97,7 +123,14 @@ def test_a_crashed_run_resumes_as_if_never_stopped(script, flags, kill_at, store
 def test_preemption_checkpoints_and_prints_how_to_continue(script, sig, code, minari_store, tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO}
     flags = [*SMALL, "--total-steps", "3000", "--eval-freq", "0", "--checkpoint-freq", "0"]
-    process = subprocess.Popen([sys.executable, "-u", os.path.join(REPO, f"{script}.py"), *flags], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-u", os.path.join(REPO, f"{script}.py"), *flags],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in process.stdout:  # once the first progress line is out, training is under way
         if line.startswith("train step"):
             break
@@ -106,10 +139,14 @@ def test_preemption_checkpoints_and_prints_how_to_continue(script, sig, code, mi
     assert process.returncode == code, err
     (run_dir,) = (tmp_path / "runs").iterdir()
     (last_line,) = out.strip().splitlines()[-1:]
-    assert last_line.startswith("stopped at train step ") and last_line.endswith(f"; continue with: python {script}.py --resume {os.path.join('runs', run_dir.name)}")
+    assert last_line.startswith("stopped at train step ") and last_line.endswith(
+        f"; continue with: python {script}.py --resume {os.path.join('runs', run_dir.name)}"
+    )
     step = int(last_line.split()[4].rstrip(";"))
     assert 100 <= step < 3000  # after the first progress line (--log-freq 100), before the end
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["progress"]["step"] == step  # even with --checkpoint-freq 0
+    assert (
+        torch.load(run_dir / "checkpoint.pt", weights_only=True)["progress"]["step"] == step
+    )  # even with --checkpoint-freq 0
     result = run_cli(f"{script}.py", "--resume", os.path.join("runs", run_dir.name), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"resuming at step {step}" in result.stdout or f"resuming at train step {step}" in result.stdout
@@ -117,14 +154,18 @@ def test_preemption_checkpoints_and_prints_how_to_continue(script, sig, code, mi
 
 
 def test_broken_checkpoints_and_changed_flags_are_one_clear_line(minari_store, tmp_path):
-    run_dir = crash("iql", 2, *SMALL, "--total-steps", "300", "--eval-freq", "100", "--checkpoint-freq", "150", "--seed", "2", cwd=tmp_path)
+    run_dir = crash(
+        "iql", 2, *SMALL, "--total-steps", "300", "--eval-freq", "100", "--checkpoint-freq", "150", "--seed", "2", cwd=tmp_path
+    )
     path = run_dir / "checkpoint.pt"
     whole = path.read_bytes()
     # a flag that shapes the run is refused, even when given at its default value (--seed 1)
     for flag, value, stored in (("--expectile", "0.9", "0.7"), ("--seed", "1", "2")):
         refused = run_cli("iql.py", "--resume", str(run_dir), flag, value, cwd=tmp_path)
         assert refused.returncode != 0
-        assert refused.stderr.strip().splitlines() == [f"error: {flag} {value} differs from the run's {stored}; a saved run keeps the arguments that define it (start a new run instead)"]
+        assert refused.stderr.strip().splitlines() == [
+            f"error: {flag} {value} differs from the run's {stored}; a saved run keeps the arguments that define it (start a new run instead)"
+        ]
     evaluations = (run_dir / "evaluations.jsonl").read_text()
     for broken in (whole[: len(whole) // 2], b"not a checkpoint"):
         path.write_bytes(broken)
@@ -132,7 +173,9 @@ def test_broken_checkpoints_and_changed_flags_are_one_clear_line(minari_store, t
         assert result.returncode != 0
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith(f"error: cannot read the checkpoint {path}") and line.endswith("it is truncated or corrupt")
-        assert path.read_bytes() == broken and (run_dir / "evaluations.jsonl").read_text() == evaluations  # nothing overwritten
+        assert (
+            path.read_bytes() == broken and (run_dir / "evaluations.jsonl").read_text() == evaluations
+        )  # nothing overwritten
     assert not (run_dir / "summary.json").exists()
 
 
@@ -143,16 +186,29 @@ def test_a_broken_environment_or_runs_dir_fails_before_training(minari_store, tm
             raise RuntimeError("no OpenGL context")
 
     recover = minari.MinariDataset.recover_environment
-    monkeypatch.setattr(minari.MinariDataset, "recover_environment", lambda self, eval_env=False, **kw: NoOpenGL(recover(self, eval_env=eval_env, **kw)))
+    monkeypatch.setattr(
+        minari.MinariDataset,
+        "recover_environment",
+        lambda self, eval_env=False, **kw: NoOpenGL(recover(self, eval_env=eval_env, **kw)),
+    )
     with pytest.raises(SystemExit, match="RuntimeError: no OpenGL context.*set MUJOCO_GL=osmesa"):
         iql.main(iql.Args(env_id=HOPPER, total_steps=10, capture_video=True, runs_dir=str(tmp_path / "runs"), cuda=False))
     assert not (tmp_path / "runs").exists()
-    assert iql.main(iql.Args(env_id=HOPPER, total_steps=10, final_eval_episodes=1, runs_dir=str(tmp_path / "ok"), cuda=False))["policies"]  # no video, no render
+    assert iql.main(iql.Args(env_id=HOPPER, total_steps=10, final_eval_episodes=1, runs_dir=str(tmp_path / "ok"), cuda=False))[
+        "policies"
+    ]  # no video, no render
     monkeypatch.undo()
 
     # no OpenGL at all (an invalid MUJOCO_GL): the same one line, and no run folder
     env = {**os.environ, "PYTHONPATH": REPO, "MUJOCO_GL": "invalid"}
-    result = subprocess.run([sys.executable, os.path.join(REPO, "iql.py"), *SMALL, "--capture-video"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "iql.py"), *SMALL, "--capture-video"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode != 0
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: cannot build the dataset's evaluation environment") and "MUJOCO_GL=osmesa" in line
@@ -163,7 +219,10 @@ def test_a_broken_environment_or_runs_dir_fails_before_training(minari_store, tm
         raise ModuleNotFoundError("No module named 'some_robots'")
 
     monkeypatch.setattr(minari.MinariDataset, "recover_environment", unimportable)
-    with pytest.raises(SystemExit, match="cannot build the dataset's evaluation environment \\(ModuleNotFoundError: No module named 'some_robots'\\)"):
+    with pytest.raises(
+        SystemExit,
+        match="cannot build the dataset's evaluation environment \\(ModuleNotFoundError: No module named 'some_robots'\\)",
+    ):
         iql.main(iql.Args(env_id=HOPPER, total_steps=10, runs_dir=str(tmp_path / "runs"), cuda=False))
     assert not (tmp_path / "runs").exists()
     monkeypatch.undo()
@@ -186,11 +245,24 @@ def test_a_diverging_run_stops_at_once_and_keeps_its_last_good_checkpoint(minari
         return batch
 
     monkeypatch.setattr(iql.DeviceData, "sample", sample_with_a_nan)
-    args = iql.Args(env_id=HOPPER, total_steps=1000, batch_size=32, hidden_dims=(32, 32), eval_freq=0, log_freq=500, checkpoint_freq=100, runs_dir=str(tmp_path), cuda=False)
+    args = iql.Args(
+        env_id=HOPPER,
+        total_steps=1000,
+        batch_size=32,
+        hidden_dims=(32, 32),
+        eval_freq=0,
+        log_freq=500,
+        checkpoint_freq=100,
+        runs_dir=str(tmp_path),
+        cuda=False,
+    )
     with pytest.raises(SystemExit) as stop:
         iql.main(args)
     (run_dir,) = tmp_path.iterdir()
-    assert str(stop.value.code) == f"error: the run diverged: critic_loss became NaN or infinite at train step 150; the last checkpoint before it stays in {run_dir}"
+    assert (
+        str(stop.value.code)
+        == f"error: the run diverged: critic_loss became NaN or infinite at train step 150; the last checkpoint before it stays in {run_dir}"
+    )
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["progress"]["step"] == 100
     assert all(torch.isfinite(p).all() for p in checkpoint["networks"]["critic"].values())
@@ -199,7 +271,12 @@ def test_a_diverging_run_stops_at_once_and_keeps_its_last_good_checkpoint(minari
 
 @pytest.mark.parametrize("script, flags", [("iql", ["--policy-extraction", "both", "--posthoc-steps", "50"]), ("bc", [])])
 def test_eval_only_reproduces_the_final_evaluation(script, flags, minari_store, tmp_path):
-    assert run_cli(f"{script}.py", *SMALL, *flags, "--total-steps", "50", "--eval-freq", "0", "--save-model", cwd=tmp_path).returncode == 0
+    assert (
+        run_cli(
+            f"{script}.py", *SMALL, *flags, "--total-steps", "50", "--eval-freq", "0", "--save-model", cwd=tmp_path
+        ).returncode
+        == 0
+    )
     (run_dir,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     module = iql if script == "iql" else bc
@@ -216,7 +293,9 @@ def test_eval_only_reproduces_the_final_evaluation(script, flags, minari_store, 
     checkpoint = torch.load(run_dir / "model.pt")
     stored = checkpoint["args"]
     name = "actor_concurrent" if script == "iql" else "actor"
-    actor = module.Actor(checkpoint["obs_dim"], checkpoint["act_dim"], stored["hidden_dims"], 0.0, stored["state_dependent_std"])
+    actor = module.Actor(
+        checkpoint["obs_dim"], checkpoint["act_dim"], stored["hidden_dims"], 0.0, stored["state_dependent_std"]
+    )
     actor.load_state_dict(checkpoint["networks"][name])
     low, high = np.array(checkpoint["normalization"]["action_low"]), np.array(checkpoint["normalization"]["action_high"])
     with torch.no_grad():
@@ -229,16 +308,25 @@ def test_the_grid_runner_continues_exactly_the_unfinished_runs(minari_store, tmp
     runs = tmp_path / "runs"
     assert run_cli("bc.py", *SMALL, "--total-steps", "50", "--eval-freq", "0", cwd=tmp_path).returncode == 0  # finished
     (tmp_path / "crashes").mkdir()
-    crashed = crash("iql", 2, *SMALL, "--total-steps", "300", "--eval-freq", "0", "--checkpoint-freq", "150", cwd=tmp_path / "crashes")
+    crashed = crash(
+        "iql", 2, *SMALL, "--total-steps", "300", "--eval-freq", "0", "--checkpoint-freq", "150", cwd=tmp_path / "crashes"
+    )
     crashed = crashed.rename(runs / crashed.name)
-    never = crash("bc", 1, *SMALL, "--total-steps", "300", "--eval-freq", "0", "--checkpoint-freq", "150", cwd=tmp_path / "crashes")
+    never = crash(
+        "bc", 1, *SMALL, "--total-steps", "300", "--eval-freq", "0", "--checkpoint-freq", "150", cwd=tmp_path / "crashes"
+    )
     never = never.rename(runs / never.name)  # killed before its first checkpoint was written
     grid = [sys.executable, os.path.join(REPO, "benchmarks", "run_grid.py"), "--resume-all", "--runs-dir", str(runs)]
     env = {**os.environ, "PYTHONPATH": REPO}
     result = subprocess.run(grid, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stdout.splitlines() if line.startswith(("python ", "# ")) and not line.startswith("# code: ")]
-    expected = [f"python iql.py --resume {crashed}", f"# {never}: stopped before its first checkpoint; nothing to continue (start it again by hand if wanted)"]
+    lines = [
+        line for line in result.stdout.splitlines() if line.startswith(("python ", "# ")) and not line.startswith("# code: ")
+    ]
+    expected = [
+        f"python iql.py --resume {crashed}",
+        f"# {never}: stopped before its first checkpoint; nothing to continue (start it again by hand if wanted)",
+    ]
     assert sorted(lines) == sorted(expected)  # the finished bc run is left alone
     assert (crashed / "summary.json").exists() and not (never / "summary.json").exists()
 
@@ -247,14 +335,47 @@ def test_running_a_grid_again_continues_it_without_repeating_a_run(minari_store,
     runs = tmp_path / "runs"
     extra = SMALL[2:] + ["--eval-freq", "0", "--checkpoint-freq", "150"]
     # the grid's IQL run, cut off after its first checkpoint
-    crashed = crash("iql", 2, "--env-id", HOPPER, "--seed", "1", "--total-steps", "300", "--policy-extraction", "both", *extra, cwd=tmp_path)
-    grid = [sys.executable, os.path.join(REPO, "benchmarks", "run_grid.py"), "--datasets", HOPPER, "--seeds", "1", "--steps", "300", "--algos", "iql", "bc", "bc10", "--runs-dir", str(runs), *extra]
+    crashed = crash(
+        "iql",
+        2,
+        "--env-id",
+        HOPPER,
+        "--seed",
+        "1",
+        "--total-steps",
+        "300",
+        "--policy-extraction",
+        "both",
+        *extra,
+        cwd=tmp_path,
+    )
+    grid = [
+        sys.executable,
+        os.path.join(REPO, "benchmarks", "run_grid.py"),
+        "--datasets",
+        HOPPER,
+        "--seeds",
+        "1",
+        "--steps",
+        "300",
+        "--algos",
+        "iql",
+        "bc",
+        "bc10",
+        "--runs-dir",
+        str(runs),
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": REPO}
 
     def run_grid():
         result = subprocess.run(grid, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
-        return [line for line in result.stdout.splitlines() if line.startswith(("python ", "# ")) and not line.startswith("# code: ")]
+        return [
+            line
+            for line in result.stdout.splitlines()
+            if line.startswith(("python ", "# ")) and not line.startswith("# code: ")
+        ]
 
     first = run_grid()
     assert first[0] == f"python iql.py --resume {crashed}"
@@ -281,8 +402,20 @@ def test_a_checkpoint_is_never_written_from_weights_gone_bad(minari_store, tmp_p
         return out
 
     monkeypatch.setattr(iql, "update_value_and_critic", poisoned)
-    args = iql.Args(env_id=HOPPER, total_steps=1000, batch_size=32, hidden_dims=(32, 32), eval_freq=0, log_freq=500, checkpoint_freq=100, runs_dir=str(tmp_path), cuda=False)
-    with pytest.raises(SystemExit, match="the weights became NaN or infinite by train step 200; the last checkpoint before it stays in"):
+    args = iql.Args(
+        env_id=HOPPER,
+        total_steps=1000,
+        batch_size=32,
+        hidden_dims=(32, 32),
+        eval_freq=0,
+        log_freq=500,
+        checkpoint_freq=100,
+        runs_dir=str(tmp_path),
+        cuda=False,
+    )
+    with pytest.raises(
+        SystemExit, match="the weights became NaN or infinite by train step 200; the last checkpoint before it stays in"
+    ):
         iql.main(args)
     (run_dir,) = tmp_path.iterdir()
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["progress"]["step"] == 100

@@ -10,21 +10,34 @@ import bc
 import iql
 
 HOPPER = "mujoco/hopper/tiny-v0"
-TINY = dict(env_id=HOPPER, batch_size=16, hidden_dims=(16, 16), log_freq=25, eval_episodes=2, final_eval_episodes=2, cuda=False)
+TINY = dict(
+    env_id=HOPPER, batch_size=16, hidden_dims=(16, 16), log_freq=25, eval_episodes=2, final_eval_episodes=2, cuda=False
+)
 
 
 def toy_data(rng: np.random.Generator, obs_dim=5, act_dim=2, lengths=(30, 20)) -> iql.OfflineData:
     steps, episodes = sum(lengths), len(lengths)
     return iql.OfflineData(
-        observations=rng.normal(size=(steps + episodes, obs_dim)), actions=rng.uniform(-0.9, 0.9, (steps, act_dim)),
-        rewards=rng.normal(size=steps), terminations=np.arange(steps) == lengths[0] - 1, truncations=np.arange(steps) == steps - 1,
+        observations=rng.normal(size=(steps + episodes, obs_dim)),
+        actions=rng.uniform(-0.9, 0.9, (steps, act_dim)),
+        rewards=rng.normal(size=steps),
+        terminations=np.arange(steps) == lengths[0] - 1,
+        truncations=np.arange(steps) == steps - 1,
         episode_lengths=np.array(lengths),
     )
 
 
 def train_iql(seeds: list, extraction: str, steps=50):
     """IQL's updates as main runs them, in float64: per step the metrics, then the networks."""
-    args = iql.Args(hidden_dims=(16, 16), batch_size=8, expectile=0.7, temperature=3.0, actor_dropout=0.0, total_steps=steps, policy_extraction=extraction)
+    args = iql.Args(
+        hidden_dims=(16, 16),
+        batch_size=8,
+        expectile=0.7,
+        temperature=3.0,
+        actor_dropout=0.0,
+        total_steps=steps,
+        policy_extraction=extraction,
+    )
     data = toy_data(np.random.default_rng(0))
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -35,7 +48,7 @@ def train_iql(seeds: list, extraction: str, steps=50):
         opts = [iql.make_optimizer(net, 3e-4) for net in (value, critic, actor)]
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opts[2], T_max=steps)
         history = []
-        for phase in (["train"] if extraction == "concurrent" else ["train", "posthoc"]):
+        for phase in ["train"] if extraction == "concurrent" else ["train", "posthoc"]:
             for _ in range(steps):
                 batch = buffer.sample(args.batch_size)
                 if phase == "train":
@@ -86,27 +99,43 @@ def test_changing_one_seed_leaves_the_others_untouched():
 def summary_and_model(module, tmp_path, **kwargs):
     summary = module.main(module.Args(**TINY, runs_dir=str(tmp_path), save_model=True, **kwargs))
     run_dir = tmp_path / summary["run_name"]
-    return summary, torch.load(run_dir / "model.pt")["networks"], [json.loads(line) for line in open(run_dir / "evaluations.jsonl")]
+    return (
+        summary,
+        torch.load(run_dir / "model.pt")["networks"],
+        [json.loads(line) for line in open(run_dir / "evaluations.jsonl")],
+    )
 
 
-@pytest.mark.parametrize("script, flags", [("iql", dict(policy_extraction="both", posthoc_steps=30)), ("bc", dict(top_fraction=0.5))])
+@pytest.mark.parametrize(
+    "script, flags", [("iql", dict(policy_extraction="both", posthoc_steps=30)), ("bc", dict(top_fraction=0.5))]
+)
 def test_a_three_seed_run_is_three_single_seed_runs(script, flags, minari_store, tmp_path):
     module = iql if script == "iql" else bc
-    together, networks, records = summary_and_model(module, tmp_path / "together", seed=3, num_seeds=3, total_steps=60, eval_freq=30, **flags)
+    together, networks, records = summary_and_model(
+        module, tmp_path / "together", seed=3, num_seeds=3, total_steps=60, eval_freq=30, **flags
+    )
     assert together["run_name"].split("__")[-2] == "3-5" and together["seeds"] == [3, 4, 5]
     for k, seed in enumerate((3, 4, 5)):
-        alone, alone_networks, alone_records = summary_and_model(module, tmp_path / str(seed), seed=seed, total_steps=60, eval_freq=30, **flags)
+        alone, alone_networks, alone_records = summary_and_model(
+            module, tmp_path / str(seed), seed=seed, total_steps=60, eval_freq=30, **flags
+        )
         for name, state in alone_networks.items():
             per_seed = 2 if "critic" in name else 1
             for key, tensor in state.items():
-                torch.testing.assert_close(networks[name][key][k * per_seed : (k + 1) * per_seed], tensor, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(
+                    networks[name][key][k * per_seed : (k + 1) * per_seed], tensor, rtol=1e-5, atol=1e-6
+                )
         # the same evaluation episodes (each seed its own start states), so the same results, up to float32 rounding
         assert [r for r in records if r["seed"] == seed] == [pytest.approx(r, rel=1e-5) for r in alone_records]
         for policy, result in alone["policies"].items():
             assert together["policies"][policy]["seeds"][k] == pytest.approx({"seed": seed, **result}, rel=1e-5)
     for policy, result in together["policies"].items():
         means = [r["score_mean"] for r in result["seeds"]]
-        assert result["num_seeds"] == 3 and result["score_mean"] == pytest.approx(np.mean(means)) and result["score_std"] == pytest.approx(np.std(means))
+        assert (
+            result["num_seeds"] == 3
+            and result["score_mean"] == pytest.approx(np.mean(means))
+            and result["score_std"] == pytest.approx(np.std(means))
+        )
 
 
 @pytest.mark.parametrize("module", [iql, bc])

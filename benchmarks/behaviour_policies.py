@@ -11,7 +11,8 @@ highest). An uninterrupted run is deterministic for its --seed on one kind of pr
 random states are not saved; on another processor torch's float rounding differs and the run parts within a few hundred
 steps), so each progress record names the processor; --total-steps only sizes the replay buffer.
 
-    python benchmarks/behaviour_policies.py --env Hopper-v5 --total-steps 310000 --out logs/behaviour/hopper   # benchmarks.md's Hopper datasets
+    # the behaviour run of benchmarks.md's Hopper datasets
+    python benchmarks/behaviour_policies.py --env Hopper-v5 --total-steps 310000 --out logs/behaviour/hopper
 
 stable-baselines3 is a dependency of this benchmark tooling only (benchmarks/requirements.txt).
 """

@@ -1,7 +1,7 @@
 """Build the offline benchmark datasets locally, in Minari format, with the recipes D4RL and Minari used.
 
     python benchmarks/datasets.py toy                    # bandit and two-step MDPs (50/50, 10/90)
-    python benchmarks/datasets.py pointmaze              # PointMaze UMaze and Medium, waypoint controller (+ stitching variants)
+    python benchmarks/datasets.py pointmaze              # PointMaze UMaze and Medium, waypoint controller, stitching too
     python benchmarks/datasets.py hopper --behaviour logs/behaviour/hopper   # medium, medium-replay, medium-expert
 
 Datasets go to $MINARI_DATASETS_PATH (default ~/.minari/datasets) under the `local/` namespace,
@@ -167,7 +167,10 @@ def make_bandit_dataset(dataset_id="toy/bandit/fifty-v0", up_fraction=0.5, num_e
     env = gym.make("ToyBandit-v0")
     n_up = int(round(up_fraction * num_episodes))
     signs = iter(np.random.default_rng(seed).permutation(np.r_[np.ones(n_up), -np.ones(num_episodes - n_up)]))
-    policy = lambda obs, rng: np.array([next(signs) * rng.uniform(0.2, 1.0)], np.float32)
+
+    def policy(obs, rng):
+        return np.array([next(signs) * rng.uniform(0.2, 1.0)], np.float32)
+
     return create(
         dataset_id,
         env,
@@ -293,7 +296,10 @@ def make_hopper_datasets(behaviour_dir: str, steps: int, env_id="Hopper-v5", nam
     # i.e. the first checkpoint to reach it (a later dip of an unstable run is not a medium policy)
     medium = next(p for p in progress if p["return_mean"] >= best["return_mean"] / 3)
     env = gym.make(env_id)
-    random_policy = lambda obs, rng: rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
+
+    def random_policy(obs, rng):
+        return rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
+
     random_returns = [sum(ep.rewards) for ep in record_episodes(env, random_policy, 20, seed + 999)]
     refs = {"ref_min_score": float(np.mean(random_returns)), "ref_max_score": float(best["return_mean"])}
 

@@ -144,7 +144,7 @@ def member_layers(ensemble, k: int) -> list:
 
 @torch.no_grad()
 def copy_from_iql(ref: ReferenceIQL, value, critic, target_critic, actor) -> ReferenceIQL:
-    """Load the networks of a single-seed iql.py run into `ref` (call before its first update, so the Adam states are fresh)."""
+    """Load the networks of a single-seed iql.py run into `ref` (before its first update, so the Adam states are fresh)."""
 
     def load(linears, layers):
         for dst, (w, b) in zip([m for m in linears if isinstance(m, nn.Linear)], layers, strict=True):

@@ -159,7 +159,8 @@ def main():
         for script, run_dir in unfinished_runs(args.runs_dir):
             if not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
                 print(
-                    f"# {run_dir}: stopped before its first checkpoint; nothing to continue (start it again by hand if wanted)",
+                    f"# {run_dir}: stopped before its first checkpoint; nothing to continue "
+                    "(start it again by hand if wanted)",
                     flush=True,
                 )
                 continue

@@ -228,7 +228,8 @@ def bench_updates(cfg, device) -> str:
                 )
                 if "compile" in mode:
                     notes.append(
-                        f"{torch.get_num_threads()} thread(s), {n} seed(s), {mode}: {warm_s:.0f} s for the {cfg.warmup} warm-up updates, compiling included"
+                        f"{torch.get_num_threads()} thread(s), {n} seed(s), {mode}: "
+                        f"{warm_s:.0f} s for the {cfg.warmup} warm-up updates, compiling included"
                     )
         notes.append(
             f"{torch.get_num_threads()} thread(s): measured matmul peak (n x n by n x n, best of n in {sizes}) "
@@ -385,7 +386,10 @@ def bench_dataset(cfg) -> str:
         check=True,
     )
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    mib = lambda b: f"{b / 2**20:,.1f} MiB"
+
+    def mib(b):
+        return f"{b / 2**20:,.1f} MiB"
+
     peak_note = "" if r["peak_reset"] else " (peak could not be reset: includes imports)"
     rows = [
         ["transitions / episodes", f"{r['transitions']:,} / {r['episodes']:,}"],
@@ -395,12 +399,14 @@ def bench_dataset(cfg) -> str:
         ["RSS after imports", f"{r['rss_imports_mib']:,.0f} MiB"],
         [
             "peak RSS during load + flatten" + peak_note,
-            f"{r['peak_load_flatten_mib']:,.0f} MiB (+{r['peak_load_flatten_mib'] - r['rss_imports_mib']:,.0f} MiB over imports)",
+            f"{r['peak_load_flatten_mib']:,.0f} MiB "
+            f"(+{r['peak_load_flatten_mib'] - r['rss_imports_mib']:,.0f} MiB over imports)",
         ],
         ["RSS after load + flatten", f"{r['rss_after_flatten_mib']:,.0f} MiB (flattened arrays: {mib(r['flat_bytes'])})"],
         [
             f"iql.DeviceData on {cfg.device}",
-            f"{mib(r['device_bytes'])} of tensors, built in {r['device_data_s']:.2f} s; peak RSS {r['peak_device_data_mib']:,.0f} MiB",
+            f"{mib(r['device_bytes'])} of tensors, built in {r['device_data_s']:.2f} s; "
+            f"peak RSS {r['peak_device_data_mib']:,.0f} MiB",
         ],
         *([["CUDA memory allocated by DeviceData", mib(r["cuda_allocated_bytes"])]] if "cuda_allocated_bytes" in r else []),
         ["raw float32 s, a, r, s', terminal", mib(r["raw_float32_bytes"])],
@@ -478,9 +484,13 @@ def bench_evaluation(cfg, device) -> str:
                 f"{1e6 * overhead / steps:.0f} us",
             ]
         )
+    termination = (
+        "default termination"
+        if cfg.eval_terminate
+        else "terminate_when_unhealthy=False so that every episode runs the full 1000 steps"
+    )
     return (
-        f"### Evaluation (iql.evaluate, Hopper-v5, "
-        f"{'default termination' if cfg.eval_terminate else 'terminate_when_unhealthy=False so that every episode runs the full 1000 steps'}, "
+        f"### Evaluation (iql.evaluate, Hopper-v5, {termination}, "
         f"randomly initialised actor on {device})\n\n"
         + table(
             [

@@ -1,9 +1,11 @@
 """Turn the runs' summary.json files into the Markdown tables of benchmarks.md, and draw learning curves.
 
     python benchmarks/tables.py --runs-dir logs/bench_runs logs/toy_runs --write benchmarks.md --curves benchmarks/curves
-    python benchmarks/tables.py --runs-dir logs/hopper_300k --train-logs logs/hopper_300k.log   # and IQL's V and advantages
-    python benchmarks/tables.py --runs-dir logs/hopper_300k --awr-weights --returns   # and where IQL's AWR weights, and each method's score, fall in the dataset
-    python benchmarks/tables.py --runs-dir logs/hopper_300k --train-logs logs/hopper_300k.log --awr-weights --returns --archive benchmarks/results
+    python benchmarks/tables.py --runs-dir logs/hopper_300k   # and IQL's V and advantages (older runs: --train-logs LOG)
+    # and where IQL's AWR weights, and each method's score, fall in the dataset
+    python benchmarks/tables.py --runs-dir logs/hopper_300k --awr-weights --returns
+    python benchmarks/tables.py --runs-dir logs/hopper_300k --train-logs logs/hopper_300k.log --awr-weights --returns \
+        --archive benchmarks/results
 
 The score of a run is its final evaluation (the last one, as CORL's "last" column; never the best of
 several); a cell is the mean +- std of that score over seeds, with the number of seeds. Runs of
@@ -14,9 +16,13 @@ evaluations), which one checkpoint's luck moves less. The tables replace the tex
 `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->` of --write (--block, default `tables`), so that runs
 of another kind can fill a block of their own.
 
+IQL's curves of V, advantages and AWR weights come from the metrics.jsonl that iql.py writes into each run folder; runs
+from before it wrote one are read from the progress lines they printed, in the logs named by --train-logs.
+
 --archive DIR copies each finished run's small files (args, summary, evaluations) into DIR/{runs folder's name}/, with
-what its tables and figures would otherwise read from elsewhere: its training curve from the logs, its AWR-weight
-statistics from its final networks, its dataset's record, fingerprint and episode returns. The tables are then made
+what its tables and figures would otherwise read from elsewhere: its training curves (training.json, from its
+metrics.jsonl or the logs), its AWR-weight statistics from its final networks, its dataset's record, fingerprint and
+episode returns. The tables are then made
 from the archive alone, so that results outlive the runs' folders, logs, checkpoints and datasets (DIR is committed,
 they are not). A run archived earlier keeps what it had; a dataset rebuilt with other contents is refused.
 """
@@ -107,7 +113,8 @@ def late_score(run: dict, policy: str, result: dict, steps: int) -> Optional[flo
 
 
 def score_table(runs: list, steps: int, late: bool = False) -> str:
-    """Datasets x methods at one step budget: mean +- std over seeds of the final score (with late: of late_score), and the average row."""
+    """Datasets x methods at one step budget: mean +- std over seeds of the final score (with late: of late_score), and the
+    average row."""
     scores, commits = collections.defaultdict(list), set()
     for run in runs:
         if run["summary"]["env_id"].startswith("toy/") or run["args"]["total_steps"] != steps:
@@ -137,7 +144,8 @@ def score_table(runs: list, steps: int, late: bool = False) -> str:
 
 
 def read_records(record_path: str) -> dict:
-    """{dataset id: its record} from benchmarks/datasets.py's local_datasets.jsonl (the last of a dataset built more than once)."""
+    """{dataset id: its record} from benchmarks/datasets.py's local_datasets.jsonl (the last of a dataset built more than
+    once)."""
     return {r["dataset_id"]: r for r in map(json.loads, open(record_path))} if os.path.exists(record_path) else {}
 
 
@@ -146,10 +154,15 @@ def datasets_table(records: dict, dataset_ids: set) -> str:
     benchmarks/datasets.py recorded them."""
     records = {d: r for d, r in records.items() if d in dataset_ids}
     lines = [
-        "| dataset | episodes | steps | episode return: mean (quartiles; min, max) | normalised mean | reference returns (score 0, 100) | behaviour policies (mean return of the checkpoint's deterministic evaluation) | SHA-256 of the data (first 12 digits) |",
+        "| dataset | episodes | steps | episode return: mean (quartiles; min, max) | normalised mean "
+        "| reference returns (score 0, 100) | behaviour policies (mean return of the checkpoint's deterministic evaluation) "
+        "| SHA-256 of the data (first 12 digits) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    number = lambda x: f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+    def number(x):
+        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
     for r in sorted(records.values(), key=lambda r: r["dataset_id"]):
         scored = r["ref_max_score"] is not None
         refs = f"{r['ref_min_score']:.1f}, {r['ref_max_score']:.1f}" if scored else "–"
@@ -169,7 +182,9 @@ def datasets_table(records: dict, dataset_ids: set) -> str:
             else "–"
         )
         lines.append(
-            f"| {r['dataset_id']} | {r['episodes']:,} | {r['steps']:,} | {number(r['return_mean'])} ({quartiles}; {number(r['return_min'])}, {number(r['return_max'])}) | {normalised} | {refs} | {policies} | {r.get('sha256', '–')[:12]} |"
+            f"| {r['dataset_id']} | {r['episodes']:,} | {r['steps']:,} "
+            f"| {number(r['return_mean'])} ({quartiles}; {number(r['return_min'])}, {number(r['return_max'])}) "
+            f"| {normalised} | {refs} | {policies} | {r.get('sha256', '–')[:12]} |"
         )
     return "\n".join(lines)
 
@@ -319,7 +334,8 @@ def return_figures(runs: list, out_dir: str, episode_returns) -> list:
             ax.axvline(
                 np.mean(scores),
                 color=color,
-                label=f"{name}: {np.mean(scores):.1f} (mean over {len(scores)} seed{'s' if len(scores) > 1 else ''}; dots: each seed)",
+                label=f"{name}: {np.mean(scores):.1f} "
+                f"(mean over {len(scores)} seed{'s' if len(scores) > 1 else ''}; dots: each seed)",
             )
             ax.plot(scores, np.full(len(scores), ax.get_ylim()[1] * (0.95 - 0.05 * i)), "o", color=color)
         ax.set_xlabel("score (normalised return)")
@@ -336,9 +352,9 @@ def return_figures(runs: list, out_dir: str, episode_returns) -> list:
 
 
 def started_run(flags: list, claimed: set) -> Optional[str]:
-    """The run folder that a fresh `python iql.py --flag value ...` made: the first one not in claimed whose args.json holds every
-    value named. A run stopped before its first checkpoint is started again by the same command into a new folder; folder names
-    end in their start time, so the n-th start of the same command made the n-th of those folders."""
+    """The run folder that a fresh `python iql.py --flag value ...` made: the first one not in claimed whose args.json holds
+    every value named. A run stopped before its first checkpoint is started again by the same command into a new folder;
+    folder names end in their start time, so the n-th start of the same command made the n-th of those folders."""
     named, flag = {}, None
     for word in flags:
         if word.startswith("--no-"):  # tyro's --no-flag turns a bool off
@@ -374,11 +390,27 @@ def started_run(flags: list, claimed: set) -> Optional[str]:
     return None
 
 
-def training_metrics(log_paths: list) -> dict:
-    """{run folder: {step: {metric: value}}} from the `train step` lines iql.py prints, in the logs that run_grid.py's output
-    went to. A run's lines follow the command that started or resumed it; a step logged again after a resume takes the
-    later line, the one the finished run continued from. Two runs printing into one log at once cannot be told apart, so a
-    step that does not follow on from the step before it is refused."""
+def metrics_file(run_dir: str) -> dict:
+    """{step: {metric: value}} of the V/Q phase ("train") from the metrics.jsonl iql.py writes into a run folder, each metric
+    named as the `train step` lines name it (v_mean for charts/v_mean), so that a run's curves read the same from either.
+    The speed, which those lines print outside their metrics, and the post-hoc actor's phase, which the logs' reader skips,
+    are left out. A step written twice keeps its last record, as a resumed run's log does."""
+    steps = {}
+    for record in (json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()):
+        if record["phase"] == "train":
+            steps[int(record["step"])] = {
+                k.split("/")[1]: float(v) for k, v in record.items() if "/" in k and k != "charts/updates_per_second"
+            }
+    return steps
+
+
+def training_metrics(log_paths: list, runs_dirs: list = ()) -> dict:
+    """{run folder: {step: {metric: value}}} of the IQL runs: from the metrics.jsonl of each finished IQL run in runs_dirs
+    (metrics_file), and for runs from before iql.py wrote that file, from the `train step` lines iql.py prints, in the logs
+    that run_grid.py's output went to; a step that both hold is taken from metrics.jsonl, which is not rounded. A run's lines
+    follow the command that started or resumed it; a step logged again after a resume takes the later line, the one the
+    finished run continued from. Two runs printing into one log at once cannot be told apart, so a step that does not
+    follow on from the step before it is refused."""
     metrics, run_dir, claimed, last_step = collections.defaultdict(dict), None, set(), -1
     for path in log_paths:
         for line in open(path):
@@ -400,6 +432,11 @@ def training_metrics(log_paths: list) -> dict:
                     {k: float(v) for k, v in zip(values[::2], values[1::2])},
                     step,
                 )
+    for path in sorted(p for runs_dir in runs_dirs for p in glob.glob(os.path.join(runs_dir, "*", "metrics.jsonl"))):
+        run_dir = os.path.dirname(path)
+        finished = os.path.exists(os.path.join(run_dir, "summary.json"))  # else it may be writing its last line
+        if finished and "posthoc_steps" in json.load(open(os.path.join(run_dir, "args.json"))):  # BC runs have no V to draw
+            metrics[os.path.abspath(run_dir)].update(metrics_file(run_dir))
     return metrics
 
 
@@ -478,7 +515,10 @@ def awr_weight_stats(data, advantages: np.ndarray, temperature: float, exp_adv_m
     ends = data.episode_starts + data.episode_lengths  # one past each episode's last step
     to_end = np.repeat(ends, data.episode_lengths) - np.arange(len(data.rewards))
     before_fall = np.repeat(data.terminations[ends - 1], data.episode_lengths) & (to_end <= 50)
-    rank = lambda x: np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float)
+
+    def rank(x):
+        return np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float)
+
     stats = []
     for adv, w, clipped in zip(advantages, weights, logits >= clip):
         episode_adv = np.add.reduceat(adv, data.episode_starts) / data.episode_lengths
@@ -533,18 +573,31 @@ def awr_weight_table(runs: list) -> str:
         rows.update(result["rows"])
         pairs.update({"|".join(sorted(pair.split("|"))): r for pair, r in result["pairs"].items()})
     lines = [
-        "| dataset | steps | share of the AWR weight on the top-10% episodes (their share of steps) | on the 50 steps before a fall (their share) "
-        "| rank correlation of episode return and mean advantage | effective sample size | weights at the clip | correlation of two seeds' advantages | seeds |",
+        "| dataset | steps | share of the AWR weight on the top-10% episodes (their share of steps) "
+        "| on the 50 steps before a fall (their share) | rank correlation of episode return and mean advantage "
+        "| effective sample size | weights at the clip | correlation of two seeds' advantages | seeds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    spread = lambda values, f: f"{f(np.mean(values))} ± {f(np.std(values))}" if values else "–"
-    percent, plain = lambda x: f"{100 * x:.1f}%", lambda x: f"{x:.2f}"
+
+    def spread(values, f):
+        return f"{f(np.mean(values))} ± {f(np.std(values))}" if values else "–"
+
+    def percent(x):
+        return f"{100 * x:.1f}%"
+
+    def plain(x):
+        return f"{x:.2f}"
+
     for (dataset, steps), (rows, pairs) in sorted(groups.items()):
         stats, pairs = list(rows.values()), list(pairs.values())
-        column = lambda key, f: spread([s[key] for s in stats], f)
+
+        def column(key, f):
+            return spread([s[key] for s in stats], f)
+
         lines.append(
-            f"| {dataset} | {steps:,} | {column('top10_weight', percent)} ({percent(stats[0]['top10_steps'])}) | {column('fall_weight', percent)} "
-            f"({percent(stats[0]['fall_steps'])}) | {column('return_rank_corr', plain)} | {column('ess', percent)} | {column('clipped', percent)} | {spread(pairs, plain)} | {len(stats)} |"
+            f"| {dataset} | {steps:,} | {column('top10_weight', percent)} ({percent(stats[0]['top10_steps'])}) "
+            f"| {column('fall_weight', percent)} ({percent(stats[0]['fall_steps'])}) | {column('return_rank_corr', plain)} "
+            f"| {column('ess', percent)} | {column('clipped', percent)} | {spread(pairs, plain)} | {len(stats)} |"
         )
     return (
         "\n".join(lines)
@@ -554,8 +607,9 @@ def awr_weight_table(runs: list) -> str:
 
 
 def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
-    """One PNG per dataset and step budget: IQL's mean V, mean advantage Q - V and mean AWR weight on the minibatch of each logged step
-    against the gradient step, mean with a +-std band over runs (one per seed, or a --num-seeds run's mean over its seeds)."""
+    """One PNG per dataset and step budget: IQL's mean V, mean advantage Q - V and mean AWR weight on the minibatch of each
+    logged step against the gradient step, mean with a +-std band over runs (one per seed, or a --num-seeds run's mean over
+    its seeds). A run's steps are those of training_metrics, else of its archived training.json."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -567,10 +621,12 @@ def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
         "awr_weight_mean": "mean AWR weight (clipped at exp_adv_max)",
     }
     groups = collections.defaultdict(lambda: collections.defaultdict(list))  # dataset and budget -> label -> runs
-    history = lambda run: (
-        metrics.get(os.path.abspath(run["dir"]))
-        or {int(step): m for step, m in run.get("training", {}).get("steps", {}).items()}
-    )
+
+    def history(run):
+        return metrics.get(os.path.abspath(run["dir"])) or {
+            int(step): m for step, m in run.get("training", {}).get("steps", {}).items()
+        }
+
     for run in runs:
         if history(run):
             groups[run["summary"]["env_id"], run["args"]["total_steps"]][label(run, "concurrent")].append(run)
@@ -610,9 +666,10 @@ def begun_datasets(runs_dirs: list) -> set:
 
 
 def archive_runs(runs_dirs: list, archive_dir: str, metrics: dict, records: dict, awr_weights: bool) -> None:
-    """Copy the finished runs of runs_dirs into archive_dir/{runs folder's name}/, with their training curves (training_metrics),
-    their AWR statistics (with awr_weights, from their final networks) and, in archive_dir/datasets.json, the record and
-    episode returns of the datasets of every run begun. What an earlier archiving stored and the sources no longer hold is kept."""
+    """Copy the finished runs of runs_dirs into archive_dir/{runs folder's name}/, with their training curves
+    (training_metrics), their AWR statistics (with awr_weights, from their final networks) and, in archive_dir/datasets.json,
+    the record and episode returns of the datasets of every run begun. What an earlier archiving stored and the sources no
+    longer hold is kept."""
     os.makedirs(archive_dir, exist_ok=True)
     datasets_path = os.path.join(archive_dir, "datasets.json")
     archived = json.load(open(datasets_path)) if os.path.exists(datasets_path) else {}
@@ -666,7 +723,8 @@ def main():
         "--train-logs",
         nargs="*",
         default=[],
-        help="run_grid.py's output (one log per run_grid.py process), from which IQL's V and advantage curves are drawn",
+        help="run_grid.py's output (one log per run_grid.py process), from which IQL's V and advantage curves are drawn "
+        "for runs without a metrics.jsonl",
     )
     parser.add_argument(
         "--returns",
@@ -685,14 +743,15 @@ def main():
     )
     parser.add_argument(
         "--archive",
-        help="copy the finished runs into this folder with all their tables need, and make the tables from the folder (see above)",
+        help="copy the finished runs into this folder with all their tables need, "
+        "and make the tables from the folder (see above)",
     )
     store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
     parser.add_argument(
         "--datasets-record", default=os.path.join(store, "local_datasets.jsonl"), help="written by benchmarks/datasets.py"
     )
     args = parser.parse_args()
-    records, metrics = read_records(args.datasets_record), training_metrics(args.train_logs)
+    records, metrics = read_records(args.datasets_record), training_metrics(args.train_logs, args.runs_dir)
     trained_on = begun_datasets(args.runs_dir)
     if args.archive:
         archive_runs(args.runs_dir, args.archive, metrics, records, args.awr_weights)
@@ -701,9 +760,15 @@ def main():
         archived = json.load(open(os.path.join(args.archive, "datasets.json")))
         records = {d: a["record"] for d, a in archived.items() if a["record"]}
         trained_on |= begun_datasets(archived_dirs)
-        episode_returns = lambda dataset: archived[dataset]["episode_returns"]
+
+        def episode_returns(dataset):
+            return archived[dataset]["episode_returns"]
     else:
-        runs, episode_returns = load_runs(args.runs_dir), lambda dataset: dataset_arrays(dataset).episode_returns
+        runs = load_runs(args.runs_dir)
+
+        def episode_returns(dataset):
+            return dataset_arrays(dataset).episode_returns
+
     curves = learning_curves(runs, args.curves) + training_curves(runs, metrics, args.curves)
     curves += return_figures(runs, args.curves, episode_returns) if args.returns else []
     base = os.path.dirname(os.path.abspath(args.write)) if args.write else os.getcwd()
@@ -726,7 +791,8 @@ def main():
             *(part for pair in scores for part in pair),
             *(
                 [
-                    "### Where the AWR weights of the final V and Q fall (IQL runs, both extractions; every step of the dataset)",
+                    "### Where the AWR weights of the final V and Q fall "
+                    "(IQL runs, both extractions; every step of the dataset)",
                     awr_weight_table(runs),
                 ]
                 if args.awr_weights

@@ -1,5 +1,6 @@
 """The toy problems of Declan Oller's IQL blog post (https://declanoller.github.io/iql_1) as Gymnasium
-environments with a continuous action whose sign is the choice (positive = up / the good arm, negative = down / the bad arm)."""
+environments with a continuous action whose sign is the choice (positive = up / the good arm, negative = down / the bad
+arm)."""
 
 import gymnasium as gym
 import numpy as np

@@ -43,7 +43,8 @@ def make_kitchen_dataset(dataset_id="D4RL/kitchen/tiny-v0", num_episodes=2, seed
 
 
 def make_pen_dataset(dataset_id="D4RL/pen/tiny-v0", num_episodes=3, seed=0, ref_min_score=96.262799, ref_max_score=3076.833):
-    """Adroit pen, carrying reference scores as Minari's D4RL/pen datasets do (by default D4RL's, returns of 100-step episodes)."""
+    """Adroit pen, carrying reference scores as Minari's D4RL/pen datasets do (by default D4RL's, returns of 100-step
+    episodes)."""
     env = gym.make("AdroitHandPen-v1", max_episode_steps=20)
     episodes = record_episodes(env, lambda obs, rng: rng.uniform(-1, 1, 24).astype(np.float32), num_episodes, seed)
     eval_env = gym.make("AdroitHandPen-v1")  # Minari's spec: 200-step episodes

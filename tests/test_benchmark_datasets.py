@@ -31,7 +31,10 @@ def test_stitching_dataset_is_relabelled_to_the_fixed_evaluation_goal(minari_sto
 def test_concatenated_rollouts_keep_every_episode(minari_store):
     # medium-expert is two lists of rollouts whose episode ids both start at 0
     env = gym.make("ToyBandit-v0")
-    policy = lambda obs, rng: rng.uniform(-1, 1, (1,)).astype(np.float32)
+
+    def policy(obs, rng):
+        return rng.uniform(-1, 1, (1,)).astype(np.float32)
+
     first, second = datasets.record_episodes(env, policy, 3, seed=0), datasets.record_episodes(env, policy, 2, seed=1)
     dataset = datasets.create("local/toy/concatenated-v0", env, first + second)
     assert dataset.total_episodes == 5

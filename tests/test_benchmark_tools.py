@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -49,7 +50,8 @@ def test_tables_report_the_last_evaluation_per_step_budget(minari_store, tmp_pat
         # one row per dataset, pooling only this budget's seeds, from their last evaluations; the code version under it
         assert table[2] == f"| mujoco/hopper/tiny-v0 | {np.mean(finals):.1f} ± {np.std(finals):.1f} ({seeds}) |"
         assert table[-1] == "Code: commit not recorded."
-        # late: each seed's own evaluations from half the budget on (steps 20 and 40 of 40; 40, 60 and 80 of 80), not the other seeds'
+        # late: each seed's own evaluations from half the budget on (steps 20 and 40 of 40; 40, 60 and 80 of 80), not the
+        # other seeds'
         assert len(set(lates)) == seeds and lates != finals
         late_table = tables.score_table(runs, steps, late=True).splitlines()
         assert late_table[2] == f"| mujoco/hopper/tiny-v0 | {np.mean(lates):.1f} ± {np.std(lates):.1f} ({seeds}) |"
@@ -90,7 +92,8 @@ def test_bf16_runs_get_columns_of_their_own():
 
 
 def test_a_log_that_two_runs_printed_into_at_once_is_refused(tmp_path):
-    # run a had printed step 5,000 when run b began in the same log; a's next line then reads as b's, and b's own next one goes back
+    # run a had printed step 5,000 when run b began in the same log; a's next line then reads as b's, and b's own next one
+    # goes back
     lines = [
         "python iql.py --resume runs/a",
         "train step     5000/300000 |  80 upd/s | ETA  60.0 min | v_mean 30",
@@ -151,8 +154,8 @@ def test_value_curves_come_from_each_iql_runs_own_log_lines(minari_store, tmp_pa
         f"python iql.py --resume {iql_runs[1]['dir']}",
         "train step       50/100 |     10 upd/s | ETA   0.1 min | v_mean 7.5 advantage_mean -1 awr_weight_mean 2",
     ]
-    # seed 2 as if its first start had stopped before its first checkpoint: an older folder of the same arguments, its lines, then
-    # the same command again; each start's lines go to its own folder
+    # seed 2 as if its first start had stopped before its first checkpoint: an older folder of the same arguments, its
+    # lines, then the same command again; each start's lines go to its own folder
     prefix, started = iql_runs[2]["dir"].rsplit("__", 1)
     stale = f"{prefix}__{int(started) - 1}"
     os.makedirs(stale)
@@ -215,7 +218,8 @@ def test_write_fills_only_the_named_block_with_the_runs_datasets(minari_store, t
     )
     page = tmp_path / "page.md"
     page.write_text(
-        "intro\n<!-- tables:start -->\nold results\n<!-- tables:end -->\nmiddle\n<!-- later:start -->\n<!-- later:end -->\nend\n"
+        "intro\n<!-- tables:start -->\nold results\n<!-- tables:end -->\n"
+        "middle\n<!-- later:start -->\n<!-- later:end -->\nend\n"
     )
     argv = [
         "tables.py",
@@ -246,14 +250,15 @@ def test_write_fills_only_the_named_block_with_the_runs_datasets(minari_store, t
     assert "Toy two-step MDP" not in text and "### Scores at 20 gradient steps" in text
     # --returns: the BC run's final score drawn among the dataset's episode returns
     assert (
-        "- [mujoco/hopper/tiny-v0, 20 steps: final scores among the dataset's episode returns](curves/mujoco__hopper__tiny-v0__20__returns.png)"
-        in text
+        "- [mujoco/hopper/tiny-v0, 20 steps: final scores among the dataset's episode returns]"
+        "(curves/mujoco__hopper__tiny-v0__20__returns.png)" in text
     )
     assert (tmp_path / "curves" / "mujoco__hopper__tiny-v0__20__returns.png").exists()
 
 
 def test_awr_weight_stats_by_hand():
-    # four episodes: returns 300 (60 steps, ends in a fall), 1000 (10 steps), 20 (20 steps), 500 (10 steps); the others end at a time limit
+    # four episodes: returns 300 (60 steps, ends in a fall), 1000 (10 steps), 20 (20 steps), 500 (10 steps); the others
+    # end at a time limit
     lengths = np.array([60, 10, 20, 10])
     rewards = np.repeat([5.0, 100.0, 1.0, 50.0], lengths).astype(np.float32)
     ends = np.cumsum(lengths) - 1
@@ -266,7 +271,8 @@ def test_awr_weight_stats_by_hand():
     adv[-1] = 5.0  # clipped at exp_adv_max = e^2
     seed_1, seed_2 = tables.awr_weight_stats(data, np.stack([adv, -adv]), temperature=1.0, exp_adv_max=np.e**2)
     w = np.concatenate([np.ones(60), np.full(10, 3.0), np.full(20, np.exp(-0.1)), np.ones(9), [np.e**2]])
-    # 10% BC keeps the 1000-return episode alone (10 of 100 steps); a fall's last 50 steps are steps 10 to 59 of the first episode
+    # 10% BC keeps the 1000-return episode alone (10 of 100 steps); a fall's last 50 steps are steps 10 to 59 of the first
+    # episode
     assert seed_1["top10_steps"] == 0.1 and seed_1["top10_weight"] == pytest.approx(30 / w.sum())
     assert seed_1["fall_steps"] == 0.5 and seed_1["fall_weight"] == pytest.approx(50 / w.sum())
     assert seed_1["ess"] == pytest.approx(w.sum() ** 2 / (100 * np.square(w).sum())) and seed_1["clipped"] == 0.01
@@ -313,7 +319,8 @@ def test_awr_weights_come_from_the_saved_networks_as_the_update_computes_them(mi
     assert row.startswith("| mujoco/hopper/tiny-v0 | 30 | ") and row.endswith(
         f" | {np.corrcoef(*advantages)[0, 1]:.2f} ± 0.00 | 2 |"
     )
-    # a value network saved as an nn.Sequential of Linear layers, as checkpoints from before Ensemble hold it, gives the same outputs
+    # a value network saved as an nn.Sequential of Linear layers, as checkpoints from before Ensemble hold it, gives the
+    # same outputs
     sequential = torch.nn.Sequential(
         torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)
     )
@@ -479,3 +486,149 @@ def test_a_behaviour_policy_run_repeats_on_one_processor_and_names_it(tmp_path):
     assert len(first["rewards"]) == 199  # saved before the checkpoint step's own transition
     for key in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
         np.testing.assert_array_equal(first[key], second[key])
+
+
+def iql_metrics(seed: int) -> list:
+    """The metrics.jsonl records of a 15,000-step IQL run (--log-freq 5000, post-hoc actor of 1,000 steps) that stopped after
+    step 10,000 and resumed from its checkpoint at 5,000, its file not cut back: step 10,000 is written twice. Every value
+    is a short binary fraction, which the printed lines (4 significant digits) hold exactly."""
+    records = []
+    for step, again in ((300, 0), (5000, 0), (10000, 0), (10000, 1), (15000, 1)):
+        v = step // 1000 + seed + again / 2 + 0.25
+        records.append(
+            {
+                "phase": "train",
+                "step": step,
+                "losses/value_loss": 0.125 * seed,
+                "losses/critic_loss": 2.5,
+                "charts/v_mean": v,
+                "charts/q_mean": v + 1,
+                "losses/actor_loss": 3.0 - again,
+                "charts/advantage_mean": -1.0 + 0.25 * again,
+                "charts/awr_weight_mean": 2.0 + 0.5 * seed,
+                "charts/updates_per_second": 85.0,
+            }
+        )
+    for step in (300, 1000):
+        records.append(
+            {
+                "phase": "posthoc",
+                "step": step,
+                "losses/posthoc_actor_loss": 1.5,
+                "charts/posthoc_advantage_mean": 0.5,
+                "charts/posthoc_awr_weight_mean": 1.25,
+                "charts/updates_per_second": 300.0,
+            }
+        )
+    return records
+
+
+def printed_lines(run_dir: str, records: list) -> list:
+    """The log run_grid.py keeps of the run that wrote records: its command, then what iql.py printed at each record, in
+    iql.py's format; the resume's command before the step written again."""
+    lines, last = [f"python iql.py --resume {run_dir}"], 0
+    for r in records:
+        if r["phase"] == "train" and r["step"] <= last:
+            lines.append(f"python iql.py --resume {run_dir}")
+        last = r["step"] if r["phase"] == "train" else last
+        total = 15000 if r["phase"] == "train" else 1000
+        values = " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in r.items() if "/" in k and k != "charts/updates_per_second")
+        speed = r["charts/updates_per_second"]
+        lines.append(f"{r['phase']} step {r['step']:>8}/{total} | {speed:7.0f} upd/s | ETA   1.0 min | {values}")
+    return lines
+
+
+def fake_run(runs_dir, name: str, args: dict, summary: Optional[dict], metrics: list, policy: str = "concurrent") -> str:
+    """A run folder with the files tables.py reads (summary.json only if it finished), made without training."""
+    run_dir = runs_dir / name
+    run_dir.mkdir(parents=True)
+    args = {"env_id": "local/fake/medium-v0", "seed": 1, "num_seeds": 1, "total_steps": 15000, "bf16": False, **args}
+    (run_dir / "args.json").write_text(json.dumps(args))
+    score = 40.0 + args["seed"]
+    (run_dir / "evaluations.jsonl").write_text(
+        json.dumps({"policy": policy, "seed": args["seed"], "step": 15000, "score_mean": score}) + "\n"
+    )
+    if summary is not None:
+        summary = {"env_id": args["env_id"], "policies": {policy: {"score_mean": score}}, **summary}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    return str(run_dir)
+
+
+def fake_iql_run(runs_dir, seed: int) -> str:
+    return fake_run(runs_dir, f"iql__{seed}", {"seed": seed, "posthoc_steps": 1000}, {}, iql_metrics(seed))
+
+
+def test_training_curves_from_metrics_jsonl_equal_those_from_the_printed_log(tmp_path, monkeypatch):
+    runs_dir, log = tmp_path / "runs", []
+    for seed in (1, 2):
+        log += printed_lines(fake_iql_run(runs_dir, seed), iql_metrics(seed))
+    first, second = (os.path.abspath(runs_dir / f"iql__{seed}") for seed in (1, 2))
+    # a BC run writes the file too, and a run still training may be writing its last line: neither has IQL's curves
+    bc_metrics = [{"phase": "train", "step": 300, "losses/bc_loss": 1.2, "charts/updates_per_second": 340.0}]
+    summary = {"data_selection": {"top_fraction": 1.0, "top_by": "steps"}}
+    fake_run(runs_dir, "bc__1", {"top_fraction": 1.0}, summary, bc_metrics, policy="bc")
+    unfinished = fake_run(runs_dir, "iql__3", {"seed": 3, "posthoc_steps": 1000}, None, iql_metrics(3))
+    with open(os.path.join(unfinished, "metrics.jsonl"), "a") as f:
+        f.write('{"phase": "train", "st')
+    (tmp_path / "grid.log").write_text("\n".join(log) + "\n")
+
+    from_log = tables.training_metrics([str(tmp_path / "grid.log")])
+    from_files = tables.training_metrics([], [str(runs_dir)])
+    assert from_files == from_log and sorted(from_files) == [first, second]
+    # the V/Q phase only, the step written again taken from its later record, named as the printed lines name them
+    assert sorted(from_files[first]) == [300, 5000, 10000, 15000]
+    assert from_files[first][10000] == {
+        "value_loss": 0.125,
+        "critic_loss": 2.5,
+        "v_mean": 11.75,
+        "q_mean": 12.75,
+        "actor_loss": 2.0,
+        "advantage_mean": -0.75,
+        "awr_weight_mean": 2.5,
+    }
+    assert tables.training_metrics([str(tmp_path / "grid.log")], [str(runs_dir)]) == from_files
+    # a run resumed by a version that wrote metrics.jsonl holds only the later steps there: the log keeps the earlier ones
+    with open(os.path.join(second, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps({**r, "charts/v_mean": 99.0}) + "\n" for r in iql_metrics(2)[3:]))
+    both = tables.training_metrics([str(tmp_path / "grid.log")], [str(runs_dir)])
+    assert [both[second][s]["v_mean"] for s in (300, 5000, 10000, 15000)] == [2.25, 7.25, 99.0, 99.0]
+
+    monkeypatch.setattr(tables, "discounted_return_to_go", lambda run: 20.0)  # the panel's reference line reads the dataset
+    runs = tables.load_runs([str(runs_dir)])
+    ((name, path_log),) = tables.training_curves(runs, from_log, str(tmp_path / "from_log"))
+    ((_, path_files),) = tables.training_curves(runs, from_files, str(tmp_path / "from_files"))
+    assert name == "local/fake/medium-v0, 15,000 steps: V, advantages, AWR weights"
+    assert open(path_log, "rb").read() == open(path_files, "rb").read()
+
+
+def test_runs_with_metrics_jsonl_need_no_log_and_archive_their_curves(tmp_path, monkeypatch):
+    import types
+
+    runs_dir = tmp_path / "runs"
+    run_dirs = [fake_iql_run(runs_dir, seed) for seed in (1, 2)]
+    # what the dataset would give: the V panel's reference line, and the episode returns the archive keeps
+    monkeypatch.setattr(tables, "discounted_return_to_go", lambda run: 20.0)
+    monkeypatch.setattr(tables, "dataset_arrays", lambda dataset: types.SimpleNamespace(episode_returns=np.array([1.0, 2.0])))
+
+    def block(*flags):
+        page = tmp_path / "page.md"
+        page.write_text("<!-- b:start -->\n<!-- b:end -->\n")
+        argv = ["tables.py", "--runs-dir", str(runs_dir), "--write", str(page), "--block", "b"]
+        argv += ["--curves", str(tmp_path / "curves"), "--datasets-record", str(tmp_path / "none.jsonl"), *flags]
+        monkeypatch.setattr("sys.argv", argv)
+        tables.main()
+        return page.read_text()
+
+    from_runs = block()  # no --train-logs
+    figure = "curves/local__fake__medium-v0__15000__value.png"
+    assert f"- [local/fake/medium-v0, 15,000 steps: V, advantages, AWR weights]({figure})" in from_runs
+    assert (tmp_path / figure).exists()
+    assert block("--archive", str(tmp_path / "archive")) == from_runs
+    for run_dir in run_dirs:
+        training = json.load(open(tmp_path / "archive" / "runs" / os.path.basename(run_dir) / "training.json"))
+        steps = tables.training_metrics([], [str(runs_dir)])[os.path.abspath(run_dir)]
+        assert training == {"steps": {str(s): m for s, m in steps.items()}, "return_to_go": 20.0}
+    shutil.rmtree(runs_dir)
+    runs_dir.mkdir()
+    assert block("--archive", str(tmp_path / "archive")) == from_runs

@@ -1,16 +1,16 @@
 """Behaviour cloning (BC) and top-k% BC on Minari datasets, in one file.
-
 Copyright (c) 2026 the single-file offline RL authors. MIT License: see LICENSE, or https://opensource.org/license/mit
 
-The baselines of the IQL paper (Kostrikov, Nair & Levine 2021, https://arxiv.org/abs/2110.06169):
-BC maximises the log-likelihood of the dataset's actions; "10% BC" does the same on only the
-episodes with the top 10% of returns. Same data loading, evaluation, scores and outputs as iql.py.
+The baselines of the IQL paper (Kostrikov, Nair & Levine 2021, https://arxiv.org/abs/2110.06169): BC maximises the
+log-likelihood of the dataset's actions; "10% BC" does the same on only the episodes with the top 10% of returns.
+Same data loading, evaluation, scores and outputs as iql.py.
 
     python bc.py --env-id mujoco/hopper/medium-v0                     # BC
     python bc.py --env-id mujoco/hopper/medium-v0 --top-fraction 0.1  # 10% BC
-    python bc.py --help
+    python bc.py --resume runs/{run_name}                             # continue a stopped run; --help documents every flag
 
-Outputs go to runs/{run_name}/: args.json, dataset_overview.png, evaluations.jsonl, summary.json, checkpoint.pt, model.pt.
+Outputs go to runs/{run_name}/: args.json, dataset_overview.png, metrics.jsonl, evaluations.jsonl, summary.json,
+checkpoint.pt and (with --save-model) model.pt.
 """
 
 import contextlib
@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Optional, Tuple
 
 import gymnasium as gym
@@ -35,19 +35,19 @@ import tyro
 @dataclass
 class Args:
     exp_name: Optional[str] = None
-    """the name of this experiment (part of the run name); None: `bc`, or `bc_top{percent}` (e.g. bc_top10) below --top-fraction 1"""
+    """the name of this experiment (part of the run name); None: `bc`, or `bc_top{percent}` (e.g. bc_top10)"""
     env_id: str = "mujoco/hopper/medium-v0"
     """the Minari dataset id; the policy is evaluated in the dataset's own evaluation environment"""
     seed: int = 1
     """seed of the network and the minibatches; evaluation episode i uses env seed 10_000 * seed + i"""
     num_seeds: int = 1
-    """train seeds seed, ..., seed + num_seeds - 1 in one process, in lockstep: each as it would train alone, every layer one batched matmul for all"""
+    """train seeds seed, ..., seed + num_seeds - 1 in lockstep in one process, each exactly as it would train alone"""
     cuda: bool = True
     """if toggled, train on the GPU when one is available"""
     torch_threads: Optional[int] = 1
-    """CPU threads of torch; 1 keeps runs sharing a machine from slowing each other (torch's default, all cores, made 2 runs on 2 cores 16-35x slower)"""
+    """CPU threads of torch; 1 keeps runs sharing a machine from slowing each other (torch's default: all cores)"""
     compile: bool = False
-    """if toggled, torch.compile the update steps, on CUDA also captured in CUDA graphs (mode reduce-overhead): for GPUs, where eager updates wait on launches"""
+    """if toggled, torch.compile the updates (on CUDA with CUDA graphs): for GPUs, where eager updates wait on launches"""
     bf16: bool = False
     """if toggled, matmuls in bfloat16 (autocast); parameters, Adam states and losses stay float32"""
     track: bool = False
@@ -67,13 +67,13 @@ class Args:
     resume: Optional[str] = None
     """continue the stopped run in this folder (runs/{run_name}) from its checkpoint, with its stored arguments"""
     eval_only: Optional[str] = None
-    """evaluate the policies saved in this run folder (model.pt, else checkpoint.pt) for --final-eval-episodes episodes, without training"""
+    """evaluate the policy saved in this run folder (model.pt, else checkpoint.pt), without training"""
 
     # Algorithm
     top_fraction: float = 1.0
-    """train on the episodes with the best returns, this fraction of the data (1.0 = plain BC, 0.1 = the paper's 10% BC)"""
+    """train on the episodes with the best returns, this fraction of the data (1.0: plain BC, 0.1: the paper's 10% BC)"""
     top_by: Literal["steps", "episodes"] = "steps"
-    """`steps`: the best episodes until they fill --top-fraction of the timesteps (Decision Transformer's rule, behind the paper's 10% BC); `episodes`: that fraction of the episodes (CORL's)"""
+    """`steps`: best episodes until they fill the fraction of the steps (Decision Transformer's); `episodes`: CORL's"""
     total_steps: int = 1_000_000
     """the number of gradient steps"""
     batch_size: int = 256
@@ -82,8 +82,8 @@ class Args:
     """the learning rate of the policy (named as iql.py's actor, so both scripts take the same flags)"""
     hidden_dims: Tuple[int, ...] = (256, 256)
     """the hidden layer sizes of the policy"""
-    actor_dropout: float = 0.0
-    """the dropout rate after each hidden activation of the policy"""
+    actor_dropout: Optional[float] = None
+    """the dropout rate after each hidden activation. None: iql.py's actor's, the paper's (Kitchen, Adroit 0.1; else 0)"""
     actor_lr_schedule: Literal["cosine", "constant"] = "cosine"
     """`cosine` decays the learning rate to 0 over the run, as iql.py's actor does"""
     state_dependent_std: bool = False
@@ -101,10 +101,19 @@ class Args:
     final_eval_episodes: int = 100
     """the number of episodes of the final evaluation"""
     log_freq: int = 5_000
-    """print and log training metrics every this many gradient steps"""
+    """print and log training metrics (also to metrics.jsonl) every this many gradient steps"""
 
 
-# D4RL's reference returns (random, expert), for datasets with none (Minari's mujoco/*-v0): scores then mean what they meant in D4RL
+# The paper's (expectile, temperature, actor dropout) per family, from the official configs; other datasets get
+# MuJoCo's, like the official default config.
+PAPER_SETTINGS = {
+    "MuJoCo": (0.7, 3.0, 0.0),
+    "AntMaze": (0.9, 10.0, 0.0),
+    "Kitchen": (0.7, 0.5, 0.1),
+    "Adroit": (0.7, 0.5, 0.1),
+}
+# D4RL's reference returns (random, expert), for datasets that carry none (Minari's mujoco/*-v0): a score then means
+# what it meant in D4RL.
 D4RL_REFERENCE_RETURNS = {
     "halfcheetah": (-280.178953, 12135.0),
     "hopper": (-20.272305, 3234.3),
@@ -119,76 +128,81 @@ LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 EVAL_SEED_BLOCK = 10_000  # training seed k evaluates on env seeds 10_000 k + i: disjoint start states per seed
 
 
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resolve_settings(args: Args) -> Args:
+    """The run's name (bc, or bc_top10 for 10% BC) and, left at None, iql.py's actor dropout for the dataset's family."""
+    exp_name = args.exp_name
+    if exp_name is None:
+        exp_name = "bc" if args.top_fraction == 1.0 else f"bc_top{100 * args.top_fraction:g}"
+    dropout = args.actor_dropout
+    if dropout is None:
+        family = dataset_family(args.env_id)
+        dropout = PAPER_SETTINGS["MuJoCo" if family == "PointMaze" else family][2]
+    return replace(args, exp_name=exp_name, actor_dropout=dropout)
+
+
 def validate_args(args: Args) -> None:
-    """Reject bad settings before any work is done."""
-    checks = [
-        (0.0 < args.top_fraction <= 1.0, f"--top-fraction must be in (0, 1], got {args.top_fraction}"),
-        (args.num_seeds > 0, f"--num-seeds must be positive, got {args.num_seeds}"),
-        (args.total_steps > 0, f"--total-steps must be positive, got {args.total_steps}"),
-        (args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}"),
-        (args.actor_lr > 0.0, f"--actor-lr must be positive, got {args.actor_lr}"),
-        (
-            len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0,
-            f"--hidden-dims must be positive sizes, got {args.hidden_dims}",
-        ),
-        (0.0 <= args.actor_dropout < 1.0, f"--actor-dropout must be in [0, 1), got {args.actor_dropout}"),
-        (args.torch_threads is None or args.torch_threads > 0, f"--torch-threads must be positive, got {args.torch_threads}"),
-        (args.seed >= 0, f"--seed must be >= 0, got {args.seed}"),
-        (args.eval_freq >= 0, f"--eval-freq must be >= 0, got {args.eval_freq}"),
-        (args.checkpoint_freq >= 0, f"--checkpoint-freq must be >= 0, got {args.checkpoint_freq}"),
-        *(
-            (getattr(args, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(args, f)}")
-            for f in ("eval_episodes", "final_eval_episodes", "log_freq")
-        ),
-        *(
-            (
-                getattr(args, f) <= EVAL_SEED_BLOCK,
-                f"--{f.replace('_', '-')} must be at most {EVAL_SEED_BLOCK}, the evaluation seeds of one training seed, got {getattr(args, f)}",
-            )
-            for f in ("eval_episodes", "final_eval_episodes")
-        ),
-        (
-            dataset_family(args.env_id).endswith("Maze") or not (args.goal_terminal or args.eval_terminate_at_goal),
-            f"--{'goal-terminal' if args.goal_terminal else 'eval-terminate-at-goal'} applies to maze datasets (pointmaze, antmaze) only, got --env-id {args.env_id}",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise SystemExit(f"error: {message}")
+    """Reject bad settings before any work is done, in one line."""
+    positive = ["num_seeds", "total_steps", "batch_size", "actor_lr", "torch_threads"]
+    positive += ["eval_episodes", "final_eval_episodes", "log_freq"]
+    problems = [f"{flag(n)} must be positive, got {getattr(args, n)}" for n in positive if (getattr(args, n) or 1) <= 0]
+    for name in ("seed", "eval_freq", "checkpoint_freq"):
+        if getattr(args, name) < 0:
+            problems.append(f"{flag(name)} must be >= 0, got {getattr(args, name)}")
+    for name in ("eval_episodes", "final_eval_episodes"):
+        if getattr(args, name) > EVAL_SEED_BLOCK:
+            problems.append(f"{flag(name)} must be at most {EVAL_SEED_BLOCK}, the evaluation seeds of one training seed")
+    if not 0.0 < args.top_fraction <= 1.0:
+        problems.append(f"--top-fraction must be in (0, 1], got {args.top_fraction}")
+    if not args.hidden_dims or min(args.hidden_dims) <= 0:
+        problems.append(f"--hidden-dims must be positive sizes, got {args.hidden_dims}")
+    if not 0.0 <= args.actor_dropout < 1.0:
+        problems.append(f"--actor-dropout must be in [0, 1), got {args.actor_dropout}")
+    for name in ("goal_terminal", "eval_terminate_at_goal"):
+        if getattr(args, name) and not dataset_family(args.env_id).endswith("Maze"):
+            problems.append(f"{flag(name)} applies to maze datasets (pointmaze, antmaze) only, got --env-id {args.env_id}")
+    if problems:
+        raise SystemExit(f"error: {problems[0]}")
 
 
-# Data -----------------------------------------------------------------------------------------
+# Data -----------------------------------------------------------------------------------------------------------------------
 def load_minari_dataset(dataset_id: str):
-    """From the local store, else downloaded; a mistyped id gets the closest stored ids at once; one error line if neither works."""
+    """From the local store, else downloaded; one error line, with the closest stored ids, if neither works."""
     import minari
 
-    # gymnasium-robotics holds the maze, Kitchen and Adroit environments; its note on Adroit's rewards is shown for Adroit datasets
-    # only, and any failure (not installed, a bad MUJOCO_GL) surfaces, explained, when the evaluation env is built
-    with (
-        contextlib.suppress(Exception),
-        contextlib.nullcontext() if dataset_family(dataset_id) == "Adroit" else contextlib.redirect_stderr(io.StringIO()),
-    ):
+    # gymnasium-robotics registers the maze, Kitchen and Adroit environments. Its note on Adroit's rewards is shown for
+    # Adroit datasets only; a failure to import it surfaces, explained, when the evaluation environment is built.
+    quiet = dataset_family(dataset_id) != "Adroit"
+    with contextlib.suppress(Exception), contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
         import gymnasium_robotics  # noqa: F401
     store = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     local = list(minari.list_local_datasets())
-    close = [] if dataset_id in local else difflib.get_close_matches(dataset_id, local, n=3, cutoff=0.75)
+    if dataset_id in local:
+        try:
+            return minari.load_dataset(dataset_id)
+        except Exception as e:  # a corrupt or half-written dataset folder
+            raise SystemExit(f"error: cannot load Minari dataset '{dataset_id}' ({describe(e)})") from None
+    close = difflib.get_close_matches(dataset_id, local, n=3, cutoff=0.75)
+    missing = f"error: Minari dataset '{dataset_id}' is not in the local store ({store})"
     hint = f" Did you mean {' or '.join(close)}?" if close else ""
-    if dataset_id not in local:
-        print(f"{dataset_id} is not in the local Minari store ({store}).{hint} Trying to download it...", flush=True)
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise SystemExit(f"{missing}, and HF_HUB_OFFLINE is set, so it was not downloaded.{hint}")
+    print(f"{dataset_id} is not in the local Minari store ({store}); downloading it...", flush=True)
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # its retry warnings would bury our one-line error
     try:
         return minari.load_dataset(dataset_id, download=True)
-    except Exception as e:  # minari raises many types here: unknown id, no network, offline mode, bad id format
+    except Exception as e:  # minari raises many types here: unknown id, no network, bad id format
         raise SystemExit(
-            f"error: cannot load Minari dataset '{dataset_id}' ({describe(e)})"
-            if dataset_id in local
-            else f"error: Minari dataset '{dataset_id}' is not in the local store ({store}) and could not be downloaded ({describe(e)}).{hint} "
-            "Set MINARI_DATASETS_PATH to use another store, HF_HUB_OFFLINE=1 to fail at once without a network; `minari list local` lists the stored ids."
+            f"{missing} and could not be downloaded ({describe(e)}).{hint} Set MINARI_DATASETS_PATH to use another "
+            "store, HF_HUB_OFFLINE=1 to fail at once without a network; `minari list local` lists the stored ids."
         ) from None
 
 
 def flatten_observation(obs, space: gym.Space) -> np.ndarray:
-    """(batch, dim) float32; Dict parts concatenated recursively in key (alphabetical) order: the vector of gym.spaces.flatten."""
+    """(batch, dim) float32; Dict parts concatenated recursively in key (alphabetical) order, as gym.spaces.flatten."""
     if isinstance(space, gym.spaces.Dict):
         return np.concatenate([flatten_observation(obs[k], s) for k, s in space.spaces.items()], axis=1)
     return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
@@ -215,7 +229,8 @@ class OfflineData:
     @property
     def obs_rows(self) -> np.ndarray:
         """(N,) row of each transition's s; s' is the next row. Step j of episode e is at row start_e + e + j."""
-        return np.arange(self.episode_lengths.sum()) + np.repeat(np.arange(len(self.episode_lengths)), self.episode_lengths)
+        episodes = np.repeat(np.arange(len(self.episode_lengths)), self.episode_lengths)
+        return np.arange(self.episode_lengths.sum()) + episodes
 
     @property
     def episode_starts(self) -> np.ndarray:
@@ -231,7 +246,10 @@ def flatten_dataset(dataset) -> OfflineData:
     episodes = list(dataset.iterate_episodes())
     if not episodes:
         raise SystemExit(f"error: Minari dataset '{dataset.spec.dataset_id}' has no episodes")
-    stack = lambda part, dtype: np.concatenate([np.asarray(part(e), dtype=dtype) for e in episodes])
+
+    def stack(part, dtype) -> np.ndarray:
+        return np.concatenate([np.asarray(part(e), dtype=dtype) for e in episodes])
+
     return OfflineData(
         observations=stack(lambda e: flatten_observation(e.observations, dataset.observation_space), np.float32),
         actions=stack(lambda e: np.reshape(e.actions, (len(e.rewards), -1)), np.float32),
@@ -240,6 +258,25 @@ def flatten_dataset(dataset) -> OfflineData:
         truncations=stack(lambda e: e.truncations, bool),
         episode_lengths=np.array([len(e.rewards) for e in episodes], dtype=np.int64),
     )
+
+
+def check_finite(data: OfflineData, dataset_id: str) -> None:
+    """A NaN in the data makes every loss NaN at the first update: say where it is instead, before any run folder exists."""
+    first_observations = data.episode_starts + np.arange(len(data.episode_lengths))
+    parts = {
+        "observations": (data.observations, first_observations),
+        "actions": (data.actions, data.episode_starts),
+        "rewards": (data.rewards, data.episode_starts),
+    }
+    for name, (values, episode_starts) in parts.items():
+        bad = ~np.isfinite(values.reshape(len(values), -1))
+        if bad.any():
+            row = int(np.argmax(bad.any(axis=1)))
+            episode = int(np.searchsorted(episode_starts, row, side="right") - 1)
+            raise SystemExit(
+                f"error: Minari dataset '{dataset_id}' has {int(bad.sum())} NaN or infinite value(s) in its {name}, "
+                f"the first in episode {episode} (counted from 0) at step {row - episode_starts[episode]}"
+            )
 
 
 def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray) -> OfflineData:
@@ -257,25 +294,38 @@ def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray
     )
 
 
+def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
+    """D4RL's maze convention: each episode ends, as a termination, at its first goal step (sparse reward 1); the steps
+    after it, spent at or around the goal, are dropped."""
+    starts = data.episode_starts
+    goal_steps = [np.flatnonzero(data.rewards[start : start + n] >= 1.0) for start, n in zip(starts, data.episode_lengths)]
+    reached = np.array([len(g) > 0 for g in goal_steps], dtype=bool)
+    lengths = np.array([g[0] + 1 if len(g) else n for g, n in zip(goal_steps, data.episode_lengths)], dtype=np.int64)
+    cut = subset_episodes(data, np.arange(len(lengths)), lengths)
+    ends = (np.cumsum(lengths) - 1)[reached]
+    cut.terminations[ends], cut.truncations[ends] = True, False
+    return cut
+
+
+def load_data(dataset, dataset_id: str, goal_terminal: bool) -> OfflineData:
+    data = flatten_dataset(dataset)
+    check_finite(data, dataset_id)
+    return cut_episodes_at_goal(data) if goal_terminal else data
+
+
 def top_episodes(data: OfflineData, fraction: float, by: str) -> Tuple[OfflineData, float]:
-    """The best episodes by undiscounted return, and the lowest kept return. Ties go to the earlier
-    episode; kept episodes stay in dataset order. by="steps" is Decision Transformer's rule: the
-    best episode, then the next best while the kept steps stay below int(fraction * steps).
-    by="episodes" keeps the best ceil(fraction * episodes). Either keeps at least one episode."""
+    """The best episodes by undiscounted return, and the lowest kept return. Ties go to the earlier episode; kept
+    episodes stay in dataset order. by="steps" is Decision Transformer's rule: the best episode, then the next best while
+    the kept steps stay below int(fraction * steps). by="episodes" keeps the best ceil(fraction * episodes). Either keeps
+    at least one episode."""
     returns = data.episode_returns
     best_first = np.argsort(-returns, kind="stable")
     # round() first so that e.g. 0.7 * 10 = 7.000000000000001 counts as 7
     if fraction >= 1.0:
         count = len(returns)  # all: DT's strict "below" would drop the worst episode even at 100%
     elif by == "steps":
-        count = max(
-            1,
-            int(
-                np.sum(
-                    np.cumsum(data.episode_lengths[best_first]) < max(1, int(round(fraction * data.episode_lengths.sum(), 9)))
-                )
-            ),
-        )
+        budget = max(1, int(round(fraction * data.episode_lengths.sum(), 9)))
+        count = max(1, int(np.sum(np.cumsum(data.episode_lengths[best_first]) < budget)))
     else:
         count = max(1, math.ceil(round(fraction * len(returns), 9)))
     kept = np.sort(best_first[:count])
@@ -292,7 +342,8 @@ def action_bounds(space: gym.Space) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def to_unit_box(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Map dataset actions affinely to [-1, 1], the range of the tanh mean (identity for [-1, 1] boxes), then clip to [-1 + eps, 1 - eps] as the official data loader does."""
+    """Map dataset actions affinely to [-1, 1], the range of the tanh mean (identity for [-1, 1] boxes), then clip to
+    [-1 + eps, 1 - eps] as the official data loader does."""
     unit = 2.0 * (actions - low) / (high - low) - 1.0
     return np.clip(unit, -1.0 + ACTION_CLIP_EPS, 1.0 - ACTION_CLIP_EPS).astype(np.float32)
 
@@ -300,21 +351,14 @@ def to_unit_box(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.nd
 def dataset_family(dataset_id: str) -> str:
     """AntMaze, PointMaze, Kitchen, Adroit, or MuJoCo: the paper's locomotion family, and the default for other ids."""
     name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
-    return (
-        "AntMaze"
-        if "antmaze" in dataset_id
-        else "PointMaze"
-        if "pointmaze" in dataset_id
-        else "Kitchen"
-        if "kitchen" in dataset_id
-        else "Adroit"
-        if name in ("pen", "hammer", "door", "relocate")
-        else "MuJoCo"
-    )
+    for family in ("AntMaze", "PointMaze", "Kitchen"):
+        if family.lower() in dataset_id:
+            return family
+    return "Adroit" if name in ("pen", "hammer", "door", "relocate") else "MuJoCo"
 
 
 def scoring_rule(dataset, dataset_id: str) -> dict:
-    """The paper's score per family (success, Kitchen tasks, normalised return) and any evaluation episode length it needs."""
+    """The paper's score per family (success, Kitchen tasks, normalised return) and any evaluation length it needs."""
     family = dataset_family(dataset_id)
     if family.endswith("Maze"):
         return {
@@ -349,26 +393,6 @@ def scoring_rule(dataset, dataset_id: str) -> dict:
     }
 
 
-def eval_env_kwargs(rule: dict, terminate_at_goal: bool) -> dict:
-    """Overrides of the dataset's evaluation environment spec; with terminate_at_goal, D4RL's mazes: the episode ends at the goal."""
-    return {
-        **({"max_episode_steps": rule["max_episode_steps"]} if rule["max_episode_steps"] else {}),
-        **({"continuing_task": False} if terminate_at_goal else {}),
-    }
-
-
-def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
-    """D4RL's maze convention: each episode ends, as a termination, at its first goal step (sparse reward 1); the steps after it, spent at or around the goal, are dropped."""
-    starts = data.episode_starts
-    goal_steps = [np.flatnonzero(data.rewards[start : start + n] >= 1.0) for start, n in zip(starts, data.episode_lengths)]
-    reached = np.array([len(g) > 0 for g in goal_steps], dtype=bool)
-    lengths = np.array([g[0] + 1 if len(g) else n for g, n in zip(goal_steps, data.episode_lengths)], dtype=np.int64)
-    cut = subset_episodes(data, np.arange(len(lengths)), lengths)
-    ends = (np.cumsum(lengths) - 1)[reached]
-    cut.terminations[ends], cut.truncations[ends] = True, False
-    return cut
-
-
 def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None:
     """Histograms of the raw data, log counts from 0.5 (a count of 1 shows), integer bins for integer quantities."""
     import matplotlib.pyplot as plt
@@ -390,7 +414,8 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
         bins, integers = 50, bool(np.all(values == np.round(values)))
         if integers:
             lo, hi = int(values.min()), int(values.max())
-            bins = np.arange(lo - 0.5, hi + math.ceil((hi - lo + 1) / 50), math.ceil((hi - lo + 1) / 50))
+            width = math.ceil((hi - lo + 1) / 50)
+            bins = np.arange(lo - 0.5, hi + width, width)
             ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True, min_n_ticks=1))
         ax.hist(values, bins=bins, color=color, rwidth=0.8 if integers else None)
         ax.set(title=title, xlabel=xlabel, ylabel=f"{counted} (log scale)", yscale="log", ylim=(0.5, None))
@@ -403,67 +428,43 @@ def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None
     plt.close(fig)
 
 
-# Networks and loss ----------------------------------------------------------------------------
+# Networks -------------------------------------------------------------------------------------------------------------------
 class Ensemble(nn.Module):
-    """`members` independent ReLU MLPs (dropout after each hidden activation), each layer one batched matmul of a (members, in, out) weight:
-    (members or fewer, batch, in) -> (members, batch, out). Official init: orthogonal (gain sqrt 2; last_gain last), zero biases; member m from generators[m]."""
+    """`members` independent ReLU MLPs (dropout after each hidden activation), each layer one batched matmul of a
+    (members, in, out) weight: (members or fewer, batch, in) -> (members, batch, out). The official initialisation:
+    orthogonal (gain sqrt 2; last_gain for the last layer), zero biases; member m drawn from generators[m]."""
 
-    def __init__(
-        self,
-        in_dim: int,
-        hidden_dims,
-        out_dim: Optional[int],
-        members: int,
-        generators=None,
-        dropout: float = 0.0,
-        last_gain: float = math.sqrt(2),
-    ):
+    def __init__(self, in_dim, hidden_dims, out_dim, members, generators=None, dropout=0.0, last_gain=math.sqrt(2)):
         super().__init__()
-        dims, self.dropout, self.activate_last = (
-            [in_dim, *hidden_dims, *([out_dim] if out_dim else [])],
-            dropout,
-            out_dim is None,
-        )
+        dims = [in_dim, *hidden_dims, *([out_dim] if out_dim else [])]
+        self.dropout, self.activate_last = dropout, out_dim is None
         self.weights = nn.ParameterList([nn.Parameter(torch.empty(members, i, o)) for i, o in zip(dims, dims[1:])])
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(members, 1, o)) for o in dims[1:]])
-        for i, w in enumerate(self.weights):  # each drawn as nn.Linear holds it, (out, in), then transposed
+        for i, w in enumerate(self.weights):
             gain = last_gain if out_dim and i == len(self.weights) - 1 else math.sqrt(2)
-            w.data.copy_(
-                torch.stack(
-                    [
-                        nn.init.orthogonal_(
-                            torch.empty(w.shape[2], w.shape[1]), gain, generator=generators[m] if generators else None
-                        ).T
-                        for m in range(members)
-                    ]
-                )
-            )
+            # drawn as nn.Linear holds a weight, (out, in), then transposed: the official code's values
+            drawn = [torch.empty(w.shape[2], w.shape[1]) for _ in range(members)]
+            drawn = [
+                nn.init.orthogonal_(d, gain, generator=generators[m] if generators else None) for m, d in enumerate(drawn)
+            ]
+            w.data.copy_(torch.stack([d.T for d in drawn]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x if len(x) == len(self.weights[0]) else x.repeat_interleave(len(self.weights[0]) // len(x), dim=0)
+        members = len(self.weights[0])
+        if len(x) != members:  # one input for every member
+            x = x.repeat_interleave(members // len(x), dim=0)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = torch.baddbmm(b, x, w)
             if i < len(self.weights) - 1 or self.activate_last:
                 x = nn.functional.dropout(torch.relu(x), self.dropout, self.training)
-        return x.to(
-            self.biases[0].dtype
-        )  # under --bf16's autocast the matmuls ran in bfloat16; what follows (losses) is float32
+        return x.to(self.biases[0].dtype)  # under --bf16's autocast the matmuls ran in bfloat16; the losses are float32
 
 
 class Actor(nn.Module):
     """Gaussian with a tanh-squashed mean (the distribution is not squashed); by default one learned log-std vector.
     A member per seed: observations (members, batch, obs_dim) give a mean and a log-std, each (members, batch, act_dim)."""
 
-    def __init__(
-        self,
-        obs_dim: int,
-        act_dim: int,
-        hidden_dims,
-        dropout: float,
-        state_dependent_std: bool,
-        members: int = 1,
-        generators=None,
-    ):
+    def __init__(self, obs_dim, act_dim, hidden_dims, dropout, state_dependent_std, members=1, generators=None):
         super().__init__()
         self.trunk = Ensemble(obs_dim, hidden_dims, None, members, generators, dropout)
         self.mean = Ensemble(hidden_dims[-1], (), act_dim, members, generators)
@@ -474,10 +475,14 @@ class Actor(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         h = self.trunk(obs)
-        log_std = self.log_std_layer(h) if hasattr(self, "log_std_layer") else self.log_std.expand(len(h), h.shape[1], -1)
+        if hasattr(self, "log_std_layer"):
+            log_std = self.log_std_layer(h)
+        else:
+            log_std = self.log_std.expand(len(h), h.shape[1], -1)
         return torch.tanh(self.mean(h)), log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
+# Losses: small pure functions, each checkable by hand -----------------------------------------------------------------------
 def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """log N(actions; mean, exp(log_std)^2), summed over action dimensions."""
     z = (actions - mean) * torch.exp(-log_std)
@@ -485,15 +490,97 @@ def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.
 
 
 def bc_loss(log_prob: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of the dataset actions: the mean over the batch, summed over seeds (leading axes), whose
-    parameters are disjoint, so that each seed's gradients and Adam steps are exactly those it would get alone."""
+    """Negative log-likelihood of the dataset actions: the batch mean, summed over seeds (leading axes), whose parameters
+    are disjoint, so that each seed's gradients and Adam steps are exactly those it would get alone."""
     return -log_prob.mean(-1).sum()
 
 
-# Evaluation -----------------------------------------------------------------------------------
+# Update steps ---------------------------------------------------------------------------------------------------------------
+def make_optimizer(module: nn.Module, lr: float, tensor_lr: bool = False) -> torch.optim.Adam:
+    # Fused Adam: one kernel for all of a network's tensors (3x foreach's speed on a CPU). --compile makes the learning
+    # rate a tensor, so that the cosine schedule never recompiles the update.
+    lr = torch.tensor(lr).to(next(module.parameters())) if tensor_lr else lr
+    return torch.optim.Adam(module.parameters(), lr=lr, fused=True)
+
+
+class DeviceData:
+    """The kept steps' observations and actions on the training device; minibatches are drawn there."""
+
+    def __init__(self, data: OfflineData, actions: np.ndarray, device: torch.device, seeds: list):
+        self.observations = torch.as_tensor(data.observations, device=device)
+        self.obs_rows = torch.as_tensor(data.obs_rows, device=device)
+        self.actions = torch.as_tensor(actions, device=device)
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def sample(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A minibatch per seed, each from its own generator: (seeds, batch, ...) observations and actions."""
+        device = self.obs_rows.device
+        i = torch.stack(
+            [torch.randint(len(self.obs_rows), (batch_size,), device=device, generator=g) for g in self.generators]
+        )
+        return self.observations[self.obs_rows[i]], self.actions[i]
+
+
+def update_bc(obs: torch.Tensor, actions: torch.Tensor, actor: Actor, optimizer, scheduler) -> torch.Tensor:
+    loss = bc_loss(gaussian_log_prob(*actor(obs), actions))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return (loss.detach() / len(obs)).unsqueeze(0)  # the mean over seeds
+
+
+@dataclass
+class Learner:
+    """Everything training changes, each with a state_dict: the networks, their optimisers, the learning-rate schedules."""
+
+    networks: dict
+    optimizers: dict
+    schedulers: dict
+    policies: dict  # the actors by the names evaluations and summaries give them
+
+    def state_dict(self) -> dict:
+        groups = {"networks": self.networks, "optimizers": self.optimizers, "schedulers": self.schedulers}
+        return {group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in groups.items()}
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        for group, objects in (("networks", self.networks), ("optimizers", self.optimizers), ("schedulers", self.schedulers)):
+            for name, obj in objects.items():
+                obj.load_state_dict(checkpoint[group][name])
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for net in self.networks.values() for p in net.parameters())
+
+
+def make_learner(obs_dim: int, act_dim: int, args: Args, seeds: list, device: torch.device) -> Learner:
+    inits = [torch.Generator().manual_seed(seed) for seed in seeds]  # each seed's initial weights, from a stream of its own
+    actor_args = (obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std, len(seeds), inits)
+    actor = Actor(*actor_args).to(device)
+    optimizer = make_optimizer(actor, args.actor_lr, args.compile)
+    schedulers = {}
+    if args.actor_lr_schedule == "cosine":  # lr_t = lr * (1 + cos(pi t / steps)) / 2, like iql.py's actor
+        schedulers["actor"] = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps)
+    return Learner({"actor": actor}, {"actor": optimizer}, schedulers, {"bc": actor})
+
+
+def compile_updates(args: Args, device: torch.device) -> tuple:
+    """The update step, compiled with --compile; a missing compiler fails here, in one line, not at the first update."""
+    if not args.compile:
+        return (update_bc,)
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(1, device=device))
+        return (torch.compile(update_bc, mode="reduce-overhead" if device.type == "cuda" else None),)
+    except Exception as e:
+        raise SystemExit(
+            f"error: --compile needs a working torch.compile on {device} ({describe(e)}); leave out --compile"
+        ) from None
+
+
+# Evaluation -----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def act(actor: Actor, observations: list, obs_space, low, high, device) -> np.ndarray:
-    """The policies' mean actions (dropout off), (seeds, envs, act_dim), for observations[k]: a list of env observations per seed."""
+    """The policies' mean actions (dropout off), (seeds, envs, act_dim), for observations[k]: seed k's env observations."""
     was_training = actor.training
     actor.eval()
     obs = torch.as_tensor(
@@ -504,107 +591,132 @@ def act(actor: Actor, observations: list, obs_space, low, high, device) -> np.nd
     return np.clip(low + (mean + 1.0) * 0.5 * (high - low), low, high)
 
 
-def evaluate(
-    actor: Actor, make_env, num_episodes: int, first_seeds: list, obs_space, low, high, device, video_dir=None
-) -> list:
-    """Per seed k, num_episodes episodes of its policy, one per env (env seeds first_seeds[k] + i), mean actions; one policy call
-    per step serves every env of every seed, and only unfinished envs step. Per seed: the returns, successes and completed tasks."""
-    shape = (len(first_seeds), num_episodes)
-    envs = [[make_env(render=video_dir is not None and k == i == 0) for i in range(num_episodes)] for k in range(shape[0])]
-    if video_dir is not None:
-        envs[0][0] = gym.wrappers.RecordVideo(envs[0][0], video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
+def make_eval_env(dataset, rule: dict, terminate_at_goal: bool, render: bool = False) -> gym.Env:
+    """The dataset's evaluation environment, with the overrides the scoring rule and --eval-terminate-at-goal need."""
+    kwargs = {"max_episode_steps": rule["max_episode_steps"]} if rule["max_episode_steps"] else {}
+    if terminate_at_goal:  # D4RL's mazes: the episode ends at the goal
+        kwargs["continuing_task"] = False
+    if render:
+        kwargs["render_mode"] = "rgb_array"
+    env = dataset.recover_environment(eval_env=True, **kwargs)
+    # Gymnasium-Robotics' mazes write their model to an XML file in the temp folder and never delete it; it is loaded now.
+    xml = getattr(env.unwrapped, "tmp_xml_file_path", None)
+    if xml and os.path.exists(xml):
+        os.remove(xml)
+    return env
+
+
+def evaluate(actor: Actor, envs: list, first_seeds: list, obs_space, low, high, device) -> list:
+    """One episode of seed k's policy in each env of envs[k] (env seeds first_seeds[k] + i), mean actions; one policy
+    call per step serves every env of every seed, and only unfinished envs step. Per seed: returns, successes, tasks."""
+    shape = (len(envs), len(envs[0]))
     observations = [[env.reset(seed=seed + i)[0] for i, env in enumerate(row)] for seed, row in zip(first_seeds, envs)]
     returns, successes, tasks = np.zeros(shape), np.zeros(shape, bool), np.zeros(shape, int)
-    active = [(k, i) for k in range(shape[0]) for i in range(num_episodes)]
+    active = [(k, i) for k in range(shape[0]) for i in range(shape[1])]
     while active:
-        actions, still_active = (
-            act(actor, observations, obs_space, low, high, device),
-            [],
-        )  # a finished env keeps its last observation
+        actions, still_active = act(actor, observations, obs_space, low, high, device), []  # finished envs keep their last obs
         for k, i in active:
-            observations[k][i], reward, terminated, truncated, info = envs[k][i].step(
-                actions[k, i].reshape(envs[k][i].action_space.shape)
-            )
+            env = envs[k][i]
+            observations[k][i], reward, terminated, truncated, info = env.step(actions[k, i].reshape(env.action_space.shape))
             returns[k, i] += reward
             successes[k, i] |= bool(info.get("success", False))
             tasks[k, i] = max(tasks[k, i], len(info.get("episode_task_completions", ())))
             if not (terminated or truncated):
                 still_active.append((k, i))
         active = still_active
-    for env in sum(envs, []):
-        env.close()
     return list(zip(returns, successes, tasks))
 
 
 def score_summary(episodes, rule: dict) -> dict:
     """Return and score statistics over episodes, scored by the family's rule (see scoring_rule)."""
     returns, successes, tasks = episodes
-    kind = rule["kind"]
-    scores = (
-        100.0 * successes
-        if kind == "success"
-        else 100.0 * tasks / rule["num_tasks"]
-        if kind == "tasks"
-        else 100.0 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"])
-        if kind == "return"
-        else None
-    )
-    summary = {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "num_episodes": len(returns)}
+    scores = None
+    if rule["kind"] == "success":
+        scores = 100.0 * successes
+    elif rule["kind"] == "tasks":
+        scores = 100.0 * tasks / rule["num_tasks"]
+    elif rule["kind"] == "return":
+        scores = 100.0 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"])
     return {
-        **summary,
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+        "num_episodes": len(returns),
         "score_mean": None if scores is None else float(scores.mean()),
         "score_std": None if scores is None else float(scores.std()),
     }
 
 
 def over_seeds(results: list, seeds: list) -> dict:
-    """One seed's summary as it is; for several, the mean and std over seeds of each seed's mean, and each seed's own under `seeds`."""
+    """One seed's summary as it is; for several, the mean and std over seeds of each seed's mean, and each seed's own."""
     if len(results) == 1:
         return results[0]
-    stats = {
-        f"{q}_{f.__name__}": None if results[0][f"{q}_mean"] is None else float(f([r[f"{q}_mean"] for r in results]))
-        for q in ("return", "score")
-        for f in (np.mean, np.std)
-    }
-    return {
-        **stats,
-        "num_episodes": results[0]["num_episodes"],
-        "num_seeds": len(results),
-        "seeds": [{"seed": s, **r} for s, r in zip(seeds, results)],
-    }
+    stats = {}
+    for quantity in ("return", "score"):
+        means = [r[f"{quantity}_mean"] for r in results]
+        stats[f"{quantity}_mean"] = None if means[0] is None else float(np.mean(means))
+        stats[f"{quantity}_std"] = None if means[0] is None else float(np.std(means))
+    seed_results = [{"seed": s, **r} for s, r in zip(seeds, results)]
+    return {**stats, "num_episodes": results[0]["num_episodes"], "num_seeds": len(results), "seeds": seed_results}
 
 
-def describe(e: Exception) -> str:  # an exception in one line
+def describe(e: Exception) -> str:
+    """An exception in one line."""
     return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
 
 
-def check_eval_env(make_env, actor: Actor, capture_video: bool, obs_space, low, high, device) -> int:
-    """Build one evaluation env (a frame rendered for videos) and act once, to fail before training; its episode length."""
+@dataclass
+class Evaluator:
+    """The run's evaluation environments, built once and reset with each evaluation's seeds, and how to score them."""
+
+    envs: list  # envs[k][i] plays episode i of training seed k
+    first_seeds: list  # seed k's episode i uses env seed first_seeds[k] + i
+    obs_space: gym.Space
+    low: np.ndarray
+    high: np.ndarray
+    rule: dict
+    device: torch.device
+
+    def run(self, actor: Actor, episodes: int) -> list:
+        """A summary per seed of `episodes` episodes."""
+        envs = [row[:episodes] for row in self.envs]
+        results = evaluate(actor, envs, self.first_seeds, self.obs_space, self.low, self.high, self.device)
+        return [score_summary(r, self.rule) for r in results]
+
+    def record_video(self, actor: Actor, env: gym.Env, video_dir: str) -> None:
+        """The first evaluation episode of the first seed again, in an env that renders."""
+        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
+        evaluate(actor, [[env]], self.first_seeds[:1], self.obs_space, self.low, self.high, self.device)
+        env.close()
+
+
+def make_evaluator(dataset, rule: dict, args: Args, actor: Actor, episodes: int, low, high, device) -> Evaluator:
+    """Build every evaluation env the run needs, after checking one by acting in it (and rendering a frame, with
+    --capture-video), so that a problem stops the run before training."""
     try:
-        env = make_env(render=capture_video)
+        env = make_eval_env(dataset, rule, args.eval_terminate_at_goal, render=args.capture_video)
         obs = env.reset(seed=0)[0]
-        if capture_video and env.render() is None:
+        if args.capture_video and env.render() is None:
             raise RuntimeError("render() returned no frame")
     except Exception as e:
-        raise SystemExit(
-            f"error: cannot build the dataset's evaluation environment ({describe(e)}): install the package that provides it"
-            + (
-                "; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video"
-                if capture_video
-                else ""
-            )
-        ) from None
+        advice = "install the package that provides it"
+        if args.capture_video:
+            advice += "; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video"
+        raise SystemExit(f"error: cannot build the dataset's evaluation environment ({describe(e)}): {advice}") from None
     try:
-        env.step(act(actor, [[obs]], obs_space, low, high, device)[0, 0].reshape(env.action_space.shape))
+        env.step(act(actor, [[obs]], dataset.observation_space, low, high, device)[0, 0].reshape(env.action_space.shape))
     except Exception as e:
         raise SystemExit(
-            f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): its spaces differ from the dataset's"
+            f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): "
+            "its spaces differ from the dataset's"
         ) from None
     env.close()
-    return env.spec.max_episode_steps
+    rule["max_episode_steps"] = env.spec.max_episode_steps
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    envs = [[make_eval_env(dataset, rule, args.eval_terminate_at_goal) for _ in range(episodes)] for _ in seeds]
+    return Evaluator(envs, [EVAL_SEED_BLOCK * seed for seed in seeds], dataset.observation_space, low, high, rule, device)
 
 
-# Run folders, checkpoints, resuming -----------------------------------------------------------
+# Run folders, logs, checkpoints, resuming -----------------------------------------------------------------------------------
 # What `--resume` and `--eval-only` may change: logging and resources, never the algorithm or the data.
 MAY_CHANGE_ON_RESUME = (
     "track",
@@ -615,24 +727,84 @@ MAY_CHANGE_ON_RESUME = (
     "capture_video",
     "save_model",
 )
+PHASES = ("train", "posthoc", "done")  # a run's phases in order; bc.py has no post-hoc phase
+
+
+@dataclass
+class Progress:
+    """How far a run has come, saved in every checkpoint so that --resume continues where the run stopped."""
+
+    phase: str = "train"
+    step: int = 0  # gradient steps done in the phase
+    evaluations: list = field(default_factory=list)  # the records of evaluations.jsonl
+    train_time_s: float = 0.0
+    eval_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    wandb_id: Optional[str] = None
+
+
+@dataclass
+class Run:
+    """A training run, handed to each part of the loop: its arguments, folder, seeds, state and progress."""
+
+    args: Args
+    seeds: list
+    learner: Learner
+    buffer: "DeviceData"
+    evaluator: Evaluator
+    progress: Progress
+    saved: dict  # what checkpoints carry besides the state: sizes, normalisation, data selection
+    dir: str = ""
+    wandb: object = None  # the wandb module, with --track
+    sitting_start: float = field(default_factory=time.perf_counter)
+    wall_before: float = 0.0  # the wall-clock seconds of earlier sittings
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
 
 
 def make_run_dir(run_dir: str) -> str:
     try:
-        return os.makedirs(run_dir) or run_dir
+        os.makedirs(run_dir)
+        return run_dir
     except OSError as e:
         raise SystemExit(
             f"error: cannot create the run folder {run_dir} ({describe(e)}); give a writable --runs-dir"
         ) from None
 
 
+def write_file(path: str, text: str, mode: str = "w") -> None:
+    """Every output of a run is written here or in save_checkpoint, so a failing disk stops the run in one line."""
+    try:
+        with open(path, mode) as f:
+            f.write(text)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {path} ({describe(e)})") from None
+
+
+def jsonl(records: list) -> str:
+    return "".join(json.dumps(record) + "\n" for record in records)
+
+
+def read_jsonl(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def save_checkpoint(checkpoint: dict, path: str) -> None:
-    """Written to a temporary file, flushed, then renamed: a crash mid-write leaves the previous file whole."""
-    with open(path + ".tmp", "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    """Written to a temporary file, flushed, then renamed: a crash or a full disk mid-write leaves the previous file whole."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save reports some failed writes as RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise SystemExit(f"error: cannot write {path} ({describe(e)}); the previous checkpoint, if any, is intact") from None
 
 
 def load_checkpoint(path: str) -> dict:
@@ -646,32 +818,32 @@ def load_checkpoint(path: str) -> dict:
         raise SystemExit(f"error: cannot read the checkpoint {path} ({describe(e)}): it is truncated or corrupt") from None
 
 
-def stored_args(given: Args, stored: dict, may_change, named: Optional[set] = None) -> Args:
+def stored_args(given: Args, checkpoint: dict, may_change, named: Optional[set] = None) -> Args:
     """A saved run's arguments, with those of `may_change` the user gave; any other flag that differs is refused."""
-    fields = Args.__dataclass_fields__
+    stored, fields = checkpoint["args"], Args.__dataclass_fields__
     if set(stored) != set(fields):
-        raise SystemExit("error: that checkpoint was written by another script, or another version of this one")
+        script = checkpoint.get("script") or ("bc.py" if "top_fraction" in stored else "iql.py")
+        raise SystemExit(f"error: that run was made by {script} (or another version of this script); use that script")
     merged = {}
-    for name, field in fields.items():
+    for name, spec in fields.items():
         value, old = getattr(given, name), tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
-        is_named = name in named if named is not None else value != field.default  # None: a call from Python, no command line
+        is_named = name in named if named is not None else value != spec.default  # None: a call from Python
         if name in ("resume", "eval_only") or (name in may_change and is_named):
             merged[name] = value
         elif not is_named or value == old:
             merged[name] = old
         else:
             raise SystemExit(
-                f"error: --{name.replace('_', '-')} {value} differs from the run's {old}; a saved run keeps the arguments that define it (start a new run instead)"
+                f"error: {flag(name)} {value} differs from the run's {old}; "
+                "a saved run keeps the arguments that define it (start a new run instead)"
             )
     return Args(**merged)
 
 
-def rng_states(generators: list) -> dict:  # numpy's and Python's generators draw nothing in training: not saved
-    return {
-        "minibatches": [g.get_state() for g in generators],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+def rng_states(generators: list) -> dict:
+    """The minibatch generators' and torch's (dropout's) states; numpy's and Python's draw nothing in training."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"minibatches": [g.get_state() for g in generators], "torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def set_rng_states(states: dict, generators: list) -> None:
@@ -689,317 +861,323 @@ def catch_stop_signals(catch: bool = True) -> list:
     return received
 
 
-# Training -------------------------------------------------------------------------------------
-def main(args: Args, named_flags: Optional[set] = None) -> dict:  # named_flags: those given on the command line
+def open_saved_run(args: Args, named_flags: Optional[set]) -> Tuple[Args, dict]:
+    """The checkpoint of the run that --resume or --eval-only names, and its arguments."""
     saved_run = args.resume or args.eval_only
-    if args.resume and os.path.exists(os.path.join(args.resume, "summary.json")):
-        print(f"{args.resume} has finished (its summary.json is written); nothing to resume")
-        return json.load(open(os.path.join(args.resume, "summary.json")))
-    if saved_run:
-        model = os.path.join(saved_run, "model.pt")
-        checkpoint = load_checkpoint(
-            model if args.eval_only and os.path.exists(model) else os.path.join(saved_run, "checkpoint.pt")
-        )
-        args = stored_args(
-            args,
-            checkpoint["args"],
-            MAY_CHANGE_ON_RESUME + (("final_eval_episodes", "cuda", "torch_threads") if args.eval_only else ()),
-            named_flags,
-        )
-    validate_args(args)
-    dataset = load_minari_dataset(args.env_id)
-    low, high = action_bounds(dataset.action_space)
-    data = flatten_dataset(dataset)
-    if args.goal_terminal:
-        data = cut_episodes_at_goal(data)
-    kept, return_threshold = top_episodes(data, args.top_fraction, args.top_by)
-    rule = scoring_rule(dataset, args.env_id)
+    model = os.path.join(saved_run, "model.pt")
+    use_model = args.eval_only and os.path.exists(model)
+    checkpoint = load_checkpoint(model if use_model else os.path.join(saved_run, "checkpoint.pt"))
+    may_change = MAY_CHANGE_ON_RESUME + (("final_eval_episodes", "cuda", "torch_threads") if args.eval_only else ())
+    stored = stored_args(args, checkpoint, may_change, named_flags)
+    if args.eval_only:  # videos only when asked for on this command: they would overwrite the run's own
+        stored = replace(stored, capture_video=args.capture_video)
+    return stored, checkpoint
 
-    if args.exp_name is None:  # say what ran: bc, or bc_top10 for 10% BC
-        args.exp_name = "bc" if args.top_fraction == 1.0 else f"bc_top{100 * args.top_fraction:g}"
-    torch.manual_seed(args.seed)  # dropout's masks; every other draw in training has a generator of its own
-    torch.set_num_threads(args.torch_threads or torch.get_num_threads())
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # Only s and a are needed: the minibatches are drawn on the device, with no host round-trip.
-    observations = torch.as_tensor(kept.observations, device=device)
-    obs_rows = torch.as_tensor(kept.obs_rows, device=device)
-    actions = torch.as_tensor(to_unit_box(kept.actions, low, high), device=device)
-    seeds = list(range(args.seed, args.seed + args.num_seeds))
-    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]  # each seed's minibatches
-    obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    inits = [torch.Generator().manual_seed(seed) for seed in seeds]  # each seed's initial weights, from a stream of its own
-    actor = Actor(obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std, len(seeds), inits).to(
-        device
-    )
-    # with --compile the learning rate is a tensor: the cosine schedule changes a value, not a constant a compiled update would recompile for
-    optimizer = torch.optim.Adam(
-        actor.parameters(), lr=torch.tensor(args.actor_lr, device=device) if args.compile else args.actor_lr, fused=True
-    )
-    # lr_t = lr * (1 + cos(pi * t / steps)) / 2, like iql.py's actor
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps)
-        if args.actor_lr_schedule == "cosine"
-        else None
-    )
-    stateful = {
-        "networks": {"actor": actor},
-        "optimizers": {"actor": optimizer},
-        "schedulers": {"actor": scheduler} if scheduler else {},
-    }
+def restore(run: Run, checkpoint: dict) -> None:
+    run.learner.load_state_dict(checkpoint)
+    if run.args.resume:
+        set_rng_states(checkpoint["rng"], run.buffer.generators)
+    run.progress = Progress(**checkpoint["progress"])
+    run.wall_before = run.progress.wall_time_s
 
-    def update(i: torch.Tensor) -> torch.Tensor:  # one gradient step on each seed's minibatch, i: (seeds, batch) step indices
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):  # --bf16: the matmuls only (see Ensemble)
-            loss = bc_loss(gaussian_log_prob(*actor(observations[obs_rows[i]]), actions[i]))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        return loss.detach()
 
-    try:  # with --compile, a missing compiler fails here, in one line, not at the first update
-        update = torch.compile(update, mode="reduce-overhead" if device.type == "cuda" else None) if args.compile else update
-        if args.compile:
-            torch.compile(lambda x: x * 2)(torch.ones(1, device=device))
-    except Exception as e:
-        raise SystemExit(
-            f"error: --compile needs a working torch.compile on {device} ({describe(e)}); leave out --compile"
-        ) from None
-
-    def make_env(render: bool = False):
-        kwargs = eval_env_kwargs(rule, args.eval_terminate_at_goal)
-        return dataset.recover_environment(eval_env=True, **kwargs, **({"render_mode": "rgb_array"} if render else {}))
-
-    rule["max_episode_steps"] = check_eval_env(
-        make_env, actor, args.capture_video, dataset.observation_space, low, high, device
-    )
-    progress = {
-        "phase": "train",
-        "step": 0,
-        "evaluations": [],
-        "train_time_s": 0.0,
-        "eval_time_s": 0.0,
-        "wall_time_s": 0.0,
-        "wandb_id": None,
-    }
-    if saved_run:
-        for group, objects in stateful.items():
-            for name, obj in objects.items():
-                obj.load_state_dict(checkpoint[group][name])
-        if args.resume:
-            set_rng_states(checkpoint["rng"], generators)
-        progress = checkpoint["progress"]
-    selection = {
-        "top_fraction": args.top_fraction,
-        "top_by": args.top_by,
-        "episodes_kept": len(kept.episode_lengths),
-        "steps_kept": len(kept.rewards),
-        "return_threshold": return_threshold,
-    }
-
-    def make_checkpoint() -> dict:
-        """Everything to continue as if never stopped, or to use the policy: plain tensors, numbers and strings."""
-        return {
-            "args": asdict(args),
-            "obs_dim": obs_dim,
-            "act_dim": act_dim,
-            "progress": progress,
-            "rng": rng_states(generators),
-            **{group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in stateful.items()},
-            "normalization": {"action_low": low.tolist(), "action_high": high.tolist()},
-            "data_selection": selection,
-        }
-
-    def evaluate_policy(episodes: int, video_dir=None) -> list:  # a summary per seed
-        episodes = evaluate(
-            actor,
-            make_env,
-            episodes,
-            [EVAL_SEED_BLOCK * seed for seed in seeds],
-            dataset.observation_space,
-            low,
-            high,
-            device,
-            video_dir,
-        )
-        return [score_summary(e, rule) for e in episodes]
-
-    def record_video(run_dir: str) -> None:
-        if not args.capture_video:
-            return
-        try:  # the first final-evaluation episode again, recorded once the results are safe
-            evaluate_policy(1, video_dir=os.path.join(run_dir, "videos", "bc"))
-        except Exception as e:
-            print(f"warning: no video of the bc policy ({describe(e)})")
-
-    if args.eval_only:
-        result = over_seeds(evaluate_policy(args.final_eval_episodes), seeds)
-        print(json.dumps({"run": saved_run, "phase": progress["phase"], "step": progress["step"], "policies": {"bc": result}}))
-        record_video(saved_run)
-        return {"policies": {"bc": result}}
-
-    run_name = (
-        os.path.basename(os.path.normpath(args.resume))
-        if args.resume
-        else f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}{f'-{seeds[-1]}' if len(seeds) > 1 else ''}__{time.time_ns() // 1_000_000}"
-    )  # ms: runs started together stay apart
-    run_dir = args.resume or make_run_dir(
-        os.path.join(args.runs_dir, run_name)
-    )  # only now, everything checked, a new run gets a folder
-    if not args.resume:
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-        plot_dataset_overview(data, args.env_id, os.path.join(run_dir, "dataset_overview.png"))
-    progress["evaluations"] = [
-        r for r in progress["evaluations"] if not r["final"]
-    ]  # a stop during the final evaluation redoes it
-    with open(os.path.join(run_dir, "evaluations.jsonl"), "w") as f:  # on resume, drop evaluations made after the checkpoint
-        f.writelines(json.dumps(record) + "\n" for record in progress["evaluations"])
-    print(
-        f"{args.env_id}: {len(data.rewards):,} transitions in {len(data.episode_lengths):,} episodes; top {args.top_fraction:g} by {args.top_by} "
-        f"keeps {selection['episodes_kept']:,} episodes ({selection['steps_kept']:,} steps, {selection['steps_kept'] / len(data.rewards):.1%}) with return >= {return_threshold:.4g}; "
-        f"score: {rule['source']}, evaluation episodes of {rule['max_episode_steps'] or 'unlimited'} steps"
-        + (f"; resuming at step {progress['step']}" if args.resume else "")
-    )
+def open_run_folder(run: Run, data: OfflineData) -> None:
+    """A new run's folder (only now, everything checked), or a resumed one's, with its logs cut back to the checkpoint."""
+    args, progress = run.args, run.progress
+    if args.resume:
+        run.dir = args.resume
+    else:
+        last = f"-{run.seeds[-1]}" if len(run.seeds) > 1 else ""
+        name = f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}{last}__{time.time_ns() // 1_000_000}"
+        run.dir = make_run_dir(os.path.join(args.runs_dir, name))  # ms in the name: runs started together stay apart
+        write_file(run.path("args.json"), json.dumps(asdict(args), indent=2))
+        plot_dataset_overview(data, args.env_id, run.path("dataset_overview.png"))
+    progress.evaluations = [r for r in progress.evaluations if not r["final"]]  # a stop in the final evaluation redoes it
+    write_file(run.path("evaluations.jsonl"), jsonl(progress.evaluations))
+    metrics = [r for r in read_jsonl(run.path("metrics.jsonl")) if logged_before(r, progress)]
+    write_file(run.path("metrics.jsonl"), jsonl(metrics))
     if args.track:
         import wandb
 
-        run = wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            config=asdict(args),
-            name=run_name,
-            dir=run_dir,
-            id=progress["wandb_id"],
-            resume="allow",
+        run.wandb, name, resumed = wandb, os.path.basename(run.dir), progress.wandb_id
+        project, entity = args.wandb_project_name, args.wandb_entity
+        wandb_run = wandb.init(
+            project=project, entity=entity, config=asdict(args), name=name, dir=run.dir, id=resumed, resume="allow"
         )
-        progress["wandb_id"] = run.id
+        progress.wandb_id = wandb_run.id
         if not args.resume:
-            wandb.log({"charts/dataset_overview": wandb.Image(os.path.join(run_dir, "dataset_overview.png"))}, step=0)
-        wandb.summary.update({f"data/{k}": v for k, v in selection.items()})
+            wandb.log({"charts/dataset_overview": wandb.Image(run.path("dataset_overview.png"))}, step=0)
 
-    def run_evaluation(step: int, episodes: int, final: bool = False) -> dict:
-        start = time.perf_counter()
-        per_seed = evaluate_policy(episodes)
-        progress["eval_time_s"] += time.perf_counter() - start
-        records = [{"policy": "bc", "step": step, "final": final, "seed": seed, **r} for seed, r in zip(seeds, per_seed)]
-        progress["evaluations"] += records
-        with open(os.path.join(run_dir, "evaluations.jsonl"), "a") as f:
-            f.writelines(json.dumps(record) + "\n" for record in records)
-        result = over_seeds(per_seed, seeds)
-        score = "n/a" if result["score_mean"] is None else f"{result['score_mean']:.1f}"
-        print(
-            f"eval bc @ {step}: return {result['return_mean']:.1f} +- {result['return_std']:.1f}, score {score} ({episodes} episodes{f' x {len(seeds)} seeds; +- over seeds' if len(seeds) > 1 else ''})"
+
+def logged_before(record: dict, progress: Progress) -> bool:
+    """Whether a metrics record was written before the checkpoint that `progress` comes from."""
+    phase, now = PHASES.index(record["phase"]), PHASES.index(progress.phase)
+    return phase < now or (phase == now and record["step"] <= progress.step)
+
+
+def log_metrics(run: Run, phase: str, step: int, steps: int, values: dict, rate: float, eta_s: float, wandb_step: int) -> None:
+    """Training metrics (means over seeds) to stdout, metrics.jsonl and W&B."""
+    named = " ".join(f"{name.split('/')[1]} {value:.4g}" for name, value in values.items())
+    print(f"{phase} step {step:>8}/{steps} | {rate:7.0f} upd/s | ETA {eta_s / 60:5.1f} min | {named}")
+    values = {**values, "charts/updates_per_second": rate}
+    write_file(run.path("metrics.jsonl"), jsonl([{"phase": phase, "step": step, **values}]), mode="a")
+    if run.wandb:
+        run.wandb.log(values, step=wandb_step)
+
+
+def record_evaluation(run: Run, policy: str, step: int, episodes: int, wandb_step: int, final: bool = False) -> dict:
+    """Evaluate a policy (step: its own updates), append the records to evaluations.jsonl, print and log the result."""
+    start = time.perf_counter()
+    per_seed = run.evaluator.run(run.learner.policies[policy], episodes)
+    run.progress.eval_time_s += time.perf_counter() - start
+    records = [{"policy": policy, "step": step, "final": final, "seed": seed, **r} for seed, r in zip(run.seeds, per_seed)]
+    run.progress.evaluations += records
+    write_file(run.path("evaluations.jsonl"), jsonl(records), mode="a")
+    result = over_seeds(per_seed, run.seeds)
+    score = "n/a" if result["score_mean"] is None else f"{result['score_mean']:.1f}"
+    over = f" x {len(run.seeds)} seeds; +- over seeds" if len(run.seeds) > 1 else ""
+    mean, std = result["return_mean"], result["return_std"]
+    print(f"eval {policy} @ {step}: return {mean:.1f} +- {std:.1f}, score {score} ({episodes} episodes{over})")
+    if run.wandb:  # with several seeds, eval/{policy}/ holds the mean over seeds (what a sweep should optimise)
+        prefix = f"eval/{policy}{'_final' if final else ''}/"
+        logged = {prefix + k: v for k, v in result.items() if k != "seeds" and v is not None}
+        if len(run.seeds) > 1:
+            for seed, r in zip(run.seeds, per_seed):
+                logged.update({f"{prefix}seed_{seed}/{k}": v for k, v in r.items() if v is not None})
+        run.wandb.log(logged, step=wandb_step)
+    return result
+
+
+def diverged(run: Run, what: str, where: str) -> SystemExit:
+    last = os.path.exists(run.path("checkpoint.pt"))
+    kept = f"the last checkpoint before it stays in {run.dir}" if last else f"no checkpoint was written before it in {run.dir}"
+    return SystemExit(f"error: the run diverged: {what} became NaN or infinite {where}; {kept}")
+
+
+def write_checkpoint(run: Run, filename: str) -> None:
+    """Everything to continue as if never stopped, or to use the policies: plain tensors, numbers and strings."""
+    if not run.learner.finite():  # a NaN gradient of a finite loss
+        raise diverged(run, "the weights", f"by {run.progress.phase} step {run.progress.step}")
+    run.progress.wall_time_s = run.wall_before + time.perf_counter() - run.sitting_start
+    checkpoint = {
+        "args": asdict(run.args),
+        "script": os.path.basename(__file__),
+        **run.saved,
+        "progress": asdict(run.progress),
+    }
+    checkpoint.update(rng=rng_states(run.buffer.generators), **run.learner.state_dict())
+    save_checkpoint(checkpoint, run.path(filename))
+
+
+def stop_here(run: Run, where: str, signum: int) -> None:
+    """After SIGTERM or SIGINT: a checkpoint, how to continue, and exit code 143 or 130."""
+    write_checkpoint(run, "checkpoint.pt")
+    print(f"stopped at {where}; continue with: python {os.path.basename(__file__)} --resume {run.dir}", flush=True)
+    raise SystemExit(128 + signum)
+
+
+# Training -------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Phase:
+    """V and Q with the concurrent actor ("train"), then the post-hoc actor against the final V and Q ("posthoc")."""
+
+    name: str
+    steps: int
+    wandb_offset: int  # the W&B step of the phase's step 0
+    policy: Optional[str]  # the actor it trains
+    metric_names: list
+
+
+def train_step(run: Run, phase: Phase, updates: tuple) -> torch.Tensor:
+    """One gradient step for every seed; the loss, the mean over seeds, stays on the device."""
+    obs, actions = run.buffer.sample(run.args.batch_size)
+    with torch.autocast(obs.device.type, torch.bfloat16, enabled=run.args.bf16):  # --bf16: the matmuls only (see Ensemble)
+        return updates[0](
+            obs, actions, run.learner.policies["bc"], run.learner.optimizers["actor"], run.learner.schedulers.get("actor")
         )
-        if args.track:  # with several seeds, eval/bc/ holds the mean over seeds (what a sweep should optimise)
-            prefix = "eval/bc_final/" if final else "eval/bc/"
-            per_seed_logs = {
-                f"{prefix}seed_{seed}/{k}": v
-                for seed, r in zip(seeds, per_seed)
-                for k, v in r.items()
-                if len(seeds) > 1 and v is not None
-            }
-            wandb.log(
-                {**{prefix + k: v for k, v in result.items() if k != "seeds" and v is not None}, **per_seed_logs}, step=step
-            )
-        return result
 
-    sitting_start, wall_before = time.perf_counter(), progress["wall_time_s"]
 
-    def write_checkpoint(path: str) -> None:
-        if not all(bool(torch.isfinite(p).all()) for p in actor.parameters()):  # a NaN gradient of a finite loss
-            raise SystemExit(
-                f"error: the run diverged: the weights became NaN or infinite by step {progress['step']}; the last checkpoint before it stays in {run_dir}"
-            )
-        progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
-        save_checkpoint(make_checkpoint(), os.path.join(run_dir, path))
+def train_phase(run: Run, phase: Phase, updates: tuple, stop: list) -> None:
+    """The phase's gradient steps from where the run stands, with logs, evaluations, checkpoints and stops between them."""
+    args, progress = run.args, run.progress
+    first_step, phase_start = progress.step + 1, time.perf_counter()
+    last_log = (progress.step, progress.train_time_s)
+    nonfinite_at = torch.full((len(phase.metric_names),), -1, device=run.buffer.obs_rows.device)  # first bad step per metric
+    for step in range(first_step, phase.steps + 1):
+        tick = time.perf_counter()
+        metrics = train_step(run, phase, updates)
+        nonfinite_at = torch.where((nonfinite_at < 0) & ~torch.isfinite(metrics), step, nonfinite_at)
+        progress.step = step
+        progress.train_time_s += time.perf_counter() - tick
 
-    def stop_here(where: str) -> None:  # after SIGTERM or SIGINT: a checkpoint, how to continue, exit code 143 or 130
-        write_checkpoint("checkpoint.pt")
-        print(f"stopped at {where}; continue with: python {os.path.basename(__file__)} --resume {run_dir}", flush=True)
-        raise SystemExit(128 + stop[0])
+        log_now = step % args.log_freq == 0 or step in (300, phase.steps)  # an early line: speed and ETA
+        stopping = bool(stop)  # read once: a signal may arrive while this step is being wrapped up
+        checkpoint_now = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
+        eval_now = phase.policy is not None and args.eval_freq > 0 and step % args.eval_freq == 0 and step < phase.steps
+        if log_now or checkpoint_now or eval_now or step % 1000 == 0:  # a host sync, so only every so often
+            check_metrics(run, phase, nonfinite_at)
+        if log_now:
+            rate = (step - last_log[0]) / max(progress.train_time_s - last_log[1], 1e-9)
+            eta = (phase.steps - step) * (time.perf_counter() - phase_start) / (step - first_step + 1)
+            values = dict(zip(phase.metric_names, metrics.tolist()))
+            log_metrics(run, phase.name, step, phase.steps, values, rate, eta, phase.wandb_offset + step)
+            last_log = (step, progress.train_time_s)
+        if eval_now:
+            record_evaluation(run, phase.policy, step, args.eval_episodes, phase.wandb_offset + step)
+        if stopping:
+            stop_here(run, f"{phase.name} step {step}", stop[0])
+        if checkpoint_now:
+            write_checkpoint(run, "checkpoint.pt")
 
-    steps, first_step, phase_start = args.total_steps, progress["step"] + 1, time.perf_counter()
-    last = (progress["step"], progress["train_time_s"])
-    first_nonfinite = -1  # the first step whose loss was NaN or infinite, kept on the device
-    stop = catch_stop_signals()
-    try:
-        for step in range(first_step, steps + 1 if progress["phase"] == "train" else first_step):
-            tick = time.perf_counter()
-            i = torch.stack(
-                [torch.randint(len(obs_rows), (args.batch_size,), device=device, generator=g) for g in generators]
-            )  # (seeds, batch)
-            loss = update(i)
-            first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss), step, first_nonfinite)
-            progress["step"] = step
-            progress["train_time_s"] += time.perf_counter() - tick
 
-            log_now = step % args.log_freq == 0 or step in (300, steps)  # an early line: speed and ETA
-            stopping = bool(stop)  # read once: a signal may arrive while this step is being wrapped up
-            checkpoint_now = stopping or (
-                args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0
-            )  # checked for NaN first
-            eval_now = args.eval_freq > 0 and step % args.eval_freq == 0 and step < steps
-            if (
-                log_now or checkpoint_now or eval_now or step % 1000 == 0
-            ) and first_nonfinite.item() >= 0:  # a host sync: only every so often
-                raise SystemExit(
-                    f"error: the run diverged: bc_loss became NaN or infinite at step {first_nonfinite.item()}; the last checkpoint before it stays in {run_dir}"
-                )
-            if log_now:
-                rate = (step - last[0]) / max(progress["train_time_s"] - last[1], 1e-9)
-                eta = (steps - step) * (time.perf_counter() - phase_start) / (step - first_step + 1)
-                loss_value = loss.item() / len(seeds)  # the mean over seeds
-                print(f"train step {step:>8}/{steps} | {rate:7.0f} upd/s | ETA {eta / 60:5.1f} min | bc_loss {loss_value:.4g}")
-                if args.track:
-                    wandb.log({"losses/bc_loss": loss_value, "charts/updates_per_second": rate}, step=step)
-                last = (step, progress["train_time_s"])
-            if eval_now:
-                run_evaluation(step, args.eval_episodes)
-            if stopping:
-                stop_here(f"train step {step}")
-            if checkpoint_now:
-                write_checkpoint("checkpoint.pt")
-        progress.update(phase="done", step=0)
-        if stop:
-            stop_here("the end of training")
-        if args.checkpoint_freq > 0:
-            write_checkpoint("checkpoint.pt")  # a run stopped during the final evaluation resumes there
-        result = run_evaluation(args.total_steps, args.final_eval_episodes, final=True)
-        if stop:
-            stop_here("the final evaluation")
-        progress["wall_time_s"] = wall_before + time.perf_counter() - sitting_start
-        summary = {
-            "env_id": args.env_id,
-            "run_name": run_name,
-            "seed": args.seed,
-            "seeds": seeds,
-            "policies": {"bc": result},
-            "scoring": rule,
-            "data_selection": selection,
-            "total_steps": args.total_steps,
-            "device": str(device),
-            "updates_per_second": args.total_steps / progress["train_time_s"],
-            **{k: progress[k] for k in ("train_time_s", "eval_time_s", "wall_time_s")},
-        }
-        if args.save_model:  # before summary.json, whose presence means the run is finished
-            write_checkpoint("model.pt")
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    finally:
-        catch_stop_signals(False)
-    record_video(run_dir)
-    if args.track:
-        wandb.summary.update({f"final/bc/{k}": v for k, v in result.items() if k != "seeds"})
-        wandb.finish()
+def check_metrics(run: Run, phase: Phase, nonfinite_at: torch.Tensor) -> None:
+    if nonfinite_at.max() < 0:
+        return
+    first = int(nonfinite_at[nonfinite_at >= 0].min())
+    which = ", ".join(n.split("/")[1] for n, s in zip(phase.metric_names, nonfinite_at.tolist()) if s == first)
+    raise diverged(run, which, f"at {phase.name} step {first}")
+
+
+def train(run: Run, phases: list, updates: tuple, stop: list) -> None:
+    """The phases in order, skipping those a resumed run has finished; then a checkpoint before the final evaluation."""
+    order = [phase.name for phase in phases] + ["done"]
+    for index, phase in enumerate(phases):
+        if order.index(run.progress.phase) > index:
+            continue
+        train_phase(run, phase, updates, stop)
+        run.progress.phase, run.progress.step = order[index + 1], 0
+    if stop:
+        stop_here(run, "the end of training", stop[0])
+    if run.args.checkpoint_freq > 0:
+        write_checkpoint(run, "checkpoint.pt")  # a run stopped during the final evaluation resumes there
+
+
+def record_videos(run: Run, dataset, run_dir: str) -> None:
+    """The first final-evaluation episode of each policy again, recorded once the results are safe."""
+    for name, actor in run.learner.policies.items():
+        try:
+            env = make_eval_env(dataset, run.evaluator.rule, run.args.eval_terminate_at_goal, render=True)
+            run.evaluator.record_video(actor, env, os.path.join(run_dir, "videos", name))
+        except Exception as e:
+            print(f"warning: no video of the {name} policy ({describe(e)})")
+
+
+def evaluate_saved_run(run: Run, dataset, policy_steps: dict) -> dict:
+    """--eval-only: each saved policy for --final-eval-episodes episodes, with the updates it was trained for."""
+    results, progress = {}, run.progress
+    for name, actor in run.learner.policies.items():
+        phase = "posthoc" if name == "posthoc" else "train"
+        if PHASES.index(progress.phase) > PHASES.index(phase):
+            trained = policy_steps[name]
+        else:
+            trained = progress.step if progress.phase == phase else 0
+        results[name] = {"step": trained, **over_seeds(run.evaluator.run(actor, run.args.final_eval_episodes), run.seeds)}
+    print(json.dumps({"run": run.args.eval_only, "phase": progress.phase, "policies": results}))
+    if run.args.capture_video:
+        record_videos(run, dataset, run.args.eval_only)
+    return {"policies": results}
+
+
+def finish(run: Run, dataset, summary: dict) -> dict:
+    """Videos, the W&B summary and the last line, once summary.json is written."""
+    for env in sum(run.evaluator.envs, []):
+        env.close()
+    if run.args.capture_video:
+        record_videos(run, dataset, run.dir)
+    if run.wandb:
+        for name, result in summary["policies"].items():
+            run.wandb.summary.update({f"final/{name}/{k}": v for k, v in result.items() if k != "seeds"})
+        run.wandb.finish()
     print(
-        f"done in {summary['wall_time_s']:.0f} s ({summary['updates_per_second']:.0f} updates/s, {summary['eval_time_s']:.0f} s evaluating); results in {run_dir}"
+        f"done in {summary['wall_time_s']:.0f} s ({summary['updates_per_second']:.0f} updates/s, "
+        f"{summary['eval_time_s']:.0f} s evaluating); results in {run.dir}"
     )
     return summary
 
 
-if __name__ == "__main__":  # tyro writes --flag, --flag=value and, for booleans, --no-flag
-    main(
-        tyro.cli(Args), {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in sys.argv[1:] if a.startswith("--")}
+def final_evaluation(run: Run, stop: list) -> dict:
+    """The policy for --final-eval-episodes episodes, then summary.json, whose presence means the run is finished."""
+    args = run.args
+    result = record_evaluation(run, "bc", args.total_steps, args.final_eval_episodes, args.total_steps, final=True)
+    if stop:
+        stop_here(run, "the final evaluation", stop[0])
+    run.progress.wall_time_s = run.wall_before + time.perf_counter() - run.sitting_start
+    summary = {"env_id": args.env_id, "run_name": os.path.basename(run.dir), "seed": args.seed, "seeds": run.seeds}
+    summary.update(policies={"bc": result}, scoring=run.evaluator.rule, data_selection=run.saved["data_selection"])
+    summary.update(total_steps=args.total_steps, device=str(run.evaluator.device))
+    summary.update(updates_per_second=args.total_steps / run.progress.train_time_s, train_time_s=run.progress.train_time_s)
+    summary.update(eval_time_s=run.progress.eval_time_s, wall_time_s=run.progress.wall_time_s)
+    if args.save_model:  # before summary.json
+        write_checkpoint(run, "model.pt")
+    write_file(run.path("summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+def main(args: Args, named_flags: Optional[set] = None) -> dict:
+    """The recipe: the data and its best episodes, the policy, training, the final evaluation. named_flags: the flags
+    given on the command line, which --resume and --eval-only compare with the run's own."""
+    if args.resume and os.path.exists(os.path.join(args.resume, "summary.json")):
+        print(f"{args.resume} has finished (its summary.json is written); nothing to resume")
+        with open(os.path.join(args.resume, "summary.json")) as f:
+            return json.load(f)
+    checkpoint = None
+    if args.resume or args.eval_only:
+        args, checkpoint = open_saved_run(args, named_flags)
+    else:
+        args = resolve_settings(args)
+    validate_args(args)
+
+    # Data: checked, its best episodes kept, on the training device
+    dataset = load_minari_dataset(args.env_id)
+    low, high = action_bounds(dataset.action_space)
+    data = load_data(dataset, args.env_id, args.goal_terminal)
+    kept, return_threshold = top_episodes(data, args.top_fraction, args.top_by)
+    torch.manual_seed(args.seed)  # dropout's masks; every other draw in training has a generator of its own
+    torch.set_num_threads(args.torch_threads or torch.get_num_threads())
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    buffer = DeviceData(kept, to_unit_box(kept.actions, low, high), device, seeds)
+
+    # The policy, its optimiser and the evaluation environments, all checked before a run folder exists
+    obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
+    learner = make_learner(obs_dim, act_dim, args, seeds, device)
+    updates = compile_updates(args, device)
+    rule = scoring_rule(dataset, args.env_id)
+    episodes = max(args.final_eval_episodes, args.eval_episodes if args.eval_freq and not args.eval_only else 0)
+    evaluator = make_evaluator(dataset, rule, args, learner.policies["bc"], episodes, low, high, device)
+    selection = {"top_fraction": args.top_fraction, "top_by": args.top_by, "episodes_kept": len(kept.episode_lengths)}
+    selection.update(steps_kept=len(kept.rewards), return_threshold=return_threshold)
+    normalization = {"action_low": low.tolist(), "action_high": high.tolist()}
+    saved = {"obs_dim": obs_dim, "act_dim": act_dim, "normalization": normalization, "data_selection": selection}
+    run = Run(args, seeds, learner, buffer, evaluator, Progress(), saved)
+    if checkpoint:
+        restore(run, checkpoint)
+    if args.eval_only:
+        return evaluate_saved_run(run, dataset, {"bc": args.total_steps})
+
+    # Train, then evaluate the policy
+    open_run_folder(run, data)
+    if run.wandb:
+        run.wandb.summary.update({f"data/{k}": v for k, v in selection.items()})
+    kept_share = f"{selection['steps_kept']:,} steps, {selection['steps_kept'] / len(data.rewards):.1%}"
+    print(
+        f"{args.env_id}: {len(data.rewards):,} transitions in {len(data.episode_lengths):,} episodes; "
+        f"top {args.top_fraction:g} by {args.top_by} keeps {selection['episodes_kept']:,} episodes ({kept_share}) "
+        f"with return >= {return_threshold:.4g}; actor dropout {args.actor_dropout:g}; "
+        f"score: {rule['source']}, evaluation episodes of {rule['max_episode_steps'] or 'unlimited'} steps"
+        + (f"; resuming at step {run.progress.step}" if args.resume else "")
     )
+    stop = catch_stop_signals()
+    try:
+        train(run, [Phase("train", args.total_steps, 0, "bc", ["losses/bc_loss"])], updates, stop)
+        summary = final_evaluation(run, stop)
+    finally:
+        catch_stop_signals(False)
+    return finish(run, dataset, summary)
+
+
+if __name__ == "__main__":
+    # tyro writes --flag, --flag=value and, for booleans, --no-flag
+    given = {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in sys.argv[1:] if a.startswith("--")}
+    main(tyro.cli(Args), given)

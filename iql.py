@@ -214,17 +214,20 @@ def load_minari_dataset(dataset_id: str):
         except Exception as e:  # a corrupt or half-written dataset folder
             raise SystemExit(f"error: cannot load Minari dataset '{dataset_id}' ({describe(e)})") from None
     close = difflib.get_close_matches(dataset_id, local, n=3, cutoff=0.75)
-    missing = f"error: Minari dataset '{dataset_id}' is not in the local store ({store})"
     hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    missing = f"Minari dataset '{dataset_id}' is not in the local store ({store})"
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        raise SystemExit(f"{missing}, and HF_HUB_OFFLINE is set, so it was not downloaded.{hint}")
-    print(f"{dataset_id} is not in the local Minari store ({store}); downloading it...", flush=True)
+        raise SystemExit(
+            f"error: {missing}, and HF_HUB_OFFLINE is set, so it was not downloaded.{hint} "
+            "`minari list local` lists the stored ids."
+        )
+    print(f"{missing}.{hint} Downloading it...", flush=True)  # the hint at once: a failed download takes long offline
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # its retry warnings would bury our one-line error
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:  # minari raises many types here: unknown id, no network, bad id format
         raise SystemExit(
-            f"{missing} and could not be downloaded ({describe(e)}).{hint} Set MINARI_DATASETS_PATH to use another "
+            f"error: {missing} and could not be downloaded ({describe(e)}). Set MINARI_DATASETS_PATH to use another "
             "store, HF_HUB_OFFLINE=1 to fail at once without a network; `minari list local` lists the stored ids."
         ) from None
 

@@ -7,10 +7,11 @@ Hopper, HalfCheetah and Walker2d files of versions v0, v1 and v2 are converted; 
 ($MINARI_DATASETS_PATH, default ~/.minari/datasets), evaluates in Gymnasium's Hopper-v5, HalfCheetah-v5 or Walker2d-v5 and
 carries D4RL's reference returns as ref_min_score and ref_max_score.
 
-The transitions are those of D4RL's qlearning_dataset: a step flagged in `timeouts` is dropped, the next observation is
-the file's `next_observations` where it has them (else the next row), and the file's last row is dropped. Episodes end at
-a terminal (terminated), where a timeout step was dropped (truncated), where the next observation does not continue into
-the next row (truncated), and at the end of the file (truncated). An id that is already in the store is refused unless
+The transitions are exactly those of D4RL's qlearning_dataset, which the paper's code trained on: a step flagged in
+`timeouts` is dropped, the next observation is the next row (qlearning_dataset never reads `next_observations`), and the
+file's last row is dropped. Episodes end at a terminal (terminated), where a timeout step was dropped (truncated), where a
+v2 file's `next_observations` shows that the next row does not continue the step (truncated; the paper's code splits its
+trajectories there too), and at the end of the file (truncated). An id that is already in the store is refused unless
 --overwrite is given. A refused or bad file exits with status 2 and leaves the store as it was.
 """
 
@@ -180,10 +181,11 @@ def episode_ends(data: dict) -> tuple:
     keep[last] = False
     rows = np.flatnonzero(keep)
     after = rows + 1
-    next_observations = data["next_observations"][rows] if "next_observations" in data else observations[after]
+    next_observations = observations[after]
     at_timeout = timeouts[after]
     at_file_end = (after == last) & ~at_timeout
-    gap = np.linalg.norm(next_observations - observations[after], axis=1) > CONTINUITY_TOLERANCE
+    true_next = data["next_observations"][rows] if "next_observations" in data else next_observations
+    gap = np.linalg.norm(true_next - next_observations, axis=1) > CONTINUITY_TOLERANCE
     ends = np.select(
         [data["terminals"][rows], at_timeout, at_file_end, gap], [TERMINATED, TIMEOUT, FILE_END, DISCONTINUITY], CONTINUES
     )
@@ -278,8 +280,8 @@ def summarize(source: str, data: dict, rows: np.ndarray, ends: np.ndarray, has_t
         f"{source}: {total:,} rows, {len(rows):,} transitions, {int((ends != CONTINUES).sum()):,} episodes "
         f"({counts[TERMINATED]:,} terminated, {counts[TIMEOUT]:,} truncated at timeouts, {counts[DISCONTINUITY]:,} cut at "
         f"discontinuities, {counts[FILE_END]:,} truncated at the file's end)\n"
-        f"dropped: {dropped} and the file's last row; next observations from "
-        + ("`next_observations`" if "next_observations" in data else "the next row")
+        f"dropped: {dropped} and the file's last row; next observations: the next row"
+        + (" (discontinuities found with `next_observations`)" if "next_observations" in data else "")
     )
 
 

@@ -70,8 +70,8 @@ def write_d4rl_file(path, data: dict, next_observations=True, timeouts=True, pol
 
 
 def qlearning_dataset(path: str, horizon: int = 1000) -> dict:
-    """D4RL's qlearning_dataset(env, terminate_on_end=False), row by row as D4RL's loop does, with the next observation
-    from `next_observations` where the file has them; without `timeouts`, D4RL's count of kept steps finds them."""
+    """D4RL's qlearning_dataset(env, terminate_on_end=False), row by row as D4RL's loop does: the next observation is the
+    next row (it never reads `next_observations`); without `timeouts`, D4RL's count of kept steps finds them."""
     with h5py.File(path, "r") as f:
         data = {key: f[key][()] for key in f if isinstance(f[key], h5py.Dataset)}
     out = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "terminals")}
@@ -83,7 +83,7 @@ def qlearning_dataset(path: str, horizon: int = 1000) -> dict:
             continue
         if data["terminals"][i]:
             episode_step = 0
-        next_obs = data["next_observations"][i] if "next_observations" in data else data["observations"][i + 1]
+        next_obs = data["observations"][i + 1]
         for key, value in zip(out, (data["observations"][i], data["actions"][i], data["rewards"][i], next_obs)):
             out[key].append(value)
         out["terminals"].append(bool(data["terminals"][i]))
@@ -165,12 +165,13 @@ def test_transitions_are_qlearning_datasets_and_episodes_end_where_d4rls_do(layo
     rows = len(data["rewards"])
     timeout_rows = int(data["timeouts"][:-1].sum())
     terminated, timed_out = int(data["terminals"][:-1].sum()), int(data["timeouts"][1:].sum())
-    cuts = 1 if has_next else 0  # without next_observations, the next row is the next observation: nothing to see
+    cuts = 1 if has_next else 0  # without next_observations a discontinuity cannot be seen
     assert sum(e.terminations[-1] for e in episodes) == terminated
     assert len(episodes) == terminated + timed_out + cuts + 1  # and the episode the file ends in
-    if has_next:  # the cut episode ends, truncated, at the step's true next observation
+    if has_next:  # the cut episode ends, truncated, at the next row, the s' qlearning_dataset gives
         cut = next(e for e in episodes if len(e.rewards) == 3 and e.truncations[-1])
-        np.testing.assert_array_equal(cut.observations[-1], data["next_observations"][cut_row])
+        np.testing.assert_array_equal(cut.observations[-1], data["observations"][cut_row + 1])
+        assert not np.array_equal(data["observations"][cut_row + 1], data["next_observations"][cut_row])
     last_row_kept = rows - 2
     np.testing.assert_array_equal(episodes[-1].observations[-1], expected["next_observations"][-1])
     assert episodes[-1].truncations[-1] and not data["timeouts"][last_row_kept + 1]
@@ -198,7 +199,7 @@ def test_a_timeout_step_is_dropped_and_its_episode_ends_truncated_at_its_observa
             np.testing.assert_array_equal(episode.observations[-1], hopper_rollouts["observations"][end])
         else:
             assert episode.terminations[-1]
-            np.testing.assert_array_equal(episode.observations[-1], hopper_rollouts["next_observations"][end])
+            np.testing.assert_array_equal(episode.observations[-1], hopper_rollouts["observations"][end + 1])
 
 
 def test_a_file_without_timeouts_loses_the_steps_qlearning_dataset_counts_to_its_time_limit(tmp_path, store, capsys):

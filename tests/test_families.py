@@ -24,9 +24,7 @@ PEN_OTHER_REFS = "D4RL/pen/tiny-other-refs-v0"
 
 def make_env_fn(dataset, dataset_id, terminate_at_goal=False, wrapper=None):
     def make_env(render=False):
-        env = dataset.recover_environment(
-            eval_env=True, **iql.eval_env_kwargs(iql.scoring_rule(dataset, dataset_id), terminate_at_goal)
-        )
+        env = iql.make_eval_env(dataset, iql.scoring_rule(dataset, dataset_id), terminate_at_goal)
         return wrapper(env) if wrapper else env
 
     return make_env
@@ -37,8 +35,7 @@ def run_evaluation(actor, dataset_id, episodes=3, **kwargs):
     low, high = iql.action_bounds(dataset.action_space)
     (stats,) = iql.evaluate(
         actor,
-        make_env_fn(dataset, dataset_id, **kwargs),
-        episodes,
+        [[make_env_fn(dataset, dataset_id, **kwargs)() for _ in range(episodes)]],
         [0],
         dataset.observation_space,
         low,

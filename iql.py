@@ -806,6 +806,8 @@ def make_evaluator(dataset, rule: dict, args: Args, actor: Actor, episodes: int,
             raise RuntimeError("render() returned no frame")
     except Exception as e:
         advice = "install the package that provides it"
+        if isinstance(e, ModuleNotFoundError):  # e.g. a toy environment of this repository's benchmarks/, run elsewhere
+            advice = f"its module `{e.name}` cannot be imported: install it, or run from the folder that holds it"
         if args.capture_video:
             advice += "; without a display install libosmesa6 and set MUJOCO_GL=osmesa, or leave out --capture-video"
         raise SystemExit(f"error: cannot build the dataset's evaluation environment ({describe(e)}): {advice}") from None

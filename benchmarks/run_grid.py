@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (pattern on the dataset id, iql.py flags), first match wins
 IQL_FLAGS = [
     (r"pointmaze", ["--expectile", "0.9", "--temperature", "10.0"]),  # not in the paper: AntMaze's goal-reaching setting
-    # locally built locomotion datasets: iql.py's `auto` reward normalisation keys on mujoco/
+    # locally built locomotion datasets: iql.py's `auto` reward normalisation keys on mujoco/ and d4rl/ only
     (r"^local/(hopper|halfcheetah|walker2d)", ["--reward-normalization", "locomotion"]),
 ]
 

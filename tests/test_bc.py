@@ -373,3 +373,13 @@ def test_rejects_what_iql_rejects_the_same_way(flags, minari_store, tmp_path):
     messages = [r.stderr.strip().splitlines() for r in results]
     assert len(messages[0]) == 1 and messages[0] == messages[1]
     assert not (tmp_path / "runs").exists()
+
+
+def test_bc_takes_iql_actors_dropout_for_the_family_unless_given():
+    """BC's policy is IQL's actor trained without advantage weights: the same network, dropout included."""
+    for dataset_id, dropout in (("D4RL/kitchen/mixed-v2", 0.1), ("D4RL/pen/human-v2", 0.1), ("mujoco/hopper/medium-v0", 0.0)):
+        assert bc.resolve_settings(bc.Args(env_id=dataset_id)).actor_dropout == dropout
+        iql_args, _ = iql.resolve_paper_settings(iql.Args(env_id=dataset_id))
+        assert iql_args.actor_dropout == dropout
+    assert bc.resolve_settings(bc.Args(env_id="D4RL/kitchen/mixed-v2", actor_dropout=0.0)).actor_dropout == 0.0
+    assert bc.resolve_settings(bc.Args(top_fraction=0.1)).exp_name == "bc_top10"

@@ -146,15 +146,18 @@ def resolve_settings(args: Args) -> Args:
 
 def validate_args(args: Args) -> None:
     """Reject bad settings before any work is done, in one line."""
-    positive = ["num_seeds", "total_steps", "batch_size", "actor_lr", "torch_threads"]
+    positive = ["num_seeds", "total_steps", "batch_size", "actor_lr"]
     positive += ["eval_episodes", "final_eval_episodes", "log_freq"]
-    problems = [f"{flag(n)} must be positive, got {getattr(args, n)}" for n in positive if (getattr(args, n) or 1) <= 0]
+    problems = [f"{flag(name)} must be positive, got {getattr(args, name)}" for name in positive if getattr(args, name) <= 0]
+    if args.torch_threads is not None and args.torch_threads <= 0:
+        problems.append(f"--torch-threads must be positive, got {args.torch_threads}")
     for name in ("seed", "eval_freq", "checkpoint_freq"):
         if getattr(args, name) < 0:
             problems.append(f"{flag(name)} must be >= 0, got {getattr(args, name)}")
     for name in ("eval_episodes", "final_eval_episodes"):
         if getattr(args, name) > EVAL_SEED_BLOCK:
-            problems.append(f"{flag(name)} must be at most {EVAL_SEED_BLOCK}, the evaluation seeds of one training seed")
+            seeds = f"the evaluation seeds of one training seed, got {getattr(args, name)}"
+            problems.append(f"{flag(name)} must be at most {EVAL_SEED_BLOCK}, {seeds}")
     if not 0.0 < args.top_fraction <= 1.0:
         problems.append(f"--top-fraction must be in (0, 1], got {args.top_fraction}")
     if not args.hidden_dims or min(args.hidden_dims) <= 0:

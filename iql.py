@@ -172,13 +172,17 @@ def validate_args(args: Args) -> None:
     """Reject bad settings before any work is done, in one line."""
     positive = ["num_seeds", "total_steps", "batch_size", "posthoc_steps", "exp_adv_max", "actor_lr", "critic_lr"]
     positive += ["value_lr", "torch_threads", "eval_episodes", "final_eval_episodes", "log_freq"]
-    problems = [f"{flag(n)} must be positive, got {getattr(args, n)}" for n in positive if (getattr(args, n) or 1) <= 0]
+    problems = []
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            problems.append(f"{flag(name)} must be positive, got {getattr(args, name)}")
     for name in ("temperature", "seed", "eval_freq", "checkpoint_freq"):
         if getattr(args, name) < 0:
             problems.append(f"{flag(name)} must be >= 0, got {getattr(args, name)}")
     for name in ("eval_episodes", "final_eval_episodes"):
         if getattr(args, name) > EVAL_SEED_BLOCK:
-            problems.append(f"{flag(name)} must be at most {EVAL_SEED_BLOCK}, the evaluation seeds of one training seed")
+            seeds = f"the evaluation seeds of one training seed, got {getattr(args, name)}"
+            problems.append(f"{flag(name)} must be at most {EVAL_SEED_BLOCK}, {seeds}")
     if not 0.0 < args.expectile < 1.0:
         problems.append(f"--expectile must be in (0, 1), got {args.expectile}")
     if not 0.0 <= args.discount <= 1.0:

@@ -80,7 +80,7 @@ def flatten(tree, prefix=""):
     [
         # checkpoints at 150 and 300: killed before writing the second, after the step-200 evaluation
         ("iql", ["--total-steps", "300", "--eval-freq", "100"], 2, 150),
-        # checkpoints at V/Q step 150, post-hoc steps 150 and 300: killed during the post-hoc phase, after its step-200 evaluation
+        # checkpoints at V/Q step 150, post-hoc steps 150 and 300: killed in the post-hoc phase, after its step-200 evaluation
         (
             "iql",
             ["--total-steps", "200", "--policy-extraction", "both", "--posthoc-steps", "300", "--eval-freq", "100"],
@@ -164,7 +164,8 @@ def test_broken_checkpoints_and_changed_flags_are_one_clear_line(minari_store, t
         refused = run_cli("iql.py", "--resume", str(run_dir), flag, value, cwd=tmp_path)
         assert refused.returncode != 0
         assert refused.stderr.strip().splitlines() == [
-            f"error: {flag} {value} differs from the run's {stored}; a saved run keeps the arguments that define it (start a new run instead)"
+            f"error: {flag} {value} differs from the run's {stored}; "
+            "a saved run keeps the arguments that define it (start a new run instead)"
         ]
     evaluations = (run_dir / "evaluations.jsonl").read_text()
     for broken in (whole[: len(whole) // 2], b"not a checkpoint"):
@@ -260,8 +261,8 @@ def test_a_diverging_run_stops_at_once_and_keeps_its_last_good_checkpoint(minari
         iql.main(args)
     (run_dir,) = tmp_path.iterdir()
     assert (
-        str(stop.value.code)
-        == f"error: the run diverged: critic_loss became NaN or infinite at train step 150; the last checkpoint before it stays in {run_dir}"
+        str(stop.value.code) == "error: the run diverged: critic_loss became NaN or infinite at train step 150; "
+        f"the last checkpoint before it stays in {run_dir}"
     )
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["progress"]["step"] == 100
@@ -281,7 +282,8 @@ def test_eval_only_reproduces_the_final_evaluation(script, flags, minari_store, 
     summary = json.loads((run_dir / "summary.json").read_text())
     module = iql if script == "iql" else bc
     again = module.main(module.Args(eval_only=str(run_dir), cuda=False))
-    assert again["policies"] == summary["policies"]
+    trained = {name: result.pop("step") for name, result in again["policies"].items()}
+    assert again["policies"] == summary["policies"] and set(trained.values()) == {50}
     # --final-eval-episodes given at its default value (100) is still the user's; without model.pt, checkpoint.pt serves
     (run_dir / "model.pt").rename(run_dir / "saved.pt")
     result = run_cli(f"{script}.py", "--eval-only", str(run_dir), "--final-eval-episodes", "100", cwd=tmp_path)

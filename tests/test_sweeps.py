@@ -65,7 +65,7 @@ def test_every_parameter_is_a_real_flag_with_an_accepted_value(path):
             assert getattr(args, field) == value
     for parameters in grid(config):  # every combination passes the script's own checks
         args = tyro.cli(script.Args, args=render(parameters))
-        script.validate_args(script.resolve_paper_settings(args)[0] if script is iql else args)
+        script.validate_args(script.resolve_paper_settings(args)[0] if script is iql else script.resolve_settings(args))
     # the metric a sweep optimises is one the script logs: eval/{policy}_final/score_mean
     policy = "bc" if config["program"] == "bc.py" else "concurrent"
     assert config["metric"]["name"] == f"eval/{policy}_final/score_mean"

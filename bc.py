@@ -132,6 +132,12 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def paper_family(dataset_id: str) -> str:
+    """The family whose settings the paper gives for a dataset: PointMaze, which the paper does not have, takes MuJoCo's."""
+    family = dataset_family(dataset_id)
+    return "MuJoCo" if family == "PointMaze" else family
+
+
 def resolve_settings(args: Args) -> Args:
     """The run's name (bc, or bc_top10 for 10% BC) and, left at None, iql.py's actor dropout for the dataset's family."""
     exp_name = args.exp_name
@@ -139,27 +145,34 @@ def resolve_settings(args: Args) -> Args:
         exp_name = "bc" if args.top_fraction == 1.0 else f"bc_top{100 * args.top_fraction:g}"
     dropout = args.actor_dropout
     if dropout is None:
-        family = dataset_family(args.env_id)
-        dropout = PAPER_SETTINGS["MuJoCo" if family == "PointMaze" else family][2]
+        dropout = PAPER_SETTINGS[paper_family(args.env_id)][2]
     return replace(args, exp_name=exp_name, actor_dropout=dropout)
 
 
 def validate_args(args: Args) -> None:
     """Reject bad settings before any work is done, in one line."""
-    positive = ["num_seeds", "total_steps", "batch_size", "actor_lr"]
+    positive = ["num_seeds", "total_steps", "batch_size", "actor_lr", "torch_threads"]
     positive += ["eval_episodes", "final_eval_episodes", "log_freq"]
-    problems = [f"{flag(name)} must be positive, got {getattr(args, name)}" for name in positive if getattr(args, name) <= 0]
-    if args.torch_threads is not None and args.torch_threads <= 0:
-        problems.append(f"--torch-threads must be positive, got {args.torch_threads}")
-    for name in ("seed", "eval_freq", "checkpoint_freq"):
+    problems = common_problems(args, positive, ["seed", "eval_freq", "checkpoint_freq"])
+    if not 0.0 < args.top_fraction <= 1.0:
+        problems.append(f"--top-fraction must be in (0, 1], got {args.top_fraction}")
+    if problems:
+        raise SystemExit(f"error: {problems[0]}")
+
+
+def common_problems(args: Args, positive: list, non_negative: list) -> list:
+    """The checks both scripts make: counts and rates, the evaluation seeds, the actor, and the maze-only flags."""
+    problems = []
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            problems.append(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    for name in non_negative:
         if getattr(args, name) < 0:
             problems.append(f"{flag(name)} must be >= 0, got {getattr(args, name)}")
     for name in ("eval_episodes", "final_eval_episodes"):
         if getattr(args, name) > EVAL_SEED_BLOCK:
             seeds = f"the evaluation seeds of one training seed, got {getattr(args, name)}"
             problems.append(f"{flag(name)} must be at most {EVAL_SEED_BLOCK}, {seeds}")
-    if not 0.0 < args.top_fraction <= 1.0:
-        problems.append(f"--top-fraction must be in (0, 1], got {args.top_fraction}")
     if not args.hidden_dims or min(args.hidden_dims) <= 0:
         problems.append(f"--hidden-dims must be positive sizes, got {args.hidden_dims}")
     if not 0.0 <= args.actor_dropout < 1.0:
@@ -167,8 +180,7 @@ def validate_args(args: Args) -> None:
     for name in ("goal_terminal", "eval_terminate_at_goal"):
         if getattr(args, name) and not dataset_family(args.env_id).endswith("Maze"):
             problems.append(f"{flag(name)} applies to maze datasets (pointmaze, antmaze) only, got --env-id {args.env_id}")
-    if problems:
-        raise SystemExit(f"error: {problems[0]}")
+    return problems
 
 
 # Data -----------------------------------------------------------------------------------------------------------------------

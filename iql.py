@@ -149,14 +149,19 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def paper_family(dataset_id: str) -> str:
+    """The family whose settings the paper gives for a dataset: PointMaze, which the paper does not have, takes MuJoCo's."""
+    family = dataset_family(dataset_id)
+    return "MuJoCo" if family == "PointMaze" else family
+
+
 def resolve_paper_settings(args: Args) -> Tuple[Args, str]:
     """Fill the algorithm flags left at None (and `auto` rewards) with the paper's settings for the dataset's family;
     also return a line saying which settings were given and which came from the paper."""
-    family = dataset_family(args.env_id)
-    paper_family = "MuJoCo" if family == "PointMaze" else family  # the paper has no PointMaze settings
+    family = paper_family(args.env_id)
     names = ("expectile", "temperature", "actor_dropout")
     given = {name: getattr(args, name) is not None for name in names}
-    paper = {name: value for name, value in zip(names, PAPER_SETTINGS[paper_family]) if not given[name]}
+    paper = {name: value for name, value in zip(names, PAPER_SETTINGS[family]) if not given[name]}
     rewards = args.reward_normalization
     if rewards == "auto" and args.env_id.startswith(("mujoco/", "d4rl/")):  # Minari's locomotion data, or D4RL's files
         rewards = "locomotion"
@@ -164,7 +169,7 @@ def resolve_paper_settings(args: Args) -> Tuple[Args, str]:
         rewards = "antmaze" if family == "AntMaze" else "none"
     args = replace(args, reward_normalization=rewards, **paper)
     words = [f"{name.replace('_', ' ')} {getattr(args, name):g}" + (" (given)" if given[name] else "") for name in names]
-    source = "" if all(given.values()) else f" (the paper's {paper_family} settings)"
+    source = "" if all(given.values()) else f" (the paper's {family} settings)"
     return args, ", ".join(words) + source
 
 
@@ -172,23 +177,30 @@ def validate_args(args: Args) -> None:
     """Reject bad settings before any work is done, in one line."""
     positive = ["num_seeds", "total_steps", "batch_size", "posthoc_steps", "exp_adv_max", "actor_lr", "critic_lr"]
     positive += ["value_lr", "torch_threads", "eval_episodes", "final_eval_episodes", "log_freq"]
-    problems = []
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            problems.append(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("temperature", "seed", "eval_freq", "checkpoint_freq"):
-        if getattr(args, name) < 0:
-            problems.append(f"{flag(name)} must be >= 0, got {getattr(args, name)}")
-    for name in ("eval_episodes", "final_eval_episodes"):
-        if getattr(args, name) > EVAL_SEED_BLOCK:
-            seeds = f"the evaluation seeds of one training seed, got {getattr(args, name)}"
-            problems.append(f"{flag(name)} must be at most {EVAL_SEED_BLOCK}, {seeds}")
+    problems = common_problems(args, positive, ["temperature", "seed", "eval_freq", "checkpoint_freq"])
     if not 0.0 < args.expectile < 1.0:
         problems.append(f"--expectile must be in (0, 1), got {args.expectile}")
     if not 0.0 <= args.discount <= 1.0:
         problems.append(f"--discount must be in [0, 1], got {args.discount}")
     if not 0.0 < args.tau <= 1.0:
         problems.append(f"--tau must be in (0, 1], got {args.tau}")
+    if problems:
+        raise SystemExit(f"error: {problems[0]}")
+
+
+def common_problems(args: Args, positive: list, non_negative: list) -> list:
+    """The checks both scripts make: counts and rates, the evaluation seeds, the actor, and the maze-only flags."""
+    problems = []
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            problems.append(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    for name in non_negative:
+        if getattr(args, name) < 0:
+            problems.append(f"{flag(name)} must be >= 0, got {getattr(args, name)}")
+    for name in ("eval_episodes", "final_eval_episodes"):
+        if getattr(args, name) > EVAL_SEED_BLOCK:
+            seeds = f"the evaluation seeds of one training seed, got {getattr(args, name)}"
+            problems.append(f"{flag(name)} must be at most {EVAL_SEED_BLOCK}, {seeds}")
     if not args.hidden_dims or min(args.hidden_dims) <= 0:
         problems.append(f"--hidden-dims must be positive sizes, got {args.hidden_dims}")
     if not 0.0 <= args.actor_dropout < 1.0:
@@ -196,8 +208,7 @@ def validate_args(args: Args) -> None:
     for name in ("goal_terminal", "eval_terminate_at_goal"):
         if getattr(args, name) and not dataset_family(args.env_id).endswith("Maze"):
             problems.append(f"{flag(name)} applies to maze datasets (pointmaze, antmaze) only, got --env-id {args.env_id}")
-    if problems:
-        raise SystemExit(f"error: {problems[0]}")
+    return problems
 
 
 # Data -----------------------------------------------------------------------------------------------------------------------

@@ -302,19 +302,17 @@ def test_cli_runs_end_to_end(minari_store, tmp_path):
     assert f"top 0.5 by steps keeps {len(kept.episode_lengths)} episodes ({len(kept.rewards)} steps" in result.stdout
 
 
+# a run of two gradient steps and one evaluation episode
+TWO_STEPS = dict(
+    env_id="mujoco/hopper/tiny-v0", total_steps=2, batch_size=8, hidden_dims=(8,), eval_freq=0, final_eval_episodes=1
+)
+TWO_STEPS["cuda"] = False
+
+
 def test_run_names_tell_bc_and_top_bc_apart(minari_store, tmp_path):
-    quick = dict(
-        env_id="mujoco/hopper/tiny-v0",
-        total_steps=2,
-        batch_size=8,
-        hidden_dims=(8,),
-        eval_freq=0,
-        final_eval_episodes=1,
-        cuda=False,
-    )
     names = []
     for fraction, exp_name in ((1.0, None), (0.1, None), (0.25, None), (0.1, "mine")):
-        summary = bc.main(bc.Args(top_fraction=fraction, exp_name=exp_name, runs_dir=str(tmp_path), **quick))
+        summary = bc.main(bc.Args(top_fraction=fraction, exp_name=exp_name, runs_dir=str(tmp_path), **TWO_STEPS))
         names.append(summary["run_name"].split("__")[-3])
         assert json.loads((tmp_path / summary["run_name"] / "args.json").read_text())["exp_name"] == names[-1]
     assert names == ["bc", "bc_top10", "bc_top25", "mine"]
@@ -323,20 +321,11 @@ def test_run_names_tell_bc_and_top_bc_apart(minari_store, tmp_path):
 def test_runs_use_one_torch_thread_unless_told(minari_store, tmp_path):
     """Runs sharing a machine must not fight over its cores: both scripts default to one torch thread."""
     assert iql.Args().torch_threads == 1 and bc.Args().torch_threads == 1
-    quick = dict(
-        env_id="mujoco/hopper/tiny-v0",
-        total_steps=2,
-        batch_size=8,
-        hidden_dims=(8,),
-        eval_freq=0,
-        final_eval_episodes=1,
-        cuda=False,
-    )
     try:
         torch.set_num_threads(2)
-        bc.main(bc.Args(runs_dir=str(tmp_path), **quick))
+        bc.main(bc.Args(runs_dir=str(tmp_path), **TWO_STEPS))
         assert torch.get_num_threads() == 1
-        bc.main(bc.Args(runs_dir=str(tmp_path), torch_threads=2, seed=2, **quick))
+        bc.main(bc.Args(runs_dir=str(tmp_path), torch_threads=2, seed=2, **TWO_STEPS))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)

@@ -180,6 +180,11 @@ def test_broken_checkpoints_and_changed_flags_are_one_clear_line(minari_store, t
     assert not (run_dir / "summary.json").exists()
 
 
+# 1,000 steps of IQL on tiny Hopper with a checkpoint every 100: for faults planted mid-run
+CHECKPOINTED_EVERY_100 = dict(env_id=HOPPER, total_steps=1000, batch_size=32, hidden_dims=(32, 32), eval_freq=0, log_freq=500)
+CHECKPOINTED_EVERY_100.update(checkpoint_freq=100, cuda=False)
+
+
 def test_a_broken_environment_or_runs_dir_fails_before_training(minari_store, tmp_path, monkeypatch):
     # a renderer that fails only when a frame is asked for: --capture-video fails before training, naming the fix
     class NoOpenGL(gym.Wrapper):
@@ -246,17 +251,7 @@ def test_a_diverging_run_stops_at_once_and_keeps_its_last_good_checkpoint(minari
         return batch
 
     monkeypatch.setattr(iql.DeviceData, "sample", sample_with_a_nan)
-    args = iql.Args(
-        env_id=HOPPER,
-        total_steps=1000,
-        batch_size=32,
-        hidden_dims=(32, 32),
-        eval_freq=0,
-        log_freq=500,
-        checkpoint_freq=100,
-        runs_dir=str(tmp_path),
-        cuda=False,
-    )
+    args = iql.Args(**CHECKPOINTED_EVERY_100, runs_dir=str(tmp_path))
     with pytest.raises(SystemExit) as stop:
         iql.main(args)
     (run_dir,) = tmp_path.iterdir()
@@ -404,17 +399,7 @@ def test_a_checkpoint_is_never_written_from_weights_gone_bad(minari_store, tmp_p
         return out
 
     monkeypatch.setattr(iql, "update_value_and_critic", poisoned)
-    args = iql.Args(
-        env_id=HOPPER,
-        total_steps=1000,
-        batch_size=32,
-        hidden_dims=(32, 32),
-        eval_freq=0,
-        log_freq=500,
-        checkpoint_freq=100,
-        runs_dir=str(tmp_path),
-        cuda=False,
-    )
+    args = iql.Args(**CHECKPOINTED_EVERY_100, runs_dir=str(tmp_path))
     with pytest.raises(
         SystemExit, match="the weights became NaN or infinite by train step 200; the last checkpoint before it stays in"
     ):

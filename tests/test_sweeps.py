@@ -47,6 +47,15 @@ def command(config: dict, parameters: dict) -> list:
     return expanded
 
 
+# a sweep's run cut to a few steps, logging to W&B offline
+QUICK = ["--total-steps", "20", "--batch-size", "16", "--hidden-dims", "16", "16", "--eval-freq", "0"]
+QUICK += ["--final-eval-episodes", "2", "--log-freq", "10"]
+
+
+def offline_env() -> dict:
+    return {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": REPO, "WANDB_SILENT": "true"}
+
+
 def test_there_are_sweeps_for_every_family():
     names = {os.path.basename(p) for p in SWEEPS}
     assert {"iql_mujoco.yaml", "iql_antmaze.yaml", "iql_kitchen.yaml", "iql_adroit.yaml", "bc.yaml"} <= names
@@ -78,24 +87,8 @@ def test_every_parameter_is_a_real_flag_with_an_accepted_value(path):
 def test_a_multi_seed_sweep_run_logs_each_seed_and_the_mean_it_optimises(minari_store, tmp_path):
     config = yaml.safe_load(open(os.path.join(REPO, "sweeps", "iql_expectile_temperature.yaml")))
     parameters = {**grid(config)[0], "env-id": "mujoco/hopper/tiny-v0", "policy-extraction": "concurrent"}
-    quick = [
-        "--total-steps",
-        "20",
-        "--batch-size",
-        "16",
-        "--hidden-dims",
-        "16",
-        "16",
-        "--eval-freq",
-        "0",
-        "--final-eval-episodes",
-        "2",
-        "--log-freq",
-        "10",
-    ]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": REPO, "WANDB_SILENT": "true"}
     result = subprocess.run(
-        command(config, parameters) + quick, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        command(config, parameters) + QUICK, cwd=tmp_path, env=offline_env(), capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr
     (records,) = glob.glob(str(tmp_path / "runs" / "*" / "wandb" / "offline-run-*" / "*.wandb"))
@@ -110,24 +103,8 @@ def test_a_sweep_command_runs_end_to_end_offline(minari_store, tmp_path):
     config = yaml.safe_load(open(os.path.join(REPO, "sweeps", "iql_mujoco.yaml")))
     parameters = grid(config)[0]
     parameters["env-id"] = "mujoco/hopper/tiny-v0"  # the offline stand-in for the real dataset
-    quick = [
-        "--total-steps",
-        "20",
-        "--batch-size",
-        "16",
-        "--hidden-dims",
-        "16",
-        "16",
-        "--eval-freq",
-        "0",
-        "--final-eval-episodes",
-        "2",
-        "--log-freq",
-        "10",
-    ]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": REPO, "WANDB_SILENT": "true"}
     result = subprocess.run(
-        command(config, parameters) + quick, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        command(config, parameters) + QUICK, cwd=tmp_path, env=offline_env(), capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr
     # an offline run keeps its records in a binary .wandb file, where the logged keys stand in clear

@@ -8,7 +8,7 @@ https://arxiv.org/abs/2110.06169. Official code: https://github.com/ikostrikov/i
     python iql.py --env-id D4RL/antmaze/umaze-v1      # unset flags take the paper's settings for the dataset's family
     python iql.py --resume runs/{run_name}            # continue a stopped run; --help documents every flag
 
-Outputs go to runs/{run_name}/: args.json, dataset_overview.png, metrics.jsonl, evaluations.jsonl, summary.json,
+Outputs go to runs/{run_name}/: args.json, metrics.jsonl, evaluations.jsonl, summary.json,
 checkpoint.pt and (with --save-model) model.pt.
 """
 
@@ -123,12 +123,7 @@ class Args:
 
 # The paper's (expectile, temperature, actor dropout) per family, from the official configs; other datasets get
 # MuJoCo's, like the official default config.
-PAPER_SETTINGS = {
-    "MuJoCo": (0.7, 3.0, 0.0),
-    "AntMaze": (0.9, 10.0, 0.0),
-    "Kitchen": (0.7, 0.5, 0.1),
-    "Adroit": (0.7, 0.5, 0.1),
-}
+PAPER_SETTINGS = dict(MuJoCo=(0.7, 3.0, 0.0), AntMaze=(0.9, 10.0, 0.0), Kitchen=(0.7, 0.5, 0.1), Adroit=(0.7, 0.5, 0.1))
 # D4RL's reference returns (random, expert), for datasets that carry none (Minari's mujoco/*-v0): a score then means
 # what it meant in D4RL.
 D4RL_REFERENCE_RETURNS = {
@@ -149,16 +144,16 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def paper_family(dataset_id: str) -> str:
-    """The family whose settings the paper gives for a dataset: PointMaze, which the paper does not have, takes MuJoCo's."""
-    family = dataset_family(dataset_id)
-    return "MuJoCo" if family == "PointMaze" else family
+def describe(e: Exception) -> str:
+    """An exception in one line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
 
 
 def resolve_paper_settings(args: Args) -> Tuple[Args, str]:
     """Fill the algorithm flags left at None (and `auto` rewards) with the paper's settings for the dataset's family;
     also return a line saying which settings were given and which came from the paper."""
-    family = paper_family(args.env_id)
+    family = dataset_family(args.env_id)
+    family = family if family in PAPER_SETTINGS else "MuJoCo"  # PointMaze, which the paper does not have
     names = ("expectile", "temperature", "actor_dropout")
     given = {name: getattr(args, name) is not None for name in names}
     paper = {name: value for name, value in zip(names, PAPER_SETTINGS[family]) if not given[name]}
@@ -191,12 +186,10 @@ def validate_args(args: Args) -> None:
 def common_problems(args: Args, positive: list, non_negative: list) -> list:
     """The checks both scripts make: counts and rates, the evaluation seeds, the actor, and the maze-only flags."""
     problems = []
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            problems.append(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in non_negative:
-        if getattr(args, name) < 0:
-            problems.append(f"{flag(name)} must be >= 0, got {getattr(args, name)}")
+    for name in positive + non_negative:
+        value, least = getattr(args, name), "positive" if name in positive else ">= 0"
+        if value is not None and (value <= 0 if name in positive else value < 0):
+            problems.append(f"{flag(name)} must be {least}, got {value}")
     for name in ("eval_episodes", "final_eval_episodes"):
         if getattr(args, name) > EVAL_SEED_BLOCK:
             seeds = f"the evaluation seeds of one training seed, got {getattr(args, name)}"
@@ -205,9 +198,10 @@ def common_problems(args: Args, positive: list, non_negative: list) -> list:
         problems.append(f"--hidden-dims must be positive sizes, got {args.hidden_dims}")
     if not 0.0 <= args.actor_dropout < 1.0:
         problems.append(f"--actor-dropout must be in [0, 1), got {args.actor_dropout}")
-    for name in ("goal_terminal", "eval_terminate_at_goal"):
-        if getattr(args, name) and not dataset_family(args.env_id).endswith("Maze"):
-            problems.append(f"{flag(name)} applies to maze datasets (pointmaze, antmaze) only, got --env-id {args.env_id}")
+    if not dataset_family(args.env_id).endswith("Maze"):
+        for name in ("goal_terminal", "eval_terminate_at_goal"):
+            if getattr(args, name):
+                problems.append(f"{flag(name)} applies to maze datasets (pointmaze, antmaze) only, got --env-id {args.env_id}")
     return problems
 
 
@@ -221,8 +215,7 @@ def load_minari_dataset(dataset_id: str):
     quiet = dataset_family(dataset_id) != "Adroit"
     with contextlib.suppress(Exception), contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
         import gymnasium_robotics  # noqa: F401
-    store = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
-    local = list(minari.list_local_datasets())
+    listing, local = "`minari list local` lists the stored ids.", list(minari.list_local_datasets())
     if dataset_id in local:
         try:
             return minari.load_dataset(dataset_id)
@@ -230,35 +223,17 @@ def load_minari_dataset(dataset_id: str):
             raise SystemExit(f"error: cannot load Minari dataset '{dataset_id}' ({describe(e)})") from None
     close = difflib.get_close_matches(dataset_id, local, n=3, cutoff=0.75)
     hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    store = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     missing = f"Minari dataset '{dataset_id}' is not in the local store ({store})"
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        raise SystemExit(
-            f"error: {missing}, and HF_HUB_OFFLINE is set, so it was not downloaded.{hint} "
-            "`minari list local` lists the stored ids."
-        )
+        raise SystemExit(f"error: {missing}, and HF_HUB_OFFLINE is set, so it was not downloaded.{hint} {listing}")
     print(f"{missing}.{hint} Downloading it...", flush=True)  # the hint at once: a failed download takes long offline
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # its retry warnings would bury our one-line error
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:  # minari raises many types here: unknown id, no network, bad id format
-        raise SystemExit(
-            f"error: {missing} and could not be downloaded ({describe(e)}). Set MINARI_DATASETS_PATH to use another "
-            "store, HF_HUB_OFFLINE=1 to fail at once without a network; `minari list local` lists the stored ids."
-        ) from None
-
-
-def flatten_observation(obs, space: gym.Space) -> np.ndarray:
-    """(batch, dim) float32; Dict parts concatenated recursively in key (alphabetical) order, as gym.spaces.flatten."""
-    if isinstance(space, gym.spaces.Dict):
-        return np.concatenate([flatten_observation(obs[k], s) for k, s in space.spaces.items()], axis=1)
-    return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
-
-
-def stack_observations(observations: list):
-    """A list of (possibly nested dict) observations as one batch: an array, or a dict of batches."""
-    if isinstance(observations[0], dict):
-        return {k: stack_observations([o[k] for o in observations]) for k in observations[0]}
-    return np.stack(observations)
+        advice = "Set MINARI_DATASETS_PATH to use another store, HF_HUB_OFFLINE=1 to fail at once without a network;"
+        raise SystemExit(f"error: {missing} and could not be downloaded ({describe(e)}). {advice} {listing}") from None
 
 
 @dataclass
@@ -288,6 +263,13 @@ class OfflineData:
         return np.add.reduceat(self.rewards.astype(np.float64), self.episode_starts)
 
 
+def flatten_observation(obs, space: gym.Space) -> np.ndarray:
+    """(batch, dim) float32; Dict parts concatenated recursively in key (alphabetical) order, as gym.spaces.flatten."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([flatten_observation(obs[k], s) for k, s in space.spaces.items()], axis=1)
+    return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
+
+
 def flatten_dataset(dataset) -> OfflineData:
     episodes = list(dataset.iterate_episodes())
     if not episodes:
@@ -296,25 +278,19 @@ def flatten_dataset(dataset) -> OfflineData:
     def stack(part, dtype) -> np.ndarray:
         return np.concatenate([np.asarray(part(e), dtype=dtype) for e in episodes])
 
-    return OfflineData(
-        observations=stack(lambda e: flatten_observation(e.observations, dataset.observation_space), np.float32),
-        actions=stack(lambda e: np.reshape(e.actions, (len(e.rewards), -1)), np.float32),
-        rewards=stack(lambda e: e.rewards, np.float32),
-        terminations=stack(lambda e: e.terminations, bool),
-        truncations=stack(lambda e: e.truncations, bool),
-        episode_lengths=np.array([len(e.rewards) for e in episodes], dtype=np.int64),
-    )
+    observations = stack(lambda e: flatten_observation(e.observations, dataset.observation_space), np.float32)
+    actions = stack(lambda e: np.reshape(e.actions, (len(e.rewards), -1)), np.float32)
+    lengths = np.array([len(e.rewards) for e in episodes], dtype=np.int64)
+    ends = stack(lambda e: e.terminations, bool), stack(lambda e: e.truncations, bool)
+    return OfflineData(observations, actions, stack(lambda e: e.rewards, np.float32), *ends, lengths)
 
 
 def check_finite(data: OfflineData, dataset_id: str) -> None:
     """A NaN in the data makes every loss NaN at the first update: say where it is instead, before any run folder exists."""
     first_observations = data.episode_starts + np.arange(len(data.episode_lengths))
-    parts = {
-        "observations": (data.observations, first_observations),
-        "actions": (data.actions, data.episode_starts),
-        "rewards": (data.rewards, data.episode_starts),
-    }
-    for name, (values, episode_starts) in parts.items():
+    parts = {"observations": first_observations, "actions": data.episode_starts, "rewards": data.episode_starts}
+    for name, episode_starts in parts.items():
+        values = getattr(data, name)
         bad = ~np.isfinite(values.reshape(len(values), -1))
         if bad.any():
             row = int(np.argmax(bad.any(axis=1)))
@@ -330,14 +306,8 @@ def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray
     starts = data.episode_starts
     steps = np.concatenate([np.arange(starts[e], starts[e] + n) for e, n in zip(episodes, lengths)])
     rows = np.concatenate([np.arange(starts[e] + e, starts[e] + e + n + 1) for e, n in zip(episodes, lengths)])
-    return OfflineData(
-        observations=data.observations[rows],
-        actions=data.actions[steps],
-        rewards=data.rewards[steps],
-        terminations=data.terminations[steps],
-        truncations=data.truncations[steps],
-        episode_lengths=np.asarray(lengths, dtype=np.int64),
-    )
+    step_parts = (data.actions, data.rewards, data.terminations, data.truncations)
+    return OfflineData(data.observations[rows], *(part[steps] for part in step_parts), np.asarray(lengths, dtype=np.int64))
 
 
 def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
@@ -353,18 +323,10 @@ def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
     return cut
 
 
-def load_data(dataset, dataset_id: str, goal_terminal: bool) -> OfflineData:
-    data = flatten_dataset(dataset)
-    check_finite(data, dataset_id)
-    return cut_episodes_at_goal(data) if goal_terminal else data
-
-
 def reward_transform(mode: str, episode_returns: np.ndarray) -> Tuple[float, float]:
     """(scale, shift) such that the training reward is scale * r + shift."""
-    if mode == "antmaze":
-        return 1.0, -1.0
-    if mode == "none":
-        return 1.0, 0.0
+    if mode != "locomotion":
+        return 1.0, (-1.0 if mode == "antmaze" else 0.0)  # antmaze: r - 1; none: r
     return_range = float(episode_returns.max() - episode_returns.min())
     if return_range <= 0.0:
         raise SystemExit(
@@ -375,10 +337,8 @@ def reward_transform(mode: str, episode_returns: np.ndarray) -> Tuple[float, flo
 
 
 def action_bounds(space: gym.Space) -> Tuple[np.ndarray, np.ndarray]:
-    if not isinstance(space, gym.spaces.Box):
-        raise SystemExit(f"error: IQL needs a continuous (Box) action space, the dataset has {space}")
-    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
-        raise SystemExit(f"error: the action space must be bounded, the dataset has {space}")
+    if not isinstance(space, gym.spaces.Box) or not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+        raise SystemExit(f"error: the policy needs a bounded continuous (Box) action space, the dataset has {space}")
     return space.low.astype(np.float32).ravel(), space.high.astype(np.float32).ravel()
 
 
@@ -391,16 +351,20 @@ def to_unit_box(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.nd
 
 def dataset_family(dataset_id: str) -> str:
     """AntMaze, PointMaze, Kitchen, Adroit, or MuJoCo: the paper's locomotion family, and the default for other ids."""
-    name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
     for family in ("AntMaze", "PointMaze", "Kitchen"):
         if family.lower() in dataset_id:
             return family
-    return "Adroit" if name in ("pen", "hammer", "door", "relocate") else "MuJoCo"
+    return "Adroit" if env_name(dataset_id) in ("pen", "hammer", "door", "relocate") else "MuJoCo"
+
+
+def env_name(dataset_id: str) -> str:
+    """The environment part of a Minari id, e.g. hopper in mujoco/hopper/medium-v0."""
+    return dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
 
 
 def scoring_rule(dataset, dataset_id: str) -> dict:
     """The paper's score per family (success, Kitchen tasks, normalised return) and any evaluation length it needs."""
-    family = dataset_family(dataset_id)
+    family, name, metadata = dataset_family(dataset_id), env_name(dataset_id), dataset.storage.metadata
     if family.endswith("Maze"):
         return {
             "kind": "success",
@@ -408,65 +372,19 @@ def scoring_rule(dataset, dataset_id: str) -> dict:
             "max_episode_steps": None,
         }
     if family == "Kitchen":
-        num_tasks = len(dataset.env_spec.kwargs["tasks_to_complete"])
-        return {
-            "kind": "tasks",
-            "num_tasks": num_tasks,
-            "source": f"completed tasks / {num_tasks} x100",
-            "max_episode_steps": None,
-        }
-    metadata = dataset.storage.metadata
-    env_name = dataset_id.split("/")[1] if dataset_id.count("/") >= 2 else ""
+        tasks = len(dataset.env_spec.kwargs["tasks_to_complete"])
+        return {"kind": "tasks", "num_tasks": tasks, "source": f"completed tasks / {tasks} x100", "max_episode_steps": None}
     if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
         ref, source = (float(metadata["ref_min_score"]), float(metadata["ref_max_score"])), "dataset metadata"
-    elif env_name in D4RL_REFERENCE_RETURNS:
-        ref, source = D4RL_REFERENCE_RETURNS[env_name], f"D4RL reference returns of {env_name}"
+    elif name in D4RL_REFERENCE_RETURNS:
+        ref, source = D4RL_REFERENCE_RETURNS[name], f"D4RL reference returns of {name}"
     else:
         return {"kind": "none", "source": "none (the dataset carries no reference scores)", "max_episode_steps": None}
     # D4RL's pen references are returns of 100-step episodes; others go with the dataset's spec (Minari's pen: 200)
-    d4rl_pen = env_name == "pen" and np.allclose(ref, D4RL_REFERENCE_RETURNS["pen"], rtol=1e-6)
-    return {
-        "kind": "return",
-        "ref_min": ref[0],
-        "ref_max": ref[1],
-        "source": f"normalised return, references {ref[0]:g} and {ref[1]:g} from {source}",
-        "max_episode_steps": 100 if d4rl_pen else None,
-    }
-
-
-def plot_dataset_overview(data: OfflineData, dataset_id: str, path: str) -> None:
-    """Histograms of the raw data, log counts from 0.5 (a count of 1 shows), integer bins for integer quantities."""
-    import matplotlib.pyplot as plt
-
-    plt.switch_backend("Agg")
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    panels = [
-        (data.rewards, f"step rewards ({len(data.rewards):,} steps)", "reward of a step", "steps", "tab:red"),
-        (
-            data.episode_lengths,
-            f"episode lengths ({len(data.episode_lengths):,} episodes)",
-            "episode length (steps)",
-            "episodes",
-            "tab:green",
-        ),
-        (data.episode_returns, "episode returns", "episode return (sum of the raw rewards)", "episodes", "tab:blue"),
-    ]
-    for ax, (values, title, xlabel, counted, color) in zip(axes.flat, panels):
-        bins, integers = 50, bool(np.all(values == np.round(values)))
-        if integers:
-            lo, hi = int(values.min()), int(values.max())
-            width = math.ceil((hi - lo + 1) / 50)
-            bins = np.arange(lo - 0.5, hi + width, width)
-            ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True, min_n_ticks=1))
-        ax.hist(values, bins=bins, color=color, rwidth=0.8 if integers else None)
-        ax.set(title=title, xlabel=xlabel, ylabel=f"{counted} (log scale)", yscale="log", ylim=(0.5, None))
-    ends = [int(data.terminations.sum()), int(data.truncations.sum())]
-    axes[1, 1].bar_label(axes[1, 1].bar(["terminations", "truncations"], ends, color=["tab:orange", "tab:purple"]))
-    axes[1, 1].set(title="how episodes end", ylabel="episodes", ymargin=0.1)
-    fig.suptitle(dataset_id)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    d4rl_pen = name == "pen" and np.allclose(ref, D4RL_REFERENCE_RETURNS["pen"], rtol=1e-6)
+    source = f"normalised return, references {ref[0]:g} and {ref[1]:g} from {source}"
+    steps = 100 if d4rl_pen else None
+    return {"kind": "return", "ref_min": ref[0], "ref_max": ref[1], "source": source, "max_episode_steps": steps}
 
 
 # Networks -------------------------------------------------------------------------------------------------------------------
@@ -481,14 +399,12 @@ class Ensemble(nn.Module):
         self.dropout, self.activate_last = dropout, out_dim is None
         self.weights = nn.ParameterList([nn.Parameter(torch.empty(members, i, o)) for i, o in zip(dims, dims[1:])])
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(members, 1, o)) for o in dims[1:]])
+        generators = generators or [None] * members
         for i, w in enumerate(self.weights):
             gain = last_gain if out_dim and i == len(self.weights) - 1 else math.sqrt(2)
             # drawn as nn.Linear holds a weight, (out, in), then transposed: the official code's values
-            drawn = [torch.empty(w.shape[2], w.shape[1]) for _ in range(members)]
-            drawn = [
-                nn.init.orthogonal_(d, gain, generator=generators[m] if generators else None) for m, d in enumerate(drawn)
-            ]
-            w.data.copy_(torch.stack([d.T for d in drawn]))
+            drawn = [nn.init.orthogonal_(torch.empty(w.shape[2], w.shape[1]), gain, generator=g) for g in generators]
+            w.data.copy_(torch.stack(drawn).transpose(1, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         members = len(self.weights[0])
@@ -576,6 +492,14 @@ def make_optimizer(module: nn.Module, lr: float, tensor_lr: bool = False) -> tor
     return torch.optim.Adam(module.parameters(), lr=lr, fused=True)
 
 
+def gradient_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, scheduler=None) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
 Batch = collections.namedtuple("Batch", ["obs", "actions", "rewards", "next_obs", "masks"])  # masks: 1 - termination
 
 
@@ -592,10 +516,8 @@ class DeviceData:
 
     def sample(self, batch_size: int) -> Batch:
         """A minibatch per seed, each from its own generator: every tensor is (seeds, batch, ...)."""
-        device = self.obs_rows.device
-        i = torch.stack(
-            [torch.randint(len(self.obs_rows), (batch_size,), device=device, generator=g) for g in self.generators]
-        )
+        draws = [torch.randint(len(self.obs_rows), (batch_size,), device=g.device, generator=g) for g in self.generators]
+        i = torch.stack(draws)
         rows = self.obs_rows[i]
         return Batch(self.observations[rows], self.actions[i], self.rewards[i], self.observations[rows + 1], self.masks[i])
 
@@ -606,9 +528,7 @@ def update_value_and_critic(batch: Batch, value, critic, target_critic, value_op
         q_target = twin_q(target_critic, batch.obs, batch.actions).min(dim=1).values
     v = value(batch.obs).squeeze(-1)
     v_loss = expectile_loss(q_target - v, args.expectile)
-    value_opt.zero_grad(set_to_none=True)
-    v_loss.backward()
-    value_opt.step()
+    gradient_step(value_opt, v_loss)
 
     # The actor and the Q target both use the freshly updated V, as the official code does.
     with torch.no_grad():
@@ -616,9 +536,7 @@ def update_value_and_critic(batch: Batch, value, critic, target_critic, value_op
         td_target = batch.rewards + args.discount * batch.masks * v_next
     q = twin_q(critic, batch.obs, batch.actions)
     q_loss = critic_loss(q, td_target)
-    critic_opt.zero_grad(set_to_none=True)
-    q_loss.backward()
-    critic_opt.step()
+    gradient_step(critic_opt, q_loss)
     with torch.no_grad():  # Polyak averaging of the target critics, one fused op for all tensors
         torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
     seeds = len(v)  # the metrics are means over seeds
@@ -629,11 +547,7 @@ def update_value_and_critic(batch: Batch, value, critic, target_critic, value_op
 def update_actor(batch: Batch, adv: torch.Tensor, actor: Actor, optimizer, scheduler, args: Args):
     weights = awr_weights(adv, args.temperature, args.exp_adv_max)
     loss = actor_loss(gaussian_log_prob(*actor(batch.obs), batch.actions), weights)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    gradient_step(optimizer, loss, scheduler)
     return torch.stack([loss.detach() / len(adv), adv.mean(), weights.mean()])
 
 
@@ -661,9 +575,6 @@ class Learner:
             for name, obj in objects.items():
                 obj.load_state_dict(checkpoint[group][name])
 
-    def finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for net in self.networks.values() for p in net.parameters())
-
 
 def actor_steps(args: Args) -> dict:
     """Each actor's own updates; its cosine schedule runs over them."""
@@ -674,11 +585,10 @@ def make_learner(obs_dim: int, act_dim: int, args: Args, seeds: list, device: to
     policies = ["concurrent", "posthoc"] if args.policy_extraction == "both" else [args.policy_extraction]
     value, critic, target_critic, actors = (net.to(device) for net in make_networks(obs_dim, act_dim, args, seeds, policies))
     optimizers = {"value": make_optimizer(value, args.value_lr), "critic": make_optimizer(critic, args.critic_lr)}
+    schedulers = {}
     for name, actor in actors.items():
         optimizers[name] = make_optimizer(actor, args.actor_lr, args.compile)
-    schedulers = {}
-    if args.actor_lr_schedule == "cosine":  # lr_t = lr * (1 + cos(pi t / steps)) / 2: optax's cosine_decay_schedule
-        for name in actors:
+        if args.actor_lr_schedule == "cosine":  # lr_t = lr * (1 + cos(pi t / steps)) / 2: optax's cosine_decay_schedule
             schedulers[name] = torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[name], T_max=actor_steps(args)[name])
     networks = {"value": value, "critic": critic, "target_critic": target_critic}
     networks.update({f"actor_{name}": actor for name, actor in actors.items()})
@@ -690,25 +600,30 @@ def compile_updates(args: Args, device: torch.device) -> tuple:
     if not args.compile:
         return update_value_and_critic, update_actor
     try:
-        mode = "reduce-overhead" if device.type == "cuda" else None
         torch.compile(lambda x: x * 2)(torch.ones(1, device=device))
-        return torch.compile(update_value_and_critic, mode=mode), torch.compile(update_actor, mode=mode)
     except Exception as e:
         raise SystemExit(
             f"error: --compile needs a working torch.compile on {device} ({describe(e)}); leave out --compile"
         ) from None
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(update_value_and_critic, mode=mode), torch.compile(update_actor, mode=mode)
 
 
 # Evaluation -----------------------------------------------------------------------------------------------------------------
+def stack_observations(observations: list):
+    """A list of (possibly nested dict) observations as one batch: an array, or a dict of batches."""
+    if isinstance(observations[0], dict):
+        return {k: stack_observations([o[k] for o in observations]) for k in observations[0]}
+    return np.stack(observations)
+
+
 @torch.no_grad()
 def act(actor: Actor, observations: list, obs_space, low, high, device) -> np.ndarray:
     """The policies' mean actions (dropout off), (seeds, envs, act_dim), for observations[k]: seed k's env observations."""
     was_training = actor.training
     actor.eval()
-    obs = torch.as_tensor(
-        np.stack([flatten_observation(stack_observations(o), obs_space) for o in observations]), device=device
-    )
-    mean = actor(obs)[0].cpu().numpy()
+    obs = np.stack([flatten_observation(stack_observations(o), obs_space) for o in observations])
+    mean = actor(torch.as_tensor(obs, device=device))[0].cpu().numpy()
     actor.train(was_training)
     return np.clip(low + (mean + 1.0) * 0.5 * (high - low), low, high)
 
@@ -759,13 +674,10 @@ def score_summary(episodes, rule: dict) -> dict:
         scores = 100.0 * tasks / rule["num_tasks"]
     elif rule["kind"] == "return":
         scores = 100.0 * (returns - rule["ref_min"]) / (rule["ref_max"] - rule["ref_min"])
-    return {
-        "return_mean": float(returns.mean()),
-        "return_std": float(returns.std()),
-        "num_episodes": len(returns),
-        "score_mean": None if scores is None else float(scores.mean()),
-        "score_std": None if scores is None else float(scores.std()),
-    }
+    summary = {"return_mean": float(returns.mean()), "return_std": float(returns.std()), "num_episodes": len(returns)}
+    summary["score_mean"] = None if scores is None else float(scores.mean())
+    summary["score_std"] = None if scores is None else float(scores.std())
+    return summary
 
 
 def over_seeds(results: list, seeds: list) -> dict:
@@ -781,11 +693,6 @@ def over_seeds(results: list, seeds: list) -> dict:
     return {**stats, "num_episodes": results[0]["num_episodes"], "num_seeds": len(results), "seeds": seed_results}
 
 
-def describe(e: Exception) -> str:
-    """An exception in one line."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
-
-
 @dataclass
 class Evaluator:
     """The run's evaluation environments, built once and reset with each evaluation's seeds, and how to score them."""
@@ -798,17 +705,11 @@ class Evaluator:
     rule: dict
     device: torch.device
 
-    def run(self, actor: Actor, episodes: int) -> list:
-        """A summary per seed of `episodes` episodes."""
-        envs = [row[:episodes] for row in self.envs]
+    def run(self, actor: Actor, episodes: int, envs: Optional[list] = None) -> list:
+        """A summary per seed of `episodes` episodes, in the run's envs or the given ones."""
+        envs = envs or [row[:episodes] for row in self.envs]
         results = evaluate(actor, envs, self.first_seeds, self.obs_space, self.low, self.high, self.device)
         return [score_summary(r, self.rule) for r in results]
-
-    def record_video(self, actor: Actor, env: gym.Env, video_dir: str) -> None:
-        """The first evaluation episode of the first seed again, in an env that renders."""
-        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
-        evaluate(actor, [[env]], self.first_seeds[:1], self.obs_space, self.low, self.high, self.device)
-        env.close()
 
 
 def make_evaluator(dataset, rule: dict, args: Args, actor: Actor, episodes: int, low, high, device) -> Evaluator:
@@ -829,9 +730,9 @@ def make_evaluator(dataset, rule: dict, args: Args, actor: Actor, episodes: int,
     try:
         env.step(act(actor, [[obs]], dataset.observation_space, low, high, device)[0, 0].reshape(env.action_space.shape))
     except Exception as e:
+        spaces = "its spaces differ from the dataset's"
         raise SystemExit(
-            f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): "
-            "its spaces differ from the dataset's"
+            f"error: the policy cannot act in the dataset's evaluation environment ({describe(e)}): {spaces}"
         ) from None
     env.close()
     rule["max_episode_steps"] = env.spec.max_episode_steps
@@ -840,17 +741,22 @@ def make_evaluator(dataset, rule: dict, args: Args, actor: Actor, episodes: int,
     return Evaluator(envs, [EVAL_SEED_BLOCK * seed for seed in seeds], dataset.observation_space, low, high, rule, device)
 
 
+def record_videos(run: "Run", dataset, run_dir: str) -> None:
+    """The first final-evaluation episode of the first seed of each policy again, recorded once the results are safe."""
+    for name, actor in run.learner.policies.items():
+        try:
+            env = make_eval_env(dataset, run.evaluator.rule, run.args.eval_terminate_at_goal, render=True)
+            video_dir = os.path.join(run_dir, "videos", name)
+            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
+            run.evaluator.run(actor, 1, [[env]])
+            env.close()
+        except Exception as e:
+            print(f"warning: no video of the {name} policy ({describe(e)})")
+
+
 # Run folders, logs, checkpoints, resuming -----------------------------------------------------------------------------------
 # What `--resume` and `--eval-only` may change: logging and resources, never the algorithm or the data.
-MAY_CHANGE_ON_RESUME = (
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-    "log_freq",
-    "checkpoint_freq",
-    "capture_video",
-    "save_model",
-)
+MAY_CHANGE = ("track", "wandb_project_name", "wandb_entity", "log_freq", "checkpoint_freq", "capture_video", "save_model")
 PHASES = ("train", "posthoc", "done")  # a run's phases in order; bc.py has no post-hoc phase
 
 
@@ -876,29 +782,18 @@ class Run:
     learner: Learner
     buffer: "DeviceData"
     evaluator: Evaluator
-    progress: Progress
     saved: dict  # what checkpoints carry besides the state: sizes, normalisation, data selection
+    progress: Progress = field(default_factory=Progress)
     dir: str = ""
     wandb: object = None  # the wandb module, with --track
-    sitting_start: float = field(default_factory=time.perf_counter)
-    wall_before: float = 0.0  # the wall-clock seconds of earlier sittings
+    started: float = field(default_factory=time.perf_counter)  # a resumed run's start is moved back by its earlier time
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
 
-def make_run_dir(run_dir: str) -> str:
-    try:
-        os.makedirs(run_dir)
-        return run_dir
-    except OSError as e:
-        raise SystemExit(
-            f"error: cannot create the run folder {run_dir} ({describe(e)}); give a writable --runs-dir"
-        ) from None
-
-
 def write_file(path: str, text: str, mode: str = "w") -> None:
-    """Every output of a run is written here or in save_checkpoint, so a failing disk stops the run in one line."""
+    """Every output of a run is written here or in write_checkpoint, so a failing disk stops the run in one line."""
     try:
         with open(path, mode) as f:
             f.write(text)
@@ -908,27 +803,6 @@ def write_file(path: str, text: str, mode: str = "w") -> None:
 
 def jsonl(records: list) -> str:
     return "".join(json.dumps(record) + "\n" for record in records)
-
-
-def read_jsonl(path: str) -> list:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def save_checkpoint(checkpoint: dict, path: str) -> None:
-    """Written to a temporary file, flushed, then renamed: a crash or a full disk mid-write leaves the previous file whole."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # torch.save reports some failed writes as RuntimeError
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        raise SystemExit(f"error: cannot write {path} ({describe(e)}); the previous checkpoint, if any, is intact") from None
 
 
 def load_checkpoint(path: str) -> dict:
@@ -942,16 +816,23 @@ def load_checkpoint(path: str) -> dict:
         raise SystemExit(f"error: cannot read the checkpoint {path} ({describe(e)}): it is truncated or corrupt") from None
 
 
-def stored_args(given: Args, checkpoint: dict, may_change, named: Optional[set] = None) -> Args:
-    """A saved run's arguments, with those of `may_change` the user gave; any other flag that differs is refused."""
+def open_saved_run(args: Args, named: Optional[set]) -> Tuple[Args, dict]:
+    """The checkpoint of the run that --resume or --eval-only names, and its arguments: those of MAY_CHANGE
+    the user gave (named: None for a call from Python, then those that differ from the defaults); any other flag that
+    differs from the run's is refused."""
+    saved_run = args.resume or args.eval_only
+    model = os.path.join(saved_run, "model.pt")
+    use_model = args.eval_only and os.path.exists(model)
+    checkpoint = load_checkpoint(model if use_model else os.path.join(saved_run, "checkpoint.pt"))
     stored, fields = checkpoint["args"], Args.__dataclass_fields__
     if set(stored) != set(fields):
         script = checkpoint.get("script") or ("bc.py" if "top_fraction" in stored else "iql.py")
         raise SystemExit(f"error: that run was made by {script} (or another version of this script); use that script")
+    may_change = MAY_CHANGE + (("final_eval_episodes", "cuda", "torch_threads") if args.eval_only else ())
     merged = {}
     for name, spec in fields.items():
-        value, old = getattr(given, name), tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
-        is_named = name in named if named is not None else value != spec.default  # None: a call from Python
+        value, old = getattr(args, name), tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
+        is_named = name in named if named is not None else value != spec.default
         if name in ("resume", "eval_only") or (name in may_change and is_named):
             merged[name] = value
         elif not is_named or value == old:
@@ -961,83 +842,53 @@ def stored_args(given: Args, checkpoint: dict, may_change, named: Optional[set] 
                 f"error: {flag(name)} {value} differs from the run's {old}; "
                 "a saved run keeps the arguments that define it (start a new run instead)"
             )
-    return Args(**merged)
-
-
-def rng_states(generators: list) -> dict:
-    """The minibatch generators' and torch's (dropout's) states; numpy's and Python's draw nothing in training."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"minibatches": [g.get_state() for g in generators], "torch": torch.get_rng_state(), "cuda": cuda}
-
-
-def set_rng_states(states: dict, generators: list) -> None:
-    for generator, state in zip(generators, states["minibatches"], strict=True):
-        generator.set_state(state)
-    torch.set_rng_state(states["torch"])
-    torch.cuda.set_rng_state_all(states["cuda"])  # none saved without CUDA
-
-
-def catch_stop_signals(catch: bool = True) -> list:
-    """SIGTERM and SIGINT only note the signal, so the loop can checkpoint first; catch=False restores the defaults."""
-    received = []
-    for sig, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
-        signal.signal(sig, (lambda signum, frame: received.append(signum)) if catch else default)
-    return received
-
-
-def open_saved_run(args: Args, named_flags: Optional[set]) -> Tuple[Args, dict]:
-    """The checkpoint of the run that --resume or --eval-only names, and its arguments."""
-    saved_run = args.resume or args.eval_only
-    model = os.path.join(saved_run, "model.pt")
-    use_model = args.eval_only and os.path.exists(model)
-    checkpoint = load_checkpoint(model if use_model else os.path.join(saved_run, "checkpoint.pt"))
-    may_change = MAY_CHANGE_ON_RESUME + (("final_eval_episodes", "cuda", "torch_threads") if args.eval_only else ())
-    stored = stored_args(args, checkpoint, may_change, named_flags)
     if args.eval_only:  # videos only when asked for on this command: they would overwrite the run's own
-        stored = replace(stored, capture_video=args.capture_video)
-    return stored, checkpoint
+        merged["capture_video"] = args.capture_video
+    return Args(**merged), checkpoint
 
 
 def restore(run: Run, checkpoint: dict) -> None:
+    """The state and progress of a checkpoint; with --resume also the random streams: minibatches, dropout."""
     run.learner.load_state_dict(checkpoint)
-    if run.args.resume:
-        set_rng_states(checkpoint["rng"], run.buffer.generators)
     run.progress = Progress(**checkpoint["progress"])
-    run.wall_before = run.progress.wall_time_s
+    run.started -= run.progress.wall_time_s
+    if run.args.resume:
+        for generator, state in zip(run.buffer.generators, checkpoint["rng"]["minibatches"], strict=True):
+            generator.set_state(state)
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])  # none saved without CUDA
 
 
-def open_run_folder(run: Run, data: OfflineData) -> None:
+def open_run_folder(run: Run) -> None:
     """A new run's folder (only now, everything checked), or a resumed one's, with its logs cut back to the checkpoint."""
     args, progress = run.args, run.progress
-    if args.resume:
-        run.dir = args.resume
-    else:
+    run.dir = args.resume
+    if not args.resume:
         last = f"-{run.seeds[-1]}" if len(run.seeds) > 1 else ""
         name = f"{args.env_id.replace('/', '__')}__{args.exp_name}__{args.seed}{last}__{time.time_ns() // 1_000_000}"
-        run.dir = make_run_dir(os.path.join(args.runs_dir, name))  # ms in the name: runs started together stay apart
+        run.dir = os.path.join(args.runs_dir, name)  # ms in the name: runs started together stay apart
+        try:
+            os.makedirs(run.dir)
+        except OSError as e:
+            raise SystemExit(
+                f"error: cannot create the run folder {run.dir} ({describe(e)}); give a writable --runs-dir"
+            ) from None
         write_file(run.path("args.json"), json.dumps(asdict(args), indent=2))
-        plot_dataset_overview(data, args.env_id, run.path("dataset_overview.png"))
     progress.evaluations = [r for r in progress.evaluations if not r["final"]]  # a stop in the final evaluation redoes it
     write_file(run.path("evaluations.jsonl"), jsonl(progress.evaluations))
-    metrics = [r for r in read_jsonl(run.path("metrics.jsonl")) if logged_before(r, progress)]
-    write_file(run.path("metrics.jsonl"), jsonl(metrics))
+    checkpointed = (PHASES.index(progress.phase), progress.step)
+    metrics = []
+    if os.path.exists(run.path("metrics.jsonl")):
+        with open(run.path("metrics.jsonl")) as f:
+            metrics = [json.loads(line) for line in f if line.strip()]
+    logged = [r for r in metrics if (PHASES.index(r["phase"]), r["step"]) <= checkpointed]
+    write_file(run.path("metrics.jsonl"), jsonl(logged))
     if args.track:
         import wandb
 
-        run.wandb, name, resumed = wandb, os.path.basename(run.dir), progress.wandb_id
-        project, entity = args.wandb_project_name, args.wandb_entity
-        wandb_run = wandb.init(
-            project=project, entity=entity, config=asdict(args), name=name, dir=run.dir, id=resumed, resume="allow"
-        )
-        progress.wandb_id = wandb_run.id
-        if not args.resume:
-            wandb.log({"charts/dataset_overview": wandb.Image(run.path("dataset_overview.png"))}, step=0)
-
-
-def logged_before(record: dict, progress: Progress) -> bool:
-    """Whether a metrics record was written before the checkpoint that `progress` comes from."""
-    phase, now = PHASES.index(record["phase"]), PHASES.index(progress.phase)
-    return phase < now or (phase == now and record["step"] <= progress.step)
+        config = {"config": asdict(args), "name": os.path.basename(run.dir), "dir": run.dir, "resume": "allow"}
+        wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, id=progress.wandb_id, **config)
+        run.wandb, progress.wandb_id = wandb, wandb_run.id
 
 
 def log_metrics(run: Run, phase: str, step: int, steps: int, values: dict, rate: float, eta_s: float, wandb_step: int) -> None:
@@ -1080,18 +931,39 @@ def diverged(run: Run, what: str, where: str) -> SystemExit:
 
 
 def write_checkpoint(run: Run, filename: str) -> None:
-    """Everything to continue as if never stopped, or to use the policies: plain tensors, numbers and strings."""
-    if not run.learner.finite():  # a NaN gradient of a finite loss
-        raise diverged(run, "the weights", f"by {run.progress.phase} step {run.progress.step}")
-    run.progress.wall_time_s = run.wall_before + time.perf_counter() - run.sitting_start
+    """Everything to continue as if never stopped, or to use the policies: plain tensors, numbers and strings. Written
+    to a temporary file, flushed, then renamed: a crash or a full disk mid-write leaves the previous file whole."""
+    if not all(torch.isfinite(p).all() for net in run.learner.networks.values() for p in net.parameters()):
+        raise diverged(run, "the weights", f"by {run.progress.phase} step {run.progress.step}")  # a NaN gradient, finite loss
+    run.progress.wall_time_s = time.perf_counter() - run.started
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    rng = {"minibatches": [g.get_state() for g in run.buffer.generators], "torch": torch.get_rng_state(), "cuda": cuda}
     checkpoint = {
         "args": asdict(run.args),
         "script": os.path.basename(__file__),
         **run.saved,
         "progress": asdict(run.progress),
     }
-    checkpoint.update(rng=rng_states(run.buffer.generators), **run.learner.state_dict())
-    save_checkpoint(checkpoint, run.path(filename))
+    checkpoint.update(rng=rng, **run.learner.state_dict())
+    path = run.path(filename)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save reports some failed writes as RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise SystemExit(f"error: cannot write {path} ({describe(e)}); the previous checkpoint, if any, is intact") from None
+
+
+def catch_stop_signals(catch: bool = True) -> list:
+    """SIGTERM and SIGINT only note the signal, so the loop can checkpoint first; catch=False restores the defaults."""
+    received = []
+    for sig, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+        signal.signal(sig, (lambda signum, frame: received.append(signum)) if catch else default)
+    return received
 
 
 def stop_here(run: Run, where: str, signum: int) -> None:
@@ -1102,15 +974,9 @@ def stop_here(run: Run, where: str, signum: int) -> None:
 
 
 # Training -------------------------------------------------------------------------------------------------------------------
-@dataclass
-class Phase:
-    """V and Q with the concurrent actor ("train"), then the post-hoc actor against the final V and Q ("posthoc")."""
-
-    name: str
-    steps: int
-    wandb_offset: int  # the W&B step of the phase's step 0
-    policy: Optional[str]  # the actor it trains
-    metric_names: list
+# A run's training phase: V and Q with the concurrent actor ("train"), then the post-hoc actor against the final V and Q
+# ("posthoc"). wandb_offset: the W&B step of its step 0; policy: the actor it trains, if any.
+Phase = collections.namedtuple("Phase", ["name", "steps", "wandb_offset", "policy", "metric_names"])
 
 
 def make_phases(args: Args) -> list:
@@ -1163,8 +1029,10 @@ def train_phase(run: Run, phase: Phase, updates: tuple, stop: list) -> None:
         stopping = bool(stop)  # read once: a signal may arrive while this step is being wrapped up
         checkpoint_now = stopping or (args.checkpoint_freq > 0 and step % args.checkpoint_freq == 0)
         eval_now = phase.policy is not None and args.eval_freq > 0 and step % args.eval_freq == 0 and step < phase.steps
-        if log_now or checkpoint_now or eval_now or step % 1000 == 0:  # a host sync, so only every so often
-            check_metrics(run, phase, nonfinite_at)
+        if (log_now or checkpoint_now or eval_now or step % 1000 == 0) and nonfinite_at.max() >= 0:  # a host sync: rarely
+            first = int(nonfinite_at[nonfinite_at >= 0].min())
+            which = ", ".join(n.split("/")[1] for n, s in zip(phase.metric_names, nonfinite_at.tolist()) if s == first)
+            raise diverged(run, which, f"at {phase.name} step {first}")
         if log_now:
             rate = (step - last_log[0]) / max(progress.train_time_s - last_log[1], 1e-9)
             eta = (phase.steps - step) * (time.perf_counter() - phase_start) / (step - first_step + 1)
@@ -1179,36 +1047,17 @@ def train_phase(run: Run, phase: Phase, updates: tuple, stop: list) -> None:
             write_checkpoint(run, "checkpoint.pt")
 
 
-def check_metrics(run: Run, phase: Phase, nonfinite_at: torch.Tensor) -> None:
-    if nonfinite_at.max() < 0:
-        return
-    first = int(nonfinite_at[nonfinite_at >= 0].min())
-    which = ", ".join(n.split("/")[1] for n, s in zip(phase.metric_names, nonfinite_at.tolist()) if s == first)
-    raise diverged(run, which, f"at {phase.name} step {first}")
-
-
 def train(run: Run, phases: list, updates: tuple, stop: list) -> None:
     """The phases in order, skipping those a resumed run has finished; then a checkpoint before the final evaluation."""
     order = [phase.name for phase in phases] + ["done"]
     for index, phase in enumerate(phases):
-        if order.index(run.progress.phase) > index:
-            continue
-        train_phase(run, phase, updates, stop)
-        run.progress.phase, run.progress.step = order[index + 1], 0
+        if order.index(run.progress.phase) <= index:
+            train_phase(run, phase, updates, stop)
+            run.progress.phase, run.progress.step = order[index + 1], 0
     if stop:
         stop_here(run, "the end of training", stop[0])
     if run.args.checkpoint_freq > 0:
         write_checkpoint(run, "checkpoint.pt")  # a run stopped during the final evaluation resumes there
-
-
-def record_videos(run: Run, dataset, run_dir: str) -> None:
-    """The first final-evaluation episode of each policy again, recorded once the results are safe."""
-    for name, actor in run.learner.policies.items():
-        try:
-            env = make_eval_env(dataset, run.evaluator.rule, run.args.eval_terminate_at_goal, render=True)
-            run.evaluator.record_video(actor, env, os.path.join(run_dir, "videos", name))
-        except Exception as e:
-            print(f"warning: no video of the {name} policy ({describe(e)})")
 
 
 def evaluate_saved_run(run: Run, dataset, policy_steps: dict) -> dict:
@@ -1227,6 +1076,20 @@ def evaluate_saved_run(run: Run, dataset, policy_steps: dict) -> dict:
     return {"policies": results}
 
 
+def write_summary(run: Run, results: dict, updates: int, **extra) -> dict:
+    """summary.json, whose presence means the run is finished (after model.pt, with --save-model)."""
+    args, progress = run.args, run.progress
+    progress.wall_time_s = time.perf_counter() - run.started
+    summary = {"env_id": args.env_id, "run_name": os.path.basename(run.dir), "seed": args.seed, "seeds": run.seeds}
+    summary.update(policies=results, scoring=run.evaluator.rule, **extra, total_steps=args.total_steps)
+    summary.update(device=str(run.evaluator.device), updates_per_second=updates / progress.train_time_s)
+    summary.update(train_time_s=progress.train_time_s, eval_time_s=progress.eval_time_s, wall_time_s=progress.wall_time_s)
+    if args.save_model:
+        write_checkpoint(run, "model.pt")
+    write_file(run.path("summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
 def finish(run: Run, dataset, summary: dict) -> dict:
     """Videos, the W&B summary and the last line, once summary.json is written."""
     for env in sum(run.evaluator.envs, []):
@@ -1237,15 +1100,13 @@ def finish(run: Run, dataset, summary: dict) -> dict:
         for name, result in summary["policies"].items():
             run.wandb.summary.update({f"final/{name}/{k}": v for k, v in result.items() if k != "seeds"})
         run.wandb.finish()
-    print(
-        f"done in {summary['wall_time_s']:.0f} s ({summary['updates_per_second']:.0f} updates/s, "
-        f"{summary['eval_time_s']:.0f} s evaluating); results in {run.dir}"
-    )
+    speed = f"{summary['updates_per_second']:.0f} updates/s, {summary['eval_time_s']:.0f} s evaluating"
+    print(f"done in {summary['wall_time_s']:.0f} s ({speed}); results in {run.dir}")
     return summary
 
 
 def final_evaluation(run: Run, stop: list) -> dict:
-    """Every policy for --final-eval-episodes episodes, then summary.json, whose presence means the run is finished."""
+    """Every policy for --final-eval-episodes episodes, then summary.json."""
     args, steps = run.args, actor_steps(run.args)
     updates = args.total_steps + (steps["posthoc"] if "posthoc" in run.learner.policies else 0)  # also the last W&B step
     results = {}
@@ -1253,16 +1114,7 @@ def final_evaluation(run: Run, stop: list) -> dict:
         results[name] = record_evaluation(run, name, steps[name], args.final_eval_episodes, updates, final=True)
     if stop:
         stop_here(run, "the final evaluation", stop[0])
-    run.progress.wall_time_s = run.wall_before + time.perf_counter() - run.sitting_start
-    summary = {"env_id": args.env_id, "run_name": os.path.basename(run.dir), "seed": args.seed, "seeds": run.seeds}
-    summary.update(policies=results, scoring=run.evaluator.rule, reward_normalization=args.reward_normalization)
-    summary.update(total_steps=args.total_steps, device=str(run.evaluator.device))
-    summary.update(updates_per_second=updates / run.progress.train_time_s, train_time_s=run.progress.train_time_s)
-    summary.update(eval_time_s=run.progress.eval_time_s, wall_time_s=run.progress.wall_time_s)
-    if args.save_model:  # before summary.json
-        write_checkpoint(run, "model.pt")
-    write_file(run.path("summary.json"), json.dumps(summary, indent=2))
-    return summary
+    return write_summary(run, results, updates, reward_normalization=args.reward_normalization)
 
 
 def main(args: Args, named_flags: Optional[set] = None) -> dict:
@@ -1282,7 +1134,10 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:
     # Data: checked, rewards normalised, on the training device
     dataset = load_minari_dataset(args.env_id)
     low, high = action_bounds(dataset.action_space)
-    data = load_data(dataset, args.env_id, args.goal_terminal)
+    data = flatten_dataset(dataset)
+    check_finite(data, args.env_id)
+    if args.goal_terminal:
+        data = cut_episodes_at_goal(data)
     reward_scale, reward_shift = reward_transform(args.reward_normalization, data.episode_returns)
     torch.manual_seed(args.seed)  # dropout's masks; every other draw in training has a generator of its own
     torch.set_num_threads(args.torch_threads or torch.get_num_threads())
@@ -1300,14 +1155,14 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:
     evaluator = make_evaluator(dataset, rule, args, next(iter(learner.policies.values())), episodes, low, high, device)
     normalization = {"reward_scale": reward_scale, "reward_shift": reward_shift, "action_low": low.tolist()}
     saved = {"obs_dim": obs_dim, "act_dim": act_dim, "normalization": {**normalization, "action_high": high.tolist()}}
-    run = Run(args, seeds, learner, buffer, evaluator, Progress(), saved)
+    run = Run(args, seeds, learner, buffer, evaluator, saved)
     if checkpoint:
         restore(run, checkpoint)
     if args.eval_only:
         return evaluate_saved_run(run, dataset, actor_steps(args))
 
     # Train, then evaluate every policy
-    open_run_folder(run, data)
+    open_run_folder(run)
     print(
         f"{args.env_id}: {len(data.rewards):,} transitions in {len(data.episode_lengths):,} episodes; "
         f"reward normalisation '{args.reward_normalization}' (r * {reward_scale:.4g} + {reward_shift:g}); {settings}; "

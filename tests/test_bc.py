@@ -184,8 +184,10 @@ def test_shared_code_is_the_same_in_both_files():
         "evaluate",
         "make_evaluator",
         "Run",
-        "save_checkpoint",
-        "stored_args",
+        "write_checkpoint",
+        "open_saved_run",
+        "write_summary",
+        "gradient_step",
         "open_run_folder",
         "log_metrics",
         "train_phase",
@@ -298,7 +300,7 @@ def test_cli_runs_end_to_end(minari_store, tmp_path):
         len(kept.episode_lengths),
         len(kept.rewards),
     )
-    assert (run_dir / "dataset_overview.png").exists() and (run_dir / "model.pt").exists()
+    assert (run_dir / "model.pt").exists()
     assert f"top 0.5 by steps keeps {len(kept.episode_lengths)} episodes ({len(kept.rewards)} steps" in result.stdout
 
 

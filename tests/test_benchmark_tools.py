@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import bc
-from benchmarks import datasets, tables
+import iql
+from benchmarks import dataset_overview, datasets, tables
 
 
 def test_tables_report_the_last_evaluation_per_step_budget(minari_store, tmp_path):
@@ -632,3 +633,33 @@ def test_runs_with_metrics_jsonl_need_no_log_and_archive_their_curves(tmp_path, 
     shutil.rmtree(runs_dir)
     runs_dir.mkdir()
     assert block("--archive", str(tmp_path / "archive")) == from_runs
+
+
+def test_dataset_overview_shows_small_counts_with_labelled_axes_and_integer_bins(tmp_path, monkeypatch):
+    """A maze-like dataset: three 300-step episodes, a single reward-1 step among 900."""
+    import matplotlib.pyplot as plt
+
+    rewards = np.zeros(900, np.float32)
+    rewards[450] = 1.0
+    data = iql.OfflineData(
+        observations=np.zeros((903, 2), np.float32),
+        actions=np.zeros((900, 1), np.float32),
+        rewards=rewards,
+        terminations=np.zeros(900, bool),
+        truncations=np.isin(np.arange(900), [299, 599, 899]),
+        episode_lengths=np.array([300, 300, 300]),
+    )
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    dataset_overview.plot_dataset_overview(data, "D4RL/pointmaze/umaze-v1", str(tmp_path / "overview.png"))
+    assert (tmp_path / "overview.png").stat().st_size > 0
+    rewards_ax, lengths_ax, returns_ax, ends_ax = figures[0].axes
+    for ax, counted in ((rewards_ax, "steps"), (lengths_ax, "episodes"), (returns_ax, "episodes"), (ends_ax, "episodes")):
+        assert ax.get_xlabel() or ax is ends_ax
+        assert ax.get_ylabel().startswith(counted)
+    # one bar per integer value, centred on it, and a count of 1 stands above the bottom of the log axis
+    bars = {round(p.get_x() + p.get_width() / 2, 6): p.get_height() for p in rewards_ax.patches if p.get_height() > 0}
+    assert bars == {0.0: 899, 1.0: 1} and rewards_ax.get_ylim()[0] < 1
+    assert {round(p.get_x() + p.get_width() / 2, 6) for p in lengths_ax.patches if p.get_height() > 0} == {300.0}
+    assert all(tick == int(tick) for tick in lengths_ax.get_xticks())  # no ticks like 299.6
+    assert [p.get_height() for p in ends_ax.patches] == [0, 3]

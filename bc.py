@@ -473,26 +473,8 @@ def update_bc(obs: torch.Tensor, actions: torch.Tensor, actor: Actor, optimizer,
     return (loss.detach() / len(obs)).unsqueeze(0)  # the mean over seeds
 
 
-@dataclass
-class Learner:
-    """Everything training changes, each with a state_dict: the networks, their optimisers, the learning-rate schedules."""
-
-    networks: dict
-    optimizers: dict
-    schedulers: dict
-    policies: dict  # the actors by the names evaluations and summaries give them
-
-    def state_dict(self) -> dict:
-        groups = {"networks": self.networks, "optimizers": self.optimizers, "schedulers": self.schedulers}
-        return {group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in groups.items()}
-
-    def load_state_dict(self, checkpoint: dict) -> None:
-        for group, objects in (("networks", self.networks), ("optimizers", self.optimizers), ("schedulers", self.schedulers)):
-            for name, obj in objects.items():
-                obj.load_state_dict(checkpoint[group][name])
-
-
-def make_learner(obs_dim: int, act_dim: int, args: Args, seeds: list, device: torch.device) -> Learner:
+def make_learner(obs_dim: int, act_dim: int, args: Args, seeds: list, device: torch.device) -> Tuple[dict, dict]:
+    """The policy, its optimiser and schedule, each with a state_dict, by group; and the policy by its name."""
     inits = [torch.Generator().manual_seed(seed) for seed in seeds]  # each seed's initial weights, from a stream of its own
     actor_args = (obs_dim, act_dim, args.hidden_dims, args.actor_dropout, args.state_dependent_std, len(seeds), inits)
     actor = Actor(*actor_args).to(device)
@@ -500,7 +482,7 @@ def make_learner(obs_dim: int, act_dim: int, args: Args, seeds: list, device: to
     schedulers = {}
     if args.actor_lr_schedule == "cosine":  # lr_t = lr * (1 + cos(pi t / steps)) / 2, like iql.py's actor
         schedulers["actor"] = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.total_steps)
-    return Learner({"actor": actor}, {"actor": optimizer}, schedulers, {"bc": actor})
+    return {"networks": {"actor": actor}, "optimizers": {"actor": optimizer}, "schedulers": schedulers}, {"bc": actor}
 
 
 def compile_updates(args: Args, device: torch.device) -> tuple:
@@ -673,7 +655,8 @@ class Run:
 
     args: Args
     seeds: list
-    learner: Learner
+    state: dict  # every object with a state_dict, by group (networks, optimizers, schedulers) and name
+    policies: dict  # the actors by the names evaluations and summaries give them
     buffer: "DeviceData"
     evaluator: Evaluator
     saved: dict  # what checkpoints carry besides the state: sizes, normalisation, data selection
@@ -751,7 +734,9 @@ def open_saved_run(args: Args, named: Optional[set]) -> Tuple[Args, dict]:
 
 def restore(run: Run, checkpoint: dict) -> None:
     """The state and progress of a checkpoint; with --resume also the random streams: minibatches, dropout."""
-    run.learner.load_state_dict(checkpoint)
+    for group, objects in run.state.items():
+        for name, obj in objects.items():
+            obj.load_state_dict(checkpoint[group][name])
     run.progress = Progress(**checkpoint["progress"])
     run.started -= run.progress.wall_time_s
     if run.args.resume:
@@ -806,7 +791,7 @@ def log_metrics(run: Run, phase: str, step: int, steps: int, values: dict, rate:
 def record_evaluation(run: Run, policy: str, step: int, episodes: int, wandb_step: int, final: bool = False) -> dict:
     """Evaluate a policy (step: its own updates), append the records to evaluations.jsonl, print and log the result."""
     start = time.perf_counter()
-    per_seed = run.evaluator.run(run.learner.policies[policy], episodes)
+    per_seed = run.evaluator.run(run.policies[policy], episodes)
     run.progress.eval_time_s += time.perf_counter() - start
     records = [{"policy": policy, "step": step, "final": final, "seed": seed, **r} for seed, r in zip(run.seeds, per_seed)]
     run.progress.evaluations += records
@@ -835,18 +820,14 @@ def diverged(run: Run, what: str, where: str) -> SystemExit:
 def write_checkpoint(run: Run, filename: str) -> None:
     """Everything to continue as if never stopped, or to use the policies: plain tensors, numbers and strings. Written
     to a temporary file, flushed, then renamed: a crash or a full disk mid-write leaves the previous file whole."""
-    if not all(torch.isfinite(p).all() for net in run.learner.networks.values() for p in net.parameters()):
+    if not all(torch.isfinite(p).all() for net in run.state["networks"].values() for p in net.parameters()):
         raise diverged(run, "the weights", f"by {run.progress.phase} step {run.progress.step}")  # a NaN gradient, finite loss
     run.progress.wall_time_s = time.perf_counter() - run.started
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     rng = {"minibatches": [g.get_state() for g in run.buffer.generators], "torch": torch.get_rng_state(), "cuda": cuda}
-    checkpoint = {
-        "args": asdict(run.args),
-        "script": os.path.basename(__file__),
-        **run.saved,
-        "progress": asdict(run.progress),
-    }
-    checkpoint.update(rng=rng, **run.learner.state_dict())
+    state = {group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in run.state.items()}
+    checkpoint = {"args": asdict(run.args), "script": os.path.basename(__file__), **run.saved, **state}
+    checkpoint.update(progress=asdict(run.progress), rng=rng)
     path = run.path(filename)
     try:
         with open(path + ".tmp", "wb") as f:
@@ -876,7 +857,7 @@ def train_step(run: Run, phase: Phase, updates: tuple) -> torch.Tensor:
     obs, actions = run.buffer.sample(run.args.batch_size)
     with torch.autocast(obs.device.type, torch.bfloat16, enabled=run.args.bf16):  # --bf16: the matmuls only (see Ensemble)
         return updates[0](
-            obs, actions, run.learner.policies["bc"], run.learner.optimizers["actor"], run.learner.schedulers.get("actor")
+            obs, actions, run.policies["bc"], run.state["optimizers"]["actor"], run.state["schedulers"].get("actor")
         )
 
 
@@ -930,7 +911,7 @@ def train(run: Run, phases: list, updates: tuple, stop: list) -> None:
 
 def record_videos(run: "Run", dataset, run_dir: str) -> None:
     """The first final-evaluation episode of the first seed of each policy again, recorded once the results are safe."""
-    for name, actor in run.learner.policies.items():
+    for name, actor in run.policies.items():
         try:
             env = make_eval_env(dataset, run.evaluator.rule, run.args.eval_terminate_at_goal, render=True)
             video_dir = os.path.join(run_dir, "videos", name)
@@ -944,7 +925,7 @@ def record_videos(run: "Run", dataset, run_dir: str) -> None:
 def evaluate_saved_run(run: Run, dataset, policy_steps: dict) -> dict:
     """--eval-only: each saved policy for --final-eval-episodes episodes, with the updates it was trained for."""
     results, progress = {}, run.progress
-    for name, actor in run.learner.policies.items():
+    for name, actor in run.policies.items():
         phase = "posthoc" if name == "posthoc" else "train"
         if PHASES.index(progress.phase) > PHASES.index(phase):
             trained = policy_steps[name]
@@ -1025,16 +1006,16 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:
 
     # The policy, its optimiser and the evaluation environments, all checked before a run folder exists
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    learner = make_learner(obs_dim, act_dim, args, seeds, device)
+    state, policies = make_learner(obs_dim, act_dim, args, seeds, device)
     updates = compile_updates(args, device)
     rule = scoring_rule(dataset, args.env_id)
     episodes = max(args.final_eval_episodes, args.eval_episodes if args.eval_freq and not args.eval_only else 0)
-    evaluator = make_evaluator(dataset, rule, args, learner.policies["bc"], episodes, low, high, device)
+    evaluator = make_evaluator(dataset, rule, args, policies["bc"], episodes, low, high, device)
     selection = {"top_fraction": args.top_fraction, "top_by": args.top_by, "episodes_kept": len(kept.episode_lengths)}
     selection.update(steps_kept=len(kept.rewards), return_threshold=return_threshold)
     normalization = {"action_low": low.tolist(), "action_high": high.tolist()}
     saved = {"obs_dim": obs_dim, "act_dim": act_dim, "normalization": normalization, "data_selection": selection}
-    run = Run(args, seeds, learner, buffer, evaluator, saved)
+    run = Run(args, seeds, state, policies, buffer, evaluator, saved)
     if checkpoint:
         restore(run, checkpoint)
     if args.eval_only:

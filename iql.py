@@ -557,31 +557,13 @@ def posthoc_advantage(batch: Batch, value, target_critic) -> torch.Tensor:
         return twin_q(target_critic, batch.obs, batch.actions).min(dim=1).values - value(batch.obs).squeeze(-1)
 
 
-@dataclass
-class Learner:
-    """Everything training changes, each with a state_dict: the networks, their optimisers, the learning-rate schedules."""
-
-    networks: dict
-    optimizers: dict
-    schedulers: dict
-    policies: dict  # the actors by the names evaluations and summaries give them
-
-    def state_dict(self) -> dict:
-        groups = {"networks": self.networks, "optimizers": self.optimizers, "schedulers": self.schedulers}
-        return {group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in groups.items()}
-
-    def load_state_dict(self, checkpoint: dict) -> None:
-        for group, objects in (("networks", self.networks), ("optimizers", self.optimizers), ("schedulers", self.schedulers)):
-            for name, obj in objects.items():
-                obj.load_state_dict(checkpoint[group][name])
-
-
 def actor_steps(args: Args) -> dict:
     """Each actor's own updates; its cosine schedule runs over them."""
     return {"concurrent": args.total_steps, "posthoc": args.posthoc_steps or args.total_steps}
 
 
-def make_learner(obs_dim: int, act_dim: int, args: Args, seeds: list, device: torch.device) -> Learner:
+def make_learner(obs_dim: int, act_dim: int, args: Args, seeds: list, device: torch.device) -> Tuple[dict, dict]:
+    """Everything training changes, each with a state_dict, by group (networks, optimizers, schedulers); and the actors."""
     policies = ["concurrent", "posthoc"] if args.policy_extraction == "both" else [args.policy_extraction]
     value, critic, target_critic, actors = (net.to(device) for net in make_networks(obs_dim, act_dim, args, seeds, policies))
     optimizers = {"value": make_optimizer(value, args.value_lr), "critic": make_optimizer(critic, args.critic_lr)}
@@ -592,7 +574,7 @@ def make_learner(obs_dim: int, act_dim: int, args: Args, seeds: list, device: to
             schedulers[name] = torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[name], T_max=actor_steps(args)[name])
     networks = {"value": value, "critic": critic, "target_critic": target_critic}
     networks.update({f"actor_{name}": actor for name, actor in actors.items()})
-    return Learner(networks, optimizers, schedulers, dict(actors))
+    return {"networks": networks, "optimizers": optimizers, "schedulers": schedulers}, dict(actors)
 
 
 def compile_updates(args: Args, device: torch.device) -> tuple:
@@ -743,7 +725,7 @@ def make_evaluator(dataset, rule: dict, args: Args, actor: Actor, episodes: int,
 
 def record_videos(run: "Run", dataset, run_dir: str) -> None:
     """The first final-evaluation episode of the first seed of each policy again, recorded once the results are safe."""
-    for name, actor in run.learner.policies.items():
+    for name, actor in run.policies.items():
         try:
             env = make_eval_env(dataset, run.evaluator.rule, run.args.eval_terminate_at_goal, render=True)
             video_dir = os.path.join(run_dir, "videos", name)
@@ -779,7 +761,8 @@ class Run:
 
     args: Args
     seeds: list
-    learner: Learner
+    state: dict  # every object with a state_dict, by group (networks, optimizers, schedulers) and name
+    policies: dict  # the actors by the names evaluations and summaries give them
     buffer: "DeviceData"
     evaluator: Evaluator
     saved: dict  # what checkpoints carry besides the state: sizes, normalisation, data selection
@@ -849,7 +832,9 @@ def open_saved_run(args: Args, named: Optional[set]) -> Tuple[Args, dict]:
 
 def restore(run: Run, checkpoint: dict) -> None:
     """The state and progress of a checkpoint; with --resume also the random streams: minibatches, dropout."""
-    run.learner.load_state_dict(checkpoint)
+    for group, objects in run.state.items():
+        for name, obj in objects.items():
+            obj.load_state_dict(checkpoint[group][name])
     run.progress = Progress(**checkpoint["progress"])
     run.started -= run.progress.wall_time_s
     if run.args.resume:
@@ -904,7 +889,7 @@ def log_metrics(run: Run, phase: str, step: int, steps: int, values: dict, rate:
 def record_evaluation(run: Run, policy: str, step: int, episodes: int, wandb_step: int, final: bool = False) -> dict:
     """Evaluate a policy (step: its own updates), append the records to evaluations.jsonl, print and log the result."""
     start = time.perf_counter()
-    per_seed = run.evaluator.run(run.learner.policies[policy], episodes)
+    per_seed = run.evaluator.run(run.policies[policy], episodes)
     run.progress.eval_time_s += time.perf_counter() - start
     records = [{"policy": policy, "step": step, "final": final, "seed": seed, **r} for seed, r in zip(run.seeds, per_seed)]
     run.progress.evaluations += records
@@ -933,18 +918,14 @@ def diverged(run: Run, what: str, where: str) -> SystemExit:
 def write_checkpoint(run: Run, filename: str) -> None:
     """Everything to continue as if never stopped, or to use the policies: plain tensors, numbers and strings. Written
     to a temporary file, flushed, then renamed: a crash or a full disk mid-write leaves the previous file whole."""
-    if not all(torch.isfinite(p).all() for net in run.learner.networks.values() for p in net.parameters()):
+    if not all(torch.isfinite(p).all() for net in run.state["networks"].values() for p in net.parameters()):
         raise diverged(run, "the weights", f"by {run.progress.phase} step {run.progress.step}")  # a NaN gradient, finite loss
     run.progress.wall_time_s = time.perf_counter() - run.started
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     rng = {"minibatches": [g.get_state() for g in run.buffer.generators], "torch": torch.get_rng_state(), "cuda": cuda}
-    checkpoint = {
-        "args": asdict(run.args),
-        "script": os.path.basename(__file__),
-        **run.saved,
-        "progress": asdict(run.progress),
-    }
-    checkpoint.update(rng=rng, **run.learner.state_dict())
+    state = {group: {name: obj.state_dict() for name, obj in objects.items()} for group, objects in run.state.items()}
+    checkpoint = {"args": asdict(run.args), "script": os.path.basename(__file__), **run.saved, **state}
+    checkpoint.update(progress=asdict(run.progress), rng=rng)
     path = run.path(filename)
     try:
         with open(path + ".tmp", "wb") as f:
@@ -994,7 +975,7 @@ def make_phases(args: Args) -> list:
 
 def train_step(run: Run, phase: Phase, updates: tuple) -> torch.Tensor:
     """One gradient step of the phase for every seed; the metrics, means over seeds, stay on the device."""
-    args, nets, optimizers = run.args, run.learner.networks, run.learner.optimizers
+    args, nets, optimizers = run.args, run.state["networks"], run.state["optimizers"]
     update_vq, update_pi = updates
     batch = run.buffer.sample(args.batch_size)
     with torch.autocast(batch.obs.device.type, torch.bfloat16, enabled=args.bf16):  # --bf16: the matmuls only (see Ensemble)
@@ -1007,7 +988,7 @@ def train_step(run: Run, phase: Phase, updates: tuple) -> torch.Tensor:
             metrics, adv = None, posthoc_advantage(batch, nets["value"], nets["target_critic"])
         if phase.policy is None:
             return metrics
-        actor, scheduler = run.learner.policies[phase.policy], run.learner.schedulers.get(phase.policy)
+        actor, scheduler = run.policies[phase.policy], run.state["schedulers"].get(phase.policy)
         actor_metrics = update_pi(batch, adv, actor, optimizers[phase.policy], scheduler, args)
     return actor_metrics if metrics is None else torch.cat([metrics, actor_metrics])
 
@@ -1063,7 +1044,7 @@ def train(run: Run, phases: list, updates: tuple, stop: list) -> None:
 def evaluate_saved_run(run: Run, dataset, policy_steps: dict) -> dict:
     """--eval-only: each saved policy for --final-eval-episodes episodes, with the updates it was trained for."""
     results, progress = {}, run.progress
-    for name, actor in run.learner.policies.items():
+    for name, actor in run.policies.items():
         phase = "posthoc" if name == "posthoc" else "train"
         if PHASES.index(progress.phase) > PHASES.index(phase):
             trained = policy_steps[name]
@@ -1108,9 +1089,9 @@ def finish(run: Run, dataset, summary: dict) -> dict:
 def final_evaluation(run: Run, stop: list) -> dict:
     """Every policy for --final-eval-episodes episodes, then summary.json."""
     args, steps = run.args, actor_steps(run.args)
-    updates = args.total_steps + (steps["posthoc"] if "posthoc" in run.learner.policies else 0)  # also the last W&B step
+    updates = args.total_steps + (steps["posthoc"] if "posthoc" in run.policies else 0)  # also the last W&B step
     results = {}
-    for name in run.learner.policies:
+    for name in run.policies:
         results[name] = record_evaluation(run, name, steps[name], args.final_eval_episodes, updates, final=True)
     if stop:
         stop_here(run, "the final evaluation", stop[0])
@@ -1148,14 +1129,14 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:
 
     # Networks, optimisers and evaluation environments, all checked before a run folder exists
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    learner = make_learner(obs_dim, act_dim, args, seeds, device)
+    state, policies = make_learner(obs_dim, act_dim, args, seeds, device)
     updates = compile_updates(args, device)
     rule = scoring_rule(dataset, args.env_id)
     episodes = max(args.final_eval_episodes, args.eval_episodes if args.eval_freq and not args.eval_only else 0)
-    evaluator = make_evaluator(dataset, rule, args, next(iter(learner.policies.values())), episodes, low, high, device)
+    evaluator = make_evaluator(dataset, rule, args, next(iter(policies.values())), episodes, low, high, device)
     normalization = {"reward_scale": reward_scale, "reward_shift": reward_shift, "action_low": low.tolist()}
     saved = {"obs_dim": obs_dim, "act_dim": act_dim, "normalization": {**normalization, "action_high": high.tolist()}}
-    run = Run(args, seeds, learner, buffer, evaluator, saved)
+    run = Run(args, seeds, state, policies, buffer, evaluator, saved)
     if checkpoint:
         restore(run, checkpoint)
     if args.eval_only:

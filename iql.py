@@ -280,9 +280,10 @@ def flatten_dataset(dataset) -> OfflineData:
 
     observations = stack(lambda e: flatten_observation(e.observations, dataset.observation_space), np.float32)
     actions = stack(lambda e: np.reshape(e.actions, (len(e.rewards), -1)), np.float32)
+    rewards = stack(lambda e: e.rewards, np.float32)
+    terminations, truncations = stack(lambda e: e.terminations, bool), stack(lambda e: e.truncations, bool)
     lengths = np.array([len(e.rewards) for e in episodes], dtype=np.int64)
-    ends = stack(lambda e: e.terminations, bool), stack(lambda e: e.truncations, bool)
-    return OfflineData(observations, actions, stack(lambda e: e.rewards, np.float32), *ends, lengths)
+    return OfflineData(observations, actions, rewards, terminations, truncations, lengths)
 
 
 def check_finite(data: OfflineData, dataset_id: str) -> None:
@@ -306,8 +307,9 @@ def subset_episodes(data: OfflineData, episodes: np.ndarray, lengths: np.ndarray
     starts = data.episode_starts
     steps = np.concatenate([np.arange(starts[e], starts[e] + n) for e, n in zip(episodes, lengths)])
     rows = np.concatenate([np.arange(starts[e] + e, starts[e] + e + n + 1) for e, n in zip(episodes, lengths)])
-    step_parts = (data.actions, data.rewards, data.terminations, data.truncations)
-    return OfflineData(data.observations[rows], *(part[steps] for part in step_parts), np.asarray(lengths, dtype=np.int64))
+    actions, rewards = data.actions[steps], data.rewards[steps]
+    terminations, truncations = data.terminations[steps], data.truncations[steps]
+    return OfflineData(data.observations[rows], actions, rewards, terminations, truncations, np.asarray(lengths, np.int64))
 
 
 def cut_episodes_at_goal(data: OfflineData) -> OfflineData:
@@ -366,11 +368,8 @@ def scoring_rule(dataset, dataset_id: str) -> dict:
     """The paper's score per family (success, Kitchen tasks, normalised return) and any evaluation length it needs."""
     family, name, metadata = dataset_family(dataset_id), env_name(dataset_id), dataset.storage.metadata
     if family.endswith("Maze"):
-        return {
-            "kind": "success",
-            "source": "success rate x100: the env's info['success'] at any step",
-            "max_episode_steps": None,
-        }
+        source = "success rate x100: the env's info['success'] at any step"
+        return {"kind": "success", "source": source, "max_episode_steps": None}
     if family == "Kitchen":
         tasks = len(dataset.env_spec.kwargs["tasks_to_complete"])
         return {"kind": "tasks", "num_tasks": tasks, "source": f"completed tasks / {tasks} x100", "max_episode_steps": None}

@@ -663,3 +663,12 @@ def test_dataset_overview_shows_small_counts_with_labelled_axes_and_integer_bins
     assert {round(p.get_x() + p.get_width() / 2, 6) for p in lengths_ax.patches if p.get_height() > 0} == {300.0}
     assert all(tick == int(tick) for tick in lengths_ax.get_xticks())  # no ticks like 299.6
     assert [p.get_height() for p in ends_ax.patches] == [0, 3]
+
+
+def test_dataset_overview_command_draws_a_stored_dataset(minari_store, tmp_path):
+    out = tmp_path / "hopper.png"
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "dataset_overview.py")
+    command = [sys.executable, tool, "mujoco/hopper/tiny-v0", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {out}" and out.stat().st_size > 0

@@ -701,9 +701,9 @@ def catch_stop_signals(catch: bool = True) -> list:
 
 
 def open_saved_run(args: Args, named: Optional[set]) -> Tuple[Args, dict]:
-    """The checkpoint of the run that --resume or --eval-only names, and its arguments: those of MAY_CHANGE
-    the user gave (named: None for a call from Python, then those that differ from the defaults); any other flag that
-    differs from the run's is refused."""
+    """The checkpoint of the run that --resume or --eval-only names, and its arguments, with the user's value of each flag
+    of MAY_CHANGE they named (named: the flags given; None from Python: those off their default). Any other named flag
+    that differs from the run's is refused."""
     saved_run = args.resume or args.eval_only
     model = os.path.join(saved_run, "model.pt")
     use_model = args.eval_only and os.path.exists(model)
@@ -762,7 +762,7 @@ def open_run_folder(run: Run) -> None:
         write_file(run.path("args.json"), json.dumps(asdict(args), indent=2))
     progress.evaluations = [r for r in progress.evaluations if not r["final"]]  # a stop in the final evaluation redoes it
     write_file(run.path("evaluations.jsonl"), jsonl(progress.evaluations))
-    checkpointed = (PHASES.index(progress.phase), progress.step)
+    checkpointed = (PHASES.index(progress.phase), progress.step)  # (phase, step) pairs order as the run moves on
     metrics = []
     if os.path.exists(run.path("metrics.jsonl")):
         with open(run.path("metrics.jsonl")) as f:
@@ -908,7 +908,7 @@ def train(run: Run, phases: list, updates: tuple, stop: list) -> None:
         write_checkpoint(run, "checkpoint.pt")  # a run stopped during the final evaluation resumes there
 
 
-def record_videos(run: "Run", dataset, run_dir: str) -> None:
+def record_videos(run: Run, dataset, run_dir: str) -> None:
     """The first final-evaluation episode of the first seed of each policy again, recorded once the results are safe."""
     for name, actor in run.policies.items():
         try:

@@ -722,19 +722,6 @@ def make_evaluator(dataset, rule: dict, args: Args, actor: Actor, episodes: int,
     return Evaluator(envs, [EVAL_SEED_BLOCK * seed for seed in seeds], dataset.observation_space, low, high, rule, device)
 
 
-def record_videos(run: "Run", dataset, run_dir: str) -> None:
-    """The first final-evaluation episode of the first seed of each policy again, recorded once the results are safe."""
-    for name, actor in run.policies.items():
-        try:
-            env = make_eval_env(dataset, run.evaluator.rule, run.args.eval_terminate_at_goal, render=True)
-            video_dir = os.path.join(run_dir, "videos", name)
-            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
-            run.evaluator.run(actor, 1, [[env]])
-            env.close()
-        except Exception as e:
-            print(f"warning: no video of the {name} policy ({describe(e)})")
-
-
 # Run folders, logs, checkpoints, resuming -----------------------------------------------------------------------------------
 # What `--resume` and `--eval-only` may change: logging and resources, never the algorithm or the data.
 MAY_CHANGE = ("track", "wandb_project_name", "wandb_entity", "log_freq", "checkpoint_freq", "capture_video", "save_model")
@@ -799,9 +786,9 @@ def load_checkpoint(path: str) -> dict:
 
 
 def open_saved_run(args: Args, named: Optional[set]) -> Tuple[Args, dict]:
-    """The checkpoint of the run that --resume or --eval-only names, and its arguments: those of MAY_CHANGE
-    the user gave (named: None for a call from Python, then those that differ from the defaults); any other flag that
-    differs from the run's is refused."""
+    """The checkpoint of the run that --resume or --eval-only names, and its arguments, with the user's value of each flag
+    of MAY_CHANGE they named (named: the flags given; None from Python: those off their default). Any other named flag
+    that differs from the run's is refused."""
     saved_run = args.resume or args.eval_only
     model = os.path.join(saved_run, "model.pt")
     use_model = args.eval_only and os.path.exists(model)
@@ -860,7 +847,7 @@ def open_run_folder(run: Run) -> None:
         write_file(run.path("args.json"), json.dumps(asdict(args), indent=2))
     progress.evaluations = [r for r in progress.evaluations if not r["final"]]  # a stop in the final evaluation redoes it
     write_file(run.path("evaluations.jsonl"), jsonl(progress.evaluations))
-    checkpointed = (PHASES.index(progress.phase), progress.step)
+    checkpointed = (PHASES.index(progress.phase), progress.step)  # (phase, step) pairs order as the run moves on
     metrics = []
     if os.path.exists(run.path("metrics.jsonl")):
         with open(run.path("metrics.jsonl")) as f:
@@ -1038,6 +1025,19 @@ def train(run: Run, phases: list, updates: tuple, stop: list) -> None:
         stop_here(run, "the end of training", stop[0])
     if run.args.checkpoint_freq > 0:
         write_checkpoint(run, "checkpoint.pt")  # a run stopped during the final evaluation resumes there
+
+
+def record_videos(run: Run, dataset, run_dir: str) -> None:
+    """The first final-evaluation episode of the first seed of each policy again, recorded once the results are safe."""
+    for name, actor in run.policies.items():
+        try:
+            env = make_eval_env(dataset, run.evaluator.rule, run.args.eval_terminate_at_goal, render=True)
+            video_dir = os.path.join(run_dir, "videos", name)
+            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda e: e == 0, disable_logger=True)
+            run.evaluator.run(actor, 1, [[env]])
+            env.close()
+        except Exception as e:
+            print(f"warning: no video of the {name} policy ({describe(e)})")
 
 
 def evaluate_saved_run(run: Run, dataset, policy_steps: dict) -> dict:

@@ -667,8 +667,7 @@ def test_dataset_overview_shows_small_counts_with_labelled_axes_and_integer_bins
 
 def test_dataset_overview_command_draws_a_stored_dataset(minari_store, tmp_path):
     out = tmp_path / "hopper.png"
-    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "dataset_overview.py")
-    command = [sys.executable, tool, "mujoco/hopper/tiny-v0", "--out", str(out)]
+    command = [sys.executable, dataset_overview.__file__, "mujoco/hopper/tiny-v0", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"wrote {out}" and out.stat().st_size > 0

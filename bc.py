@@ -44,7 +44,7 @@ class Args:
     num_seeds: int = 1
     """train seeds seed, ..., seed + num_seeds - 1 in lockstep in one process, each exactly as it would train alone"""
     cuda: bool = True
-    """if toggled, train on the GPU when one is available"""
+    """train on the GPU when one is available; --no-cuda trains on the CPU"""
     torch_threads: Optional[int] = 1
     """CPU threads of torch; 1 keeps runs sharing a machine from slowing each other (torch's default: all cores)"""
     compile: bool = False
@@ -103,6 +103,11 @@ class Args:
     """the number of episodes of the final evaluation"""
     log_freq: int = 5_000
     """print and log training metrics (also to metrics.jsonl) every this many gradient steps"""
+
+
+# iql.py's own flags: given one, bc.py names it as such instead of tyro's "Unrecognized options"
+IQL_FLAGS = ("expectile", "temperature", "exp_adv_max", "discount", "tau", "critic_lr", "value_lr")
+IQL_FLAGS += ("reward_normalization", "policy_extraction", "posthoc_steps")
 
 
 # The paper's (expectile, temperature, actor dropout) per family, from the official configs; other datasets get
@@ -1025,9 +1030,10 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:
     if run.wandb:
         run.wandb.summary.update({f"data/{k}": v for k, v in selection.items()})
     kept_share = f"{selection['steps_kept']:,} steps, {selection['steps_kept'] / len(data.rewards):.1%}"
+    chosen = f"top {args.top_fraction:g} by {args.top_by} keeps" if args.top_fraction < 1 else "all"
     print(
         f"{args.env_id}: {len(data.rewards):,} transitions in {len(data.episode_lengths):,} episodes; "
-        f"top {args.top_fraction:g} by {args.top_by} keeps {selection['episodes_kept']:,} episodes ({kept_share}) "
+        f"{chosen} {selection['episodes_kept']:,} episodes ({kept_share}) "
         f"with return >= {return_threshold:.4g}; actor dropout {args.actor_dropout:g}; "
         f"score: {rule['source']}, evaluation episodes of {rule['max_episode_steps'] or 'unlimited'} steps"
         + (f"; resuming at step {run.progress.step}" if args.resume else "")
@@ -1044,4 +1050,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:
 if __name__ == "__main__":
     # tyro writes --flag, --flag=value and, for booleans, --no-flag
     given = {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in sys.argv[1:] if a.startswith("--")}
+    iql_only = [name for name in IQL_FLAGS if name in given]
+    if iql_only:
+        raise SystemExit(f"error: {flag(iql_only[0])} is an iql.py flag: bc.py trains no value function")
     main(tyro.cli(Args), given)

@@ -44,7 +44,7 @@ class Args:
     num_seeds: int = 1
     """train seeds seed, ..., seed + num_seeds - 1 in lockstep in one process, each exactly as it would train alone"""
     cuda: bool = True
-    """if toggled, train on the GPU when one is available"""
+    """train on the GPU when one is available; --no-cuda trains on the CPU"""
     torch_threads: Optional[int] = 1
     """CPU threads of torch; 1 keeps runs sharing a machine from slowing each other (torch's default: all cores)"""
     compile: bool = False

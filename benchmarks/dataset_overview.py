@@ -1,8 +1,10 @@
 """Histograms of a Minari dataset's raw rewards, episode lengths and returns, and how its episodes end: what to look at
 before training on it.
 
-    python benchmarks/dataset_overview.py mujoco/hopper/medium-v0                # writes hopper_medium-v0.png
+    python benchmarks/dataset_overview.py mujoco/hopper/medium-v0   # writes runs/dataset_overview/hopper_medium-v0.png
     python benchmarks/dataset_overview.py D4RL/antmaze/umaze-v1 --out umaze.png
+
+It draws with matplotlib, from benchmarks/requirements.txt (part of requirements-dev.txt); iql.py and bc.py need none.
 """
 
 import argparse
@@ -48,8 +50,13 @@ def plot_dataset_overview(data: iql.OfflineData, dataset_id: str, path: str) -> 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset_id", help="a Minari dataset id, from the local store or downloaded")
-    parser.add_argument("--out", help="the figure's path (default: the dataset's name and version, .png)")
+    parser.add_argument("--out", help="the figure's path (default: runs/dataset_overview/{name}_{version}.png)")
     cli = parser.parse_args()
-    out = cli.out or "_".join(cli.dataset_id.split("/")[-2:]) + ".png"
+    try:  # before the data are loaded, which takes a while
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError:
+        raise SystemExit("error: the overview draws with matplotlib: pip install -r benchmarks/requirements.txt") from None
+    out = cli.out or os.path.join("runs", "dataset_overview", "_".join(cli.dataset_id.split("/")[-2:]) + ".png")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     plot_dataset_overview(iql.flatten_dataset(iql.load_minari_dataset(cli.dataset_id)), cli.dataset_id, out)
     print(f"wrote {out}")

@@ -304,6 +304,15 @@ def test_cli_runs_end_to_end(minari_store, tmp_path):
     assert f"top 0.5 by steps keeps {len(kept.episode_lengths)} episodes ({len(kept.rewards)} steps" in result.stdout
 
 
+def test_an_iql_flag_is_named_as_iql_s_in_one_line(tmp_path):
+    assert set(bc.IQL_FLAGS) == set(iql.Args.__dataclass_fields__) - set(bc.Args.__dataclass_fields__)
+    for flags in (["--expectile", "0.7"], ["--top-fraction", "0.1", "--policy-extraction=both"]):
+        result = run_cli("bc.py", *flags, cwd=tmp_path)
+        assert result.returncode == 1 and result.stdout == ""
+        (name,) = [f.split("=")[0] for f in flags if f.split("=")[0][2:].replace("-", "_") in bc.IQL_FLAGS]
+        assert result.stderr.splitlines() == [f"error: {name} is an iql.py flag: bc.py trains no value function"]
+
+
 # a run of two gradient steps and one evaluation episode
 TWO_STEPS = dict(
     env_id="mujoco/hopper/tiny-v0", total_steps=2, batch_size=8, hidden_dims=(8,), eval_freq=0, final_eval_episodes=1
@@ -311,13 +320,16 @@ TWO_STEPS = dict(
 TWO_STEPS["cuda"] = False
 
 
-def test_run_names_tell_bc_and_top_bc_apart(minari_store, tmp_path):
-    names = []
+def test_run_names_tell_bc_and_top_bc_apart(minari_store, tmp_path, capsys):
+    names, data_lines = [], []
     for fraction, exp_name in ((1.0, None), (0.1, None), (0.25, None), (0.1, "mine")):
         summary = bc.main(bc.Args(top_fraction=fraction, exp_name=exp_name, runs_dir=str(tmp_path), **TWO_STEPS))
         names.append(summary["run_name"].split("__")[-3])
         assert json.loads((tmp_path / summary["run_name"] / "args.json").read_text())["exp_name"] == names[-1]
+        data_lines.append(capsys.readouterr().out.splitlines()[0])
     assert names == ["bc", "bc_top10", "bc_top25", "mine"]
+    episodes = len(bc.flatten_dataset(minari.load_dataset(TWO_STEPS["env_id"])).episode_lengths)
+    assert f"; all {episodes} episodes (" in data_lines[0] and "top 0.1 by steps keeps " in data_lines[1]
 
 
 def test_runs_use_one_torch_thread_unless_told(minari_store, tmp_path):

@@ -15,6 +15,19 @@ import iql
 from benchmarks import dataset_overview, datasets, tables
 
 
+def importable(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+# The figures need matplotlib, from benchmarks/requirements.txt (part of requirements-dev.txt); without it they skip.
+needs_matplotlib = pytest.mark.skipif(not importable("matplotlib"), reason="pip install -r benchmarks/requirements.txt")
+
+
+@needs_matplotlib
 def test_tables_report_the_last_evaluation_per_step_budget(minari_store, tmp_path):
     # at 40 steps, seeds 1 and 2 alone and seeds 3 and 4 in one --num-seeds run; at 80 steps, seeds 1 and 2 alone
     for steps, seed, num_seeds in ((40, 1, 1), (40, 2, 1), (40, 3, 2), (80, 1, 1), (80, 2, 1)):
@@ -110,6 +123,7 @@ def test_a_log_that_two_runs_printed_into_at_once_is_refused(tmp_path):
         tables.training_metrics([str(tmp_path / "grid.log")])
 
 
+@needs_matplotlib
 def test_value_curves_come_from_each_iql_runs_own_log_lines(minari_store, tmp_path, capsys):
     import tyro
 
@@ -191,6 +205,7 @@ def test_value_curves_come_from_each_iql_runs_own_log_lines(minari_store, tmp_pa
     )
 
 
+@needs_matplotlib
 def test_write_fills_only_the_named_block_with_the_runs_datasets(minari_store, tmp_path, monkeypatch):
     bc.main(
         bc.Args(
@@ -332,6 +347,7 @@ def test_awr_weights_come_from_the_saved_networks_as_the_update_computes_them(mi
         )
 
 
+@needs_matplotlib
 def test_tables_from_the_archive_alone_equal_those_from_the_runs(minari_store, tmp_path, monkeypatch, capsys):
     import minari
     import tyro
@@ -560,6 +576,7 @@ def fake_iql_run(runs_dir, seed: int) -> str:
     return fake_run(runs_dir, f"iql__{seed}", {"seed": seed, "posthoc_steps": 1000}, {}, iql_metrics(seed))
 
 
+@needs_matplotlib
 def test_training_curves_from_metrics_jsonl_equal_those_from_the_printed_log(tmp_path, monkeypatch):
     runs_dir, log = tmp_path / "runs", []
     for seed in (1, 2):
@@ -603,6 +620,7 @@ def test_training_curves_from_metrics_jsonl_equal_those_from_the_printed_log(tmp
     assert open(path_log, "rb").read() == open(path_files, "rb").read()
 
 
+@needs_matplotlib
 def test_runs_with_metrics_jsonl_need_no_log_and_archive_their_curves(tmp_path, monkeypatch):
     import types
 
@@ -635,6 +653,7 @@ def test_runs_with_metrics_jsonl_need_no_log_and_archive_their_curves(tmp_path, 
     assert block("--archive", str(tmp_path / "archive")) == from_runs
 
 
+@needs_matplotlib
 def test_dataset_overview_shows_small_counts_with_labelled_axes_and_integer_bins(tmp_path, monkeypatch):
     """A maze-like dataset: three 300-step episodes, a single reward-1 step among 900."""
     import matplotlib.pyplot as plt
@@ -665,9 +684,30 @@ def test_dataset_overview_shows_small_counts_with_labelled_axes_and_integer_bins
     assert [p.get_height() for p in ends_ax.patches] == [0, 3]
 
 
+@needs_matplotlib
 def test_dataset_overview_command_draws_a_stored_dataset(minari_store, tmp_path):
     out = tmp_path / "hopper.png"
     command = [sys.executable, dataset_overview.__file__, "mujoco/hopper/tiny-v0", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"wrote {out}" and out.stat().st_size > 0
+    # by default under runs/, which git ignores: run from the repository, it leaves nothing to commit
+    result = subprocess.run(command[:-2], capture_output=True, text=True, cwd=tmp_path)
+    default = os.path.join("runs", "dataset_overview", "hopper_tiny-v0.png")
+    assert result.stdout.strip() == f"wrote {default}" and (tmp_path / default).stat().st_size > 0
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert subprocess.run(["git", "check-ignore", "-q", default], cwd=repo).returncode == 0
+
+
+def test_dataset_overview_without_matplotlib_names_the_install_in_one_line(minari_store, tmp_path):
+    blocked = tmp_path / "blocked" / "matplotlib"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'matplotlib'\", name='matplotlib')\n")
+    command = [sys.executable, dataset_overview.__file__, "mujoco/hopper/tiny-v0"]
+    env = {**os.environ, "PYTHONPATH": str(blocked.parent)}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "error: the overview draws with matplotlib: pip install -r benchmarks/requirements.txt"
+    ]
+    assert not (tmp_path / "runs").exists()

@@ -251,7 +251,7 @@ def test_maze_options_are_rejected_elsewhere(tmp_path):
     assert not (tmp_path / "runs").exists() and not list(tmp_path.iterdir())
 
 
-def test_capture_video_writes_a_video(minari_store, tmp_path):
+def test_capture_video_writes_a_video(minari_store, tmp_path, renderer):
     summary = iql.main(
         iql.Args(
             env_id=ANTMAZE,

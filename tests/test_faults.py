@@ -138,7 +138,7 @@ def test_divergence_names_a_checkpoint_only_when_one_exists(minari_store, tmp_pa
     assert "no checkpoint was written before it" in message and "last checkpoint" not in message
 
 
-def test_eval_only_reports_the_trained_steps_and_keeps_the_runs_videos(minari_store, tmp_path, capsys):
+def test_eval_only_reports_the_trained_steps_and_keeps_the_runs_videos(minari_store, tmp_path, capsys, renderer):
     flags = dict(TINY, total_steps=20, posthoc_steps=10, policy_extraction="both", eval_freq=0, runs_dir=str(tmp_path))
     iql.main(iql.Args(**flags, capture_video=True))
     (run_dir,) = tmp_path.iterdir()

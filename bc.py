@@ -107,7 +107,7 @@ class Args:
 
 # iql.py's own flags: given one, bc.py names it as such instead of tyro's "Unrecognized options"
 IQL_FLAGS = ("expectile", "temperature", "exp_adv_max", "discount", "tau", "critic_lr", "value_lr")
-IQL_FLAGS += ("reward_normalization", "policy_extraction", "posthoc_steps")
+IQL_FLAGS += ("reward_normalization", "policy_extraction", "posthoc_steps", "online_steps")
 
 
 # The paper's (expectile, temperature, actor dropout) per family, from the official configs; other datasets get
@@ -637,7 +637,7 @@ def make_evaluator(dataset, rule: dict, args: Args, actor: Actor, episodes: int,
 MAY_CHANGE = ("track", "wandb_project_name", "wandb_entity", "log_freq", "checkpoint_freq", "capture_video", "save_model")
 
 
-PHASES = ("train", "posthoc", "done")  # a run's phases in order; bc.py has no post-hoc phase
+PHASES = ("train", "posthoc", "online", "done")  # a run's phases in order; bc.py has only "train"
 
 
 @dataclass
@@ -792,21 +792,23 @@ def log_metrics(run: Run, phase: str, step: int, steps: int, values: dict, rate:
         run.wandb.log(values, step=wandb_step)
 
 
-def record_evaluation(run: Run, policy: str, step: int, episodes: int, wandb_step: int, final: bool = False) -> dict:
-    """Evaluate a policy (step: its own updates), append the records to evaluations.jsonl, print and log the result."""
-    start = time.perf_counter()
+def record_evaluation(
+    run: Run, policy: str, step: int, episodes: int, wandb_step: int, final: bool = False, name: Optional[str] = None
+) -> dict:
+    """Evaluate a policy (step: its own updates) into evaluations.jsonl, stdout and W&B, under its name or the given one."""
+    start, name = time.perf_counter(), name or policy
     per_seed = run.evaluator.run(run.policies[policy], episodes)
     run.progress.eval_time_s += time.perf_counter() - start
-    records = [{"policy": policy, "step": step, "final": final, "seed": seed, **r} for seed, r in zip(run.seeds, per_seed)]
+    records = [{"policy": name, "step": step, "final": final, "seed": seed, **r} for seed, r in zip(run.seeds, per_seed)]
     run.progress.evaluations += records
     write_file(run.path("evaluations.jsonl"), jsonl(records), mode="a")
     result = over_seeds(per_seed, run.seeds)
     score = "n/a" if result["score_mean"] is None else f"{result['score_mean']:.1f}"
     over = f" x {len(run.seeds)} seeds; +- over seeds" if len(run.seeds) > 1 else ""
     mean, std = result["return_mean"], result["return_std"]
-    print(f"eval {policy} @ {step}: return {mean:.1f} +- {std:.1f}, score {score} ({episodes} episodes{over})")
+    print(f"eval {name} @ {step}: return {mean:.1f} +- {std:.1f}, score {score} ({episodes} episodes{over})")
     if run.wandb:  # with several seeds, eval/{policy}/ holds the mean over seeds (what a sweep should optimise)
-        prefix = f"eval/{policy}{'_final' if final else ''}/"
+        prefix = f"eval/{name}{'_final' if final else ''}/"
         logged = {prefix + k: v for k, v in result.items() if k != "seeds" and v is not None}
         if len(run.seeds) > 1:
             for seed, r in zip(run.seeds, per_seed):
@@ -853,7 +855,8 @@ def stop_here(run: Run, where: str, signum: int) -> None:
 
 
 # Training -------------------------------------------------------------------------------------------------------------------
-Phase = collections.namedtuple("Phase", ["name", "steps", "wandb_offset", "policy", "metric_names"])
+# policy_offset: the updates its policy made before the phase's step 0 (iql.py's online phase: the offline ones)
+Phase = collections.namedtuple("Phase", ["name", "steps", "wandb_offset", "policy", "metric_names", "policy_offset"])
 
 
 def train_step(run: Run, phase: Phase, updates: tuple) -> torch.Tensor:
@@ -893,7 +896,7 @@ def train_phase(run: Run, phase: Phase, updates: tuple, stop: list) -> None:
             log_metrics(run, phase.name, step, phase.steps, values, rate, eta, phase.wandb_offset + step)
             last_log = (step, progress.train_time_s)
         if eval_now:
-            record_evaluation(run, phase.policy, step, args.eval_episodes, phase.wandb_offset + step)
+            record_evaluation(run, phase.policy, phase.policy_offset + step, args.eval_episodes, phase.wandb_offset + step)
         if stopping:
             stop_here(run, f"{phase.name} step {step}", stop[0])
         if checkpoint_now:
@@ -926,17 +929,15 @@ def record_videos(run: Run, dataset, run_dir: str) -> None:
             print(f"warning: no video of the {name} policy ({describe(e)})")
 
 
-def evaluate_saved_run(run: Run, dataset, policy_steps: dict) -> dict:
-    """--eval-only: each saved policy for --final-eval-episodes episodes, with the updates it was trained for."""
-    results, progress = {}, run.progress
+def evaluate_saved_run(run: Run, dataset, trained: dict) -> dict:
+    """--eval-only: each saved policy for --final-eval-episodes episodes; trained: the updates each has made."""
+    results = {}
     for name, actor in run.policies.items():
-        phase = "posthoc" if name == "posthoc" else "train"
-        if PHASES.index(progress.phase) > PHASES.index(phase):
-            trained = policy_steps[name]
-        else:
-            trained = progress.step if progress.phase == phase else 0
-        results[name] = {"step": trained, **over_seeds(run.evaluator.run(actor, run.args.final_eval_episodes), run.seeds)}
-    print(json.dumps({"run": run.args.eval_only, "phase": progress.phase, "policies": results}))
+        results[name] = {
+            "step": trained[name],
+            **over_seeds(run.evaluator.run(actor, run.args.final_eval_episodes), run.seeds),
+        }
+    print(json.dumps({"run": run.args.eval_only, "phase": run.progress.phase, "policies": results}))
     if run.args.capture_video:
         record_videos(run, dataset, run.args.eval_only)
     return {"policies": results}
@@ -1023,7 +1024,9 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:
     if checkpoint:
         restore(run, checkpoint)
     if args.eval_only:
-        return evaluate_saved_run(run, dataset, {"bc": args.total_steps})
+        return evaluate_saved_run(
+            run, dataset, {"bc": run.progress.step if run.progress.phase == "train" else args.total_steps}
+        )
 
     # Train, then evaluate the policy
     open_run_folder(run)
@@ -1040,7 +1043,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:
     )
     stop = catch_stop_signals()
     try:
-        train(run, [Phase("train", args.total_steps, 0, "bc", ["losses/bc_loss"])], updates, stop)
+        train(run, [Phase("train", args.total_steps, 0, "bc", ["losses/bc_loss"], 0)], updates, stop)
         summary = final_evaluation(run, stop)
     finally:
         catch_stop_signals(False)

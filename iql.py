@@ -95,8 +95,9 @@ class Args:
     """the hidden layer sizes of every network"""
     actor_dropout: Optional[float] = None
     """the dropout rate after each hidden activation of the actor. None: the paper's value (Kitchen, Adroit 0.1; else 0)"""
-    actor_lr_schedule: Literal["cosine", "constant"] = "cosine"
-    """`cosine` decays the actor learning rate to 0 over its training steps, as the official code does"""
+    actor_lr_schedule: Optional[Literal["cosine", "constant"]] = None
+    """`cosine` decays the actor learning rate to 0 over its updates, offline and online. None: `cosine` (the official
+    offline code), or `constant` with --online-steps (the official fine-tuning config decays nothing)"""
     reward_normalization: Literal["auto", "none", "locomotion", "antmaze"] = "auto"
     """`locomotion`: r * 1000 / (max - min episode return); `antmaze`: r - 1; `auto`: by family (see the README)"""
     state_dependent_std: bool = False
@@ -105,6 +106,9 @@ class Args:
     """`concurrent`: train the actor alongside V/Q (the paper); `posthoc`: afterwards, against the final V/Q"""
     posthoc_steps: Optional[int] = None
     """the gradient steps of the post-hoc actor; None means --total-steps"""
+    online_steps: int = 0
+    """online fine-tuning after the offline phases (the official train_finetune.py): environment steps per seed, each
+    followed by one update of V, Q and the concurrent actor on the dataset plus the seed's online transitions"""
     goal_terminal: bool = False
     """mazes only: end each dataset episode at its first goal step, as a termination (D4RL's convention)"""
     eval_terminate_at_goal: bool = False
@@ -157,12 +161,13 @@ def resolve_paper_settings(args: Args) -> Tuple[Args, str]:
     names = ("expectile", "temperature", "actor_dropout")
     given = {name: getattr(args, name) is not None for name in names}
     paper = {name: value for name, value in zip(names, PAPER_SETTINGS[family]) if not given[name]}
+    schedule = args.actor_lr_schedule or ("constant" if args.online_steps else "cosine")
     rewards = args.reward_normalization
     if rewards == "auto" and args.env_id.startswith(("mujoco/", "d4rl/")):  # Minari's locomotion data, or D4RL's files
         rewards = "locomotion"
     elif rewards == "auto":
         rewards = "antmaze" if family == "AntMaze" else "none"
-    args = replace(args, reward_normalization=rewards, **paper)
+    args = replace(args, reward_normalization=rewards, actor_lr_schedule=schedule, **paper)
     words = [f"{name.replace('_', ' ')} {getattr(args, name):g}" + (" (given)" if given[name] else "") for name in names]
     source = "" if all(given.values()) else f" (the paper's {family} settings)"
     return args, ", ".join(words) + source
@@ -172,13 +177,15 @@ def validate_args(args: Args) -> None:
     """Reject bad settings before any work is done, in one line."""
     positive = ["num_seeds", "total_steps", "batch_size", "posthoc_steps", "exp_adv_max", "actor_lr", "critic_lr"]
     positive += ["value_lr", "torch_threads", "eval_episodes", "final_eval_episodes", "log_freq"]
-    problems = common_problems(args, positive, ["temperature", "seed", "eval_freq", "checkpoint_freq"])
+    problems = common_problems(args, positive, ["temperature", "seed", "eval_freq", "checkpoint_freq", "online_steps"])
     if not 0.0 < args.expectile < 1.0:
         problems.append(f"--expectile must be in (0, 1), got {args.expectile}")
     if not 0.0 <= args.discount <= 1.0:
         problems.append(f"--discount must be in [0, 1], got {args.discount}")
     if not 0.0 < args.tau <= 1.0:
         problems.append(f"--tau must be in (0, 1], got {args.tau}")
+    if args.online_steps and args.policy_extraction == "posthoc":
+        problems.append("--online-steps fine-tunes the concurrent actor, which --policy-extraction posthoc does not train")
     if problems:
         raise SystemExit(f"error: {problems[0]}")
 
@@ -503,22 +510,50 @@ Batch = collections.namedtuple("Batch", ["obs", "actions", "rewards", "next_obs"
 
 
 class DeviceData:
-    """The training data on the training device; minibatches are drawn there, with no host round-trip."""
+    """The training data on the training device: the dataset, and with --online-steps each seed's own online transitions;
+    minibatches are drawn there, with no host round-trip."""
 
-    def __init__(self, data: OfflineData, rewards: np.ndarray, actions: np.ndarray, device: torch.device, seeds: list):
+    def __init__(self, data: OfflineData, rewards, actions, device: torch.device, seeds: list, online_steps: int = 0):
         self.observations = torch.as_tensor(data.observations, device=device)
         self.obs_rows = torch.as_tensor(data.obs_rows, device=device)
         self.actions = torch.as_tensor(actions, device=device)
         self.rewards = torch.as_tensor(rewards, device=device)
         self.masks = torch.as_tensor(1.0 - data.terminations.astype(np.float32), device=device)  # truncations bootstrap
         self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        # Each seed's online transitions, a row each of s, a, r, mask, s' (4 bytes a number: see the README for sizes)
+        self.parts = [self.observations.shape[1], self.actions.shape[1], 1, 1, self.observations.shape[1]]
+        self.online = torch.zeros(len(seeds), online_steps, sum(self.parts), device=device)
+        self.online_count = 0
+        self.envs = None  # with --online-steps, the OnlineEnvs that collect the online transitions
 
     def sample(self, batch_size: int) -> Batch:
-        """A minibatch per seed, each from its own generator: every tensor is (seeds, batch, ...)."""
-        draws = [torch.randint(len(self.obs_rows), (batch_size,), device=g.device, generator=g) for g in self.generators]
+        """A minibatch per seed from its own generator, uniform over the data and its online transitions: (seeds, batch, …)"""
+        size = len(self.obs_rows) + self.online_count
+        draws = [torch.randint(size, (batch_size,), device=g.device, generator=g) for g in self.generators]
         i = torch.stack(draws)
-        rows = self.obs_rows[i]
-        return Batch(self.observations[rows], self.actions[i], self.rewards[i], self.observations[rows + 1], self.masks[i])
+        if self.online_count == 0:
+            rows = self.obs_rows[i]
+            return Batch(self.observations[rows], self.actions[i], self.rewards[i], self.observations[rows + 1], self.masks[i])
+        in_data, j = i < len(self.obs_rows), i.clamp(max=len(self.obs_rows) - 1)
+        rows = self.obs_rows[j]
+        rewards, masks = self.rewards[j].unsqueeze(-1), self.masks[j].unsqueeze(-1)
+        offline = (self.observations[rows], self.actions[j], rewards, masks, self.observations[rows + 1])
+        seeds = torch.arange(len(i), device=i.device).unsqueeze(-1)
+        online = self.online[seeds, (i - len(self.obs_rows)).clamp(min=0)].split(self.parts, dim=-1)
+        obs, actions, rewards, masks, next_obs = (torch.where(in_data.unsqueeze(-1), a, b) for a, b in zip(offline, online))
+        return Batch(obs, actions, rewards.squeeze(-1), next_obs, masks.squeeze(-1))
+
+    def append(self, rows: torch.Tensor) -> None:  # one online transition per seed: (seeds, width)
+        self.online[:, self.online_count] = rows
+        self.online_count += 1
+
+    def state_dict(self) -> dict:
+        """The online transitions, for checkpoints: a resumed run keeps every one, once."""
+        return {"online": self.online[:, : self.online_count].cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.online_count = state["online"].shape[1]
+        self.online[:, : self.online_count] = state["online"]
 
 
 def update_value_and_critic(batch: Batch, value, critic, target_critic, value_opt, critic_opt, args: Args):
@@ -556,9 +591,16 @@ def posthoc_advantage(batch: Batch, value, target_critic) -> torch.Tensor:
         return twin_q(target_critic, batch.obs, batch.actions).min(dim=1).values - value(batch.obs).squeeze(-1)
 
 
-def actor_steps(args: Args) -> dict:
-    """Each actor's own updates; its cosine schedule runs over them."""
-    return {"concurrent": args.total_steps, "posthoc": args.posthoc_steps or args.total_steps}
+def actor_steps(args: Args, progress: Optional["Progress"] = None) -> dict:
+    """Each actor's own updates, over which its cosine schedule runs (the concurrent actor's: offline, then online); given
+    a run's progress, those made by then."""
+    if progress is None or progress.phase == "done":
+        return {"concurrent": args.total_steps + args.online_steps, "posthoc": args.posthoc_steps or args.total_steps}
+    made = collections.Counter()
+    for phase in make_phases(args):
+        if PHASES.index(phase.name) <= PHASES.index(progress.phase):
+            made[phase.policy] += progress.step if phase.name == progress.phase else phase.steps
+    return made
 
 
 def make_learner(obs_dim: int, act_dim: int, args: Args, seeds: list, device: torch.device) -> Tuple[dict, dict]:
@@ -725,7 +767,7 @@ def make_evaluator(dataset, rule: dict, args: Args, actor: Actor, episodes: int,
 # Run folders, logs, checkpoints, resuming -----------------------------------------------------------------------------------
 # What `--resume` and `--eval-only` may change: logging and resources, never the algorithm or the data.
 MAY_CHANGE = ("track", "wandb_project_name", "wandb_entity", "log_freq", "checkpoint_freq", "capture_video", "save_model")
-PHASES = ("train", "posthoc", "done")  # a run's phases in order; bc.py has no post-hoc phase
+PHASES = ("train", "posthoc", "online", "done")  # a run's phases in order; bc.py has only "train"
 
 
 @dataclass
@@ -872,21 +914,23 @@ def log_metrics(run: Run, phase: str, step: int, steps: int, values: dict, rate:
         run.wandb.log(values, step=wandb_step)
 
 
-def record_evaluation(run: Run, policy: str, step: int, episodes: int, wandb_step: int, final: bool = False) -> dict:
-    """Evaluate a policy (step: its own updates), append the records to evaluations.jsonl, print and log the result."""
-    start = time.perf_counter()
+def record_evaluation(
+    run: Run, policy: str, step: int, episodes: int, wandb_step: int, final: bool = False, name: Optional[str] = None
+) -> dict:
+    """Evaluate a policy (step: its own updates) into evaluations.jsonl, stdout and W&B, under its name or the given one."""
+    start, name = time.perf_counter(), name or policy
     per_seed = run.evaluator.run(run.policies[policy], episodes)
     run.progress.eval_time_s += time.perf_counter() - start
-    records = [{"policy": policy, "step": step, "final": final, "seed": seed, **r} for seed, r in zip(run.seeds, per_seed)]
+    records = [{"policy": name, "step": step, "final": final, "seed": seed, **r} for seed, r in zip(run.seeds, per_seed)]
     run.progress.evaluations += records
     write_file(run.path("evaluations.jsonl"), jsonl(records), mode="a")
     result = over_seeds(per_seed, run.seeds)
     score = "n/a" if result["score_mean"] is None else f"{result['score_mean']:.1f}"
     over = f" x {len(run.seeds)} seeds; +- over seeds" if len(run.seeds) > 1 else ""
     mean, std = result["return_mean"], result["return_std"]
-    print(f"eval {policy} @ {step}: return {mean:.1f} +- {std:.1f}, score {score} ({episodes} episodes{over})")
+    print(f"eval {name} @ {step}: return {mean:.1f} +- {std:.1f}, score {score} ({episodes} episodes{over})")
     if run.wandb:  # with several seeds, eval/{policy}/ holds the mean over seeds (what a sweep should optimise)
-        prefix = f"eval/{policy}{'_final' if final else ''}/"
+        prefix = f"eval/{name}{'_final' if final else ''}/"
         logged = {prefix + k: v for k, v in result.items() if k != "seeds" and v is not None}
         if len(run.seeds) > 1:
             for seed, r in zip(run.seeds, per_seed):
@@ -940,32 +984,114 @@ def stop_here(run: Run, where: str, signum: int) -> None:
     raise SystemExit(128 + signum)
 
 
+# Online fine-tuning ---------------------------------------------------------------------------------------------------------
+class OnlineEnvs:
+    """Online fine-tuning's environments, one per seed, each with its episode in progress (raw rewards, as evaluated)."""
+
+    def __init__(self, envs: list):
+        self.envs, self.observations = envs, None  # None until the online phase starts or resumes
+
+    def start(self, seeds: list, step: int) -> None:
+        """A fresh episode in each seed's environment, its random stream drawn from SeedSequence(seed, spawn_key=(step,)):
+        a stream no integer env seed gives, so online episodes never replay an evaluation's start states, and a run resumed
+        at online step `step` restarts the same way every time. Later episodes continue the stream."""
+        for env, seed in zip(self.envs, seeds):
+            env.unwrapped.np_random = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(step,))))
+        self.observations = [env.reset()[0] for env in self.envs]
+        self.returns, self.lengths = np.zeros(len(seeds)), np.zeros(len(seeds), int)
+        self.successes, self.tasks = np.zeros(len(seeds), bool), np.zeros(len(seeds), int)
+        self.steps, self.started = 0, time.perf_counter()  # since this process started or resumed the phase
+
+
+@torch.no_grad()
+def explore(actor: Actor, obs: np.ndarray, generators: list, device: torch.device) -> np.ndarray:
+    """(seeds, act_dim): per seed a sample of its policy's Gaussian (dropout off), the noise from the seed's own generator,
+    clipped to [-1, 1] as the official fine-tuning clips it."""
+    actor.eval()
+    mean, log_std = actor(torch.as_tensor(obs, device=device).unsqueeze(1))
+    actor.train()
+    noise = torch.stack([torch.randn(mean.shape[-1], device=g.device, generator=g) for g in generators])
+    return (mean[:, 0] + noise * log_std[:, 0].exp()).clamp(-1.0, 1.0).cpu().numpy()
+
+
+def collect(run: Run, step: int, wandb_offset: int) -> torch.Tensor:
+    """Online step `step`: each seed acts with a sample of its policy, stored as the dataset is (action mapped to [-1, 1],
+    reward transformed, mask 0 only on a termination). Returns the env steps per second, over seeds."""
+    online, evaluator, normalization = run.buffer.envs, run.evaluator, run.saved["normalization"]
+    if online.observations is None:  # the online phase starts, or a resumed run abandons the episodes it was in
+        online.start(run.seeds, step - 1)
+    obs = flatten_observation(stack_observations(online.observations), evaluator.obs_space)
+    unit = explore(run.policies["concurrent"], obs, run.buffer.generators, evaluator.device)
+    actions = evaluator.low + (unit + 1.0) * 0.5 * (evaluator.high - evaluator.low)
+    rows = []
+    for k, env in enumerate(online.envs):
+        next_obs, reward, terminated, truncated, info = env.step(actions[k].reshape(env.action_space.shape))
+        online.returns[k] += reward
+        online.lengths[k] += 1
+        online.successes[k] |= bool(info.get("success", False))
+        online.tasks[k] = max(online.tasks[k], len(info.get("episode_task_completions", ())))
+        reward = normalization["reward_scale"] * reward + normalization["reward_shift"]
+        flat_next = flatten_observation(stack_observations([next_obs]), evaluator.obs_space)[0]
+        action = to_unit_box(actions[k], evaluator.low, evaluator.high)
+        rows.append(np.concatenate([obs[k], action, [reward, 1.0 - terminated], flat_next]))
+        online.observations[k] = next_obs
+        if terminated or truncated:
+            end_online_episode(run, k, step, wandb_offset + step)
+            online.observations[k] = env.reset()[0]
+    run.buffer.append(torch.as_tensor(np.stack(rows), dtype=torch.float32, device=evaluator.device))
+    online.steps += 1
+    rate = len(run.seeds) * online.steps / max(time.perf_counter() - online.started, 1e-9)
+    return torch.tensor([rate], dtype=torch.float32, device=evaluator.device)
+
+
+def end_online_episode(run: Run, k: int, step: int, wandb_step: int) -> None:
+    """Seed k's episode ended at online step `step`: its return, score and length to stdout, metrics.jsonl and W&B."""
+    online, seed = run.buffer.envs, run.seeds[k]
+    episode = (online.returns[k : k + 1], online.successes[k : k + 1], online.tasks[k : k + 1])
+    result = score_summary(episode, run.evaluator.rule)
+    named = {"return": result["return_mean"], "score": result["score_mean"], "length": int(online.lengths[k])}
+    named = {name: value for name, value in named.items() if value is not None}  # no score without a scoring rule
+    print(f"online step {step}, seed {seed}: " + ", ".join(f"{name} {value:.5g}" for name, value in named.items()))
+    values = {f"charts/online_{name}": value for name, value in named.items()}
+    write_file(run.path("metrics.jsonl"), jsonl([{"phase": "online", "step": step, "seed": seed, **values}]), mode="a")
+    if run.wandb:  # with several seeds, a key per seed: they end their episodes at different steps
+        suffix = f"/seed_{seed}" if len(run.seeds) > 1 else ""
+        run.wandb.log({name + suffix: value for name, value in values.items()}, step=wandb_step)
+    online.returns[k], online.lengths[k], online.successes[k], online.tasks[k] = 0.0, 0, False, 0
+
+
 # Training -------------------------------------------------------------------------------------------------------------------
 # A run's training phase: V and Q with the concurrent actor ("train"), then the post-hoc actor against the final V and Q
-# ("posthoc"). wandb_offset: the W&B step of its step 0; policy: the actor it trains, if any.
-Phase = collections.namedtuple("Phase", ["name", "steps", "wandb_offset", "policy", "metric_names"])
+# ("posthoc"), then online fine-tuning ("online"). wandb_offset: the W&B step of its step 0; policy: the actor it trains.
+# policy_offset: the updates its policy made before the phase's step 0 (iql.py's online phase: the offline ones)
+Phase = collections.namedtuple("Phase", ["name", "steps", "wandb_offset", "policy", "metric_names", "policy_offset"])
 
 
 def make_phases(args: Args) -> list:
     value_names = ["losses/value_loss", "losses/critic_loss", "charts/v_mean", "charts/q_mean"]
     actor_names = ["losses/actor_loss", "charts/advantage_mean", "charts/awr_weight_mean"]
     if args.policy_extraction == "posthoc":
-        phases = [Phase("train", args.total_steps, 0, None, value_names)]
+        phases = [Phase("train", args.total_steps, 0, None, value_names, 0)]
     else:
-        phases = [Phase("train", args.total_steps, 0, "concurrent", value_names + actor_names)]
+        phases = [Phase("train", args.total_steps, 0, "concurrent", value_names + actor_names, 0)]
     if args.policy_extraction != "concurrent":
         posthoc_names = [name.replace("/", "/posthoc_") for name in actor_names]
-        phases.append(Phase("posthoc", actor_steps(args)["posthoc"], args.total_steps, "posthoc", posthoc_names))
+        phases.append(Phase("posthoc", actor_steps(args)["posthoc"], args.total_steps, "posthoc", posthoc_names, 0))
+    if args.online_steps:
+        online_names = value_names + actor_names + ["charts/env_steps_per_second"]
+        offset = sum(phase.steps for phase in phases)
+        phases.append(Phase("online", args.online_steps, offset, "concurrent", online_names, args.total_steps))
     return phases
 
 
 def train_step(run: Run, phase: Phase, updates: tuple) -> torch.Tensor:
-    """One gradient step of the phase for every seed; the metrics, means over seeds, stay on the device."""
+    """One gradient step for every seed, online after an env step of each; the metrics (means over seeds) stay on device."""
     args, nets, optimizers = run.args, run.state["networks"], run.state["optimizers"]
     update_vq, update_pi = updates
+    online_metrics = collect(run, run.progress.step + 1, phase.wandb_offset) if phase.name == "online" else None
     batch = run.buffer.sample(args.batch_size)
     with torch.autocast(batch.obs.device.type, torch.bfloat16, enabled=args.bf16):  # --bf16: the matmuls only (see Ensemble)
-        if phase.name == "train":
+        if phase.name != "posthoc":  # V and Q learn offline ("train") and online
             value_opts = (optimizers["value"], optimizers["critic"])
             metrics, adv = update_vq(batch, nets["value"], nets["critic"], nets["target_critic"], *value_opts, args)
             if args.compile:  # on CUDA the actor's compiled call starts a new CUDA-graph generation, which overwrites these
@@ -976,6 +1102,8 @@ def train_step(run: Run, phase: Phase, updates: tuple) -> torch.Tensor:
             return metrics
         actor, scheduler = run.policies[phase.policy], run.state["schedulers"].get(phase.policy)
         actor_metrics = update_pi(batch, adv, actor, optimizers[phase.policy], scheduler, args)
+    if online_metrics is not None:
+        return torch.cat([metrics, actor_metrics, online_metrics])
     return actor_metrics if metrics is None else torch.cat([metrics, actor_metrics])
 
 
@@ -1007,7 +1135,7 @@ def train_phase(run: Run, phase: Phase, updates: tuple, stop: list) -> None:
             log_metrics(run, phase.name, step, phase.steps, values, rate, eta, phase.wandb_offset + step)
             last_log = (step, progress.train_time_s)
         if eval_now:
-            record_evaluation(run, phase.policy, step, args.eval_episodes, phase.wandb_offset + step)
+            record_evaluation(run, phase.policy, phase.policy_offset + step, args.eval_episodes, phase.wandb_offset + step)
         if stopping:
             stop_here(run, f"{phase.name} step {step}", stop[0])
         if checkpoint_now:
@@ -1015,10 +1143,14 @@ def train_phase(run: Run, phase: Phase, updates: tuple, stop: list) -> None:
 
 
 def train(run: Run, phases: list, updates: tuple, stop: list) -> None:
-    """The phases in order, skipping those a resumed run has finished; then a checkpoint before the final evaluation."""
+    """The phases in order, skipping those a resumed run has finished; before online fine-tuning, the offline policy's
+    evaluation, with --final-eval-episodes; then a checkpoint before the final evaluation."""
     order = [phase.name for phase in phases] + ["done"]
     for index, phase in enumerate(phases):
         if order.index(run.progress.phase) <= index:
+            if phase.name == "online" and run.progress.step == 0:
+                episodes, step = run.args.final_eval_episodes, phase.policy_offset
+                record_evaluation(run, "concurrent", step, episodes, phase.wandb_offset, name="offline")
             train_phase(run, phase, updates, stop)
             run.progress.phase, run.progress.step = order[index + 1], 0
     if stop:
@@ -1040,17 +1172,15 @@ def record_videos(run: Run, dataset, run_dir: str) -> None:
             print(f"warning: no video of the {name} policy ({describe(e)})")
 
 
-def evaluate_saved_run(run: Run, dataset, policy_steps: dict) -> dict:
-    """--eval-only: each saved policy for --final-eval-episodes episodes, with the updates it was trained for."""
-    results, progress = {}, run.progress
+def evaluate_saved_run(run: Run, dataset, trained: dict) -> dict:
+    """--eval-only: each saved policy for --final-eval-episodes episodes; trained: the updates each has made."""
+    results = {}
     for name, actor in run.policies.items():
-        phase = "posthoc" if name == "posthoc" else "train"
-        if PHASES.index(progress.phase) > PHASES.index(phase):
-            trained = policy_steps[name]
-        else:
-            trained = progress.step if progress.phase == phase else 0
-        results[name] = {"step": trained, **over_seeds(run.evaluator.run(actor, run.args.final_eval_episodes), run.seeds)}
-    print(json.dumps({"run": run.args.eval_only, "phase": progress.phase, "policies": results}))
+        results[name] = {
+            "step": trained[name],
+            **over_seeds(run.evaluator.run(actor, run.args.final_eval_episodes), run.seeds),
+        }
+    print(json.dumps({"run": run.args.eval_only, "phase": run.progress.phase, "policies": results}))
     if run.args.capture_video:
         record_videos(run, dataset, run.args.eval_only)
     return {"policies": results}
@@ -1088,8 +1218,11 @@ def finish(run: Run, dataset, summary: dict) -> dict:
 def final_evaluation(run: Run, stop: list) -> dict:
     """Every policy for --final-eval-episodes episodes, then summary.json."""
     args, steps = run.args, actor_steps(run.args)
-    updates = args.total_steps + (steps["posthoc"] if "posthoc" in run.policies else 0)  # also the last W&B step
-    results = {}
+    updates = sum(phase.steps for phase in make_phases(args))  # also the last W&B step
+    results, offline = {}, [r for r in run.progress.evaluations if r["policy"] == "offline"]
+    if offline:  # --online-steps: the offline policy first, the paper's "offline -> online fine-tuned" pair
+        per_seed = [{k: v for k, v in r.items() if k not in ("policy", "step", "final", "seed")} for r in offline]
+        results["offline"] = over_seeds(per_seed, run.seeds)
     for name in run.policies:
         results[name] = record_evaluation(run, name, steps[name], args.final_eval_episodes, updates, final=True)
     if stop:
@@ -1098,8 +1231,8 @@ def final_evaluation(run: Run, stop: list) -> dict:
 
 
 def main(args: Args, named_flags: Optional[set] = None) -> dict:
-    """The recipe: the data, the networks, training (both phases), the final evaluation. named_flags: the flags given on
-    the command line, which --resume and --eval-only compare with the run's own."""
+    """The recipe: the data, the networks, training (offline, post-hoc, online), the final evaluation. named_flags: the
+    flags given on the command line, which --resume and --eval-only compare with the run's own."""
     if args.resume and os.path.exists(os.path.join(args.resume, "summary.json")):
         print(f"{args.resume} has finished (its summary.json is written); nothing to resume")
         with open(os.path.join(args.resume, "summary.json")) as f:
@@ -1124,7 +1257,7 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     train_rewards = (reward_scale * data.rewards + reward_shift).astype(np.float32)
-    buffer = DeviceData(data, train_rewards, to_unit_box(data.actions, low, high), device, seeds)
+    buffer = DeviceData(data, train_rewards, to_unit_box(data.actions, low, high), device, seeds, args.online_steps)
 
     # Networks, optimisers and evaluation environments, all checked before a run folder exists
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
@@ -1135,11 +1268,14 @@ def main(args: Args, named_flags: Optional[set] = None) -> dict:
     evaluator = make_evaluator(dataset, rule, args, next(iter(policies.values())), episodes, low, high, device)
     normalization = {"reward_scale": reward_scale, "reward_shift": reward_shift, "action_low": low.tolist()}
     saved = {"obs_dim": obs_dim, "act_dim": act_dim, "normalization": {**normalization, "action_high": high.tolist()}}
+    if args.online_steps:  # each seed acts in an environment of its own; checkpoints keep the online transitions
+        buffer.envs = OnlineEnvs([make_eval_env(dataset, rule, args.goal_terminal) for _ in seeds])
+        state["replay"] = {"online_transitions": buffer}
     run = Run(args, seeds, state, policies, buffer, evaluator, saved)
     if checkpoint:
         restore(run, checkpoint)
     if args.eval_only:
-        return evaluate_saved_run(run, dataset, actor_steps(args))
+        return evaluate_saved_run(run, dataset, actor_steps(args, run.progress))
 
     # Train, then evaluate every policy
     open_run_folder(run)

@@ -714,9 +714,10 @@ def open_saved_run(args: Args, named: Optional[set]) -> Tuple[Args, dict]:
     use_model = args.eval_only and os.path.exists(model)
     checkpoint = load_checkpoint(model if use_model else os.path.join(saved_run, "checkpoint.pt"))
     stored, fields = checkpoint["args"], Args.__dataclass_fields__
-    if set(stored) != set(fields):
+    if set(stored) - set(fields):
         script = checkpoint.get("script") or ("bc.py" if "top_fraction" in stored else "iql.py")
         raise SystemExit(f"error: that run was made by {script} (or another version of this script); use that script")
+    stored = {name: stored.get(name, spec.default) for name, spec in fields.items()}  # a flag added since: its default
     may_change = MAY_CHANGE + (("final_eval_episodes", "cuda", "torch_threads") if args.eval_only else ())
     merged = {}
     for name, spec in fields.items():

@@ -547,8 +547,7 @@ class DeviceData:
         self.online[:, self.online_count] = rows
         self.online_count += 1
 
-    def state_dict(self) -> dict:
-        """The online transitions, for checkpoints: a resumed run keeps every one, once."""
+    def state_dict(self) -> dict:  # the online transitions, for checkpoints: a resumed run keeps every one, once
         return {"online": self.online[:, : self.online_count].cpu()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -836,9 +835,10 @@ def open_saved_run(args: Args, named: Optional[set]) -> Tuple[Args, dict]:
     use_model = args.eval_only and os.path.exists(model)
     checkpoint = load_checkpoint(model if use_model else os.path.join(saved_run, "checkpoint.pt"))
     stored, fields = checkpoint["args"], Args.__dataclass_fields__
-    if set(stored) != set(fields):
+    if set(stored) - set(fields):
         script = checkpoint.get("script") or ("bc.py" if "top_fraction" in stored else "iql.py")
         raise SystemExit(f"error: that run was made by {script} (or another version of this script); use that script")
+    stored = {name: stored.get(name, spec.default) for name, spec in fields.items()}  # a flag added since: its default
     may_change = MAY_CHANGE + (("final_eval_episodes", "cuda", "torch_threads") if args.eval_only else ())
     merged = {}
     for name, spec in fields.items():

@@ -1,13 +1,17 @@
 """--online-steps: online fine-tuning after the offline phases, as the official train_finetune.py."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import iql
-from tests.test_iql import run_cli
+from tests.test_iql import REPO, run_cli
 from tests.test_long_runs import SMALL, crash, records
 from tests.test_num_seeds import toy_data
 
@@ -188,6 +192,11 @@ def test_a_resumed_run_keeps_its_online_steps_and_the_schedule_follows_the_offic
     (run_dir / "summary.json").unlink()  # as if stopped at the end of training
     with pytest.raises(SystemExit, match="--online-steps 10 differs from the run's 0"):
         iql.main(iql.Args(resume=str(run_dir), online_steps=10), named_flags={"resume", "online_steps"})
+    # a checkpoint from before --online-steps existed resumes, without an online phase
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    del checkpoint["args"]["online_steps"]
+    torch.save(checkpoint, run_dir / "checkpoint.pt")
+    assert iql.main(iql.Args(resume=str(run_dir)), named_flags={"resume"})["policies"].keys() == {"concurrent"}
     # offline: the official cosine decay; online fine-tuning: constant, unless a cosine is asked for
     args = json.loads((run_dir / "args.json").read_text())
     assert args["actor_lr_schedule"] == "cosine" and "replay" not in torch.load(run_dir / "checkpoint.pt")
@@ -196,3 +205,56 @@ def test_a_resumed_run_keeps_its_online_steps_and_the_schedule_follows_the_offic
     given = iql.Args(online_steps=10, actor_lr_schedule="cosine")
     state, _ = iql.make_learner(4, 2, iql.resolve_paper_settings(given)[0], [1], torch.device("cpu"))
     assert state["schedulers"]["concurrent"].T_max == 1_000_010  # over the offline and the online updates
+
+
+def test_a_fine_tuned_run_in_bfloat16_saves_and_evaluates_its_policies(minari_store, tmp_path, capsys):
+    flags = dict(policy_extraction="both", posthoc_steps=10, bf16=True, save_model=True)
+    summary, _, _ = online_run(tmp_path, **flags)
+    run_dir = tmp_path / summary["run_name"]
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
+    assert saved["replay"]["online_transitions"]["online"].shape[1] == 60
+    capsys.readouterr()
+    iql.main(iql.Args(eval_only=str(run_dir)), named_flags={"eval_only"})
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {name: r["step"] for name, r in report["policies"].items()} == {"concurrent": 90, "posthoc": 10}
+    assert report["policies"]["concurrent"]["return_mean"] == summary["policies"]["concurrent"]["return_mean"]
+
+
+def test_sigterm_in_the_online_phase_checkpoints_and_resumes_there(minari_store, tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    flags = [*SMALL, "--total-steps", "100", "--online-steps", "1500", "--eval-freq", "0", "--checkpoint-freq", "0"]
+    process = subprocess.Popen(
+        [sys.executable, "-u", os.path.join(REPO, "iql.py"), *flags],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in process.stdout:  # the first progress line of the online phase
+        if line.startswith("online step ") and "/1500" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert out.strip().splitlines()[-1].startswith("stopped at online step ")
+    step = int(out.strip().splitlines()[-1].split()[4].rstrip(";"))
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["progress"]["phase"] == "online" and checkpoint["progress"]["step"] == step
+    assert checkpoint["replay"]["online_transitions"]["online"].shape[1] == step
+    result = run_cli("iql.py", "--resume", os.path.join("runs", run_dir.name), cwd=tmp_path)
+    assert result.returncode == 0 and f"resuming at online step {step}" in result.stdout, result.stderr
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [m["step"] for m in metrics if m["phase"] == "online" and "seed" not in m][-1] == 1500
+    assert (run_dir / "summary.json").exists()
+
+
+def test_a_metric_gone_bad_online_stops_the_run_at_its_step(minari_store, tmp_path, monkeypatch):
+    collect = iql.collect
+    monkeypatch.setattr(
+        iql, "collect", lambda run, step, offset: collect(run, step, offset) * (float("nan") if step == 7 else 1)
+    )
+    with pytest.raises(SystemExit) as stopped:
+        online_run(tmp_path, checkpoint_freq=0)
+    assert "env_steps_per_second became NaN or infinite at online step 7; no checkpoint was written" in str(stopped.value)

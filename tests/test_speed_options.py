@@ -29,7 +29,8 @@ def trained(module, tmp_path, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "script, flags", [("iql", dict(policy_extraction="both", posthoc_steps=50, num_seeds=2)), ("bc", dict(top_fraction=0.5))]
+    "script, flags",
+    [("iql", dict(policy_extraction="both", posthoc_steps=50, num_seeds=2, online_steps=20)), ("bc", dict(top_fraction=0.5))],
 )
 def test_the_compiled_update_matches_the_eager_one(script, flags, minari_store, tmp_path):
     module = iql if script == "iql" else bc

@@ -111,3 +111,18 @@ def test_a_sweep_command_runs_end_to_end_offline(minari_store, tmp_path):
     # an offline run keeps its records in a binary .wandb file, where the logged keys stand in clear
     (records,) = glob.glob(str(tmp_path / "runs" / "*" / "wandb" / "offline-run-*" / "*.wandb"))
     assert config["metric"]["name"].encode() in open(records, "rb").read()
+
+
+def test_the_fine_tuning_sweep_logs_the_offline_policy_and_the_online_episodes(minari_store, tmp_path):
+    config = yaml.safe_load(open(os.path.join(REPO, "sweeps", "iql_antmaze_finetune.yaml")))
+    parameters = {**grid(config)[0], "env-id": "D4RL/antmaze/umaze-tiny-v0", "online-steps": 30, "eval-episodes": 2}
+    quick = QUICK + ["--eval-freq", "25"]  # the sweep's own every 100,000 steps would never come
+    result = subprocess.run(
+        command(config, parameters) + quick, cwd=tmp_path, env=offline_env(), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    (records,) = glob.glob(str(tmp_path / "runs" / "*" / "wandb" / "offline-run-*" / "*.wandb"))
+    logged = open(records, "rb").read()
+    for key in [config["metric"]["name"], "eval/offline/score_mean", "eval/concurrent/score_mean", "charts/online_return"]:
+        assert key.encode() in logged, key
+    assert b"charts/env_steps_per_second" in logged and b"charts/online_length" in logged

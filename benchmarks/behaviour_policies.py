@@ -4,15 +4,17 @@ One online SAC run per environment, as D4RL and Minari made theirs. Every --eval
 policy is evaluated (deterministic, --eval-episodes episodes) and saved as step_{N}.zip, its mean
 return appended to progress.jsonl, and the replay buffer so far saved as replay.npz (episode
 structure kept: terminations and time-limit truncations), so a run can be stopped at any time and
-continued with --resume from its last checkpoint. `datasets.py hopper` then picks the `medium`
+continued with --resume from its last checkpoint. `datasets.py {robot}` then picks the `medium`
 checkpoint (the first to reach a third of the best return), the replay prefix up to it (`medium-replay`) and the
 `expert` half of `medium-expert` (of the checkpoints within 5% of the best, the one whose sampled rollouts score
 highest). An uninterrupted run is deterministic for its --seed on one kind of processor (a resumed one is not: the
 random states are not saved; on another processor torch's float rounding differs and the run parts within a few hundred
 steps), so each progress record names the processor; --total-steps only sizes the replay buffer.
 
-    # the behaviour run of benchmarks.md's Hopper datasets
+    # the behaviour runs of benchmarks.md's Hopper, Walker2d and HalfCheetah datasets
     python benchmarks/behaviour_policies.py --env Hopper-v5 --total-steps 310000 --out logs/behaviour/hopper
+    python benchmarks/behaviour_policies.py --env Walker2d-v5 --total-steps 310000 --out logs/behaviour/walker2d
+    python benchmarks/behaviour_policies.py --env HalfCheetah-v5 --total-steps 310000 --out logs/behaviour/halfcheetah
 
 stable-baselines3 is a dependency of this benchmark tooling only (benchmarks/requirements.txt).
 """

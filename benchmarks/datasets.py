@@ -1,8 +1,9 @@
 """Build the offline benchmark datasets locally, in Minari format, with the recipes D4RL and Minari used.
 
     python benchmarks/datasets.py toy                    # bandit and two-step MDPs (50/50, 10/90)
-    python benchmarks/datasets.py pointmaze              # PointMaze UMaze and Medium, waypoint controller, stitching too
-    python benchmarks/datasets.py hopper --behaviour logs/behaviour/hopper   # medium, medium-replay, medium-expert
+    python benchmarks/datasets.py pointmaze              # PointMaze UMaze, Medium, Large: waypoint controller, stitching too
+    python benchmarks/datasets.py hopper                 # medium, medium-replay, medium-expert, from logs/behaviour/hopper
+    python benchmarks/datasets.py walker2d               # the same from logs/behaviour/walker2d; halfcheetah likewise
 
 Datasets go to $MINARI_DATASETS_PATH (default ~/.minari/datasets) under the `local/` namespace,
 e.g. local/hopper/medium-v0, and a line per dataset (size, return distribution, reference scores)
@@ -262,7 +263,7 @@ def make_stitching_dataset(maze: str, goal_cell: tuple, total_steps: int, episod
 
 
 # ---------------------------------------------------------------------------------------------
-# Hopper, D4RL-style, from the SAC behaviour policies of behaviour_policies.py
+# Hopper, Walker2d and HalfCheetah, D4RL-style, from the SAC behaviour policies of behaviour_policies.py
 # ---------------------------------------------------------------------------------------------
 def replay_episodes(path: str, steps: int):
     """The first `steps` transitions of an SB3 replay buffer (n_envs=1), as episode buffers."""
@@ -287,7 +288,10 @@ def replay_episodes(path: str, steps: int):
     return episodes
 
 
-def make_hopper_datasets(behaviour_dir: str, steps: int, env_id="Hopper-v5", name="hopper", seed=0):
+ROBOTS = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5"}
+
+
+def make_locomotion_datasets(behaviour_dir: str, steps: int, name="hopper", seed=0):
     from stable_baselines3 import SAC
 
     progress = [json.loads(line) for line in open(os.path.join(behaviour_dir, "progress.jsonl"))]
@@ -295,7 +299,7 @@ def make_hopper_datasets(behaviour_dir: str, steps: int, env_id="Hopper-v5", nam
     # D4RL's "medium": online training stopped once the policy reaches about a third of the best return,
     # i.e. the first checkpoint to reach it (a later dip of an unstable run is not a medium policy)
     medium = next(p for p in progress if p["return_mean"] >= best["return_mean"] / 3)
-    env = gym.make(env_id)
+    env = gym.make(ROBOTS[name])
 
     def random_policy(obs, rng):
         return rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
@@ -353,9 +357,9 @@ def make_hopper_datasets(behaviour_dir: str, steps: int, env_id="Hopper-v5", nam
 
 def main():
     parser = argparse.ArgumentParser(description="Build the local benchmark datasets (see the module docstring).")
-    parser.add_argument("which", choices=["toy", "pointmaze", "hopper"])
-    parser.add_argument("--behaviour", default="logs/behaviour/hopper", help="hopper: the folder of behaviour_policies.py")
-    parser.add_argument("--steps", type=int, default=100_000, help="hopper: steps per policy's rollouts")
+    parser.add_argument("which", choices=["toy", "pointmaze", *ROBOTS])
+    parser.add_argument("--behaviour", help="robots: the folder of behaviour_policies.py (default: logs/behaviour/{robot})")
+    parser.add_argument("--steps", type=int, default=100_000, help="robots: steps per policy's rollouts")
     args = parser.parse_args()
     if args.which == "toy":
         for fraction, tag in ((0.5, "fifty"), (0.1, "ten")):
@@ -366,8 +370,12 @@ def main():
         record_summary(make_pointmaze_dataset("Medium", total_steps=200_000, episode_steps=600))
         record_summary(make_stitching_dataset("UMaze", (3, 1), total_steps=100_000, episode_steps=300))
         record_summary(make_stitching_dataset("Medium", (6, 6), total_steps=200_000, episode_steps=600))
+        # D4RL's maze2d-large: twice Medium's data, as Medium is twice UMaze's, in Gymnasium's 800-step episodes;
+        # the stitching goal is the bottom-right free cell, as in Medium
+        record_summary(make_pointmaze_dataset("Large", total_steps=400_000, episode_steps=800))
+        record_summary(make_stitching_dataset("Large", (7, 10), total_steps=400_000, episode_steps=800))
     else:
-        make_hopper_datasets(args.behaviour, args.steps)
+        make_locomotion_datasets(args.behaviour or os.path.join("logs", "behaviour", args.which), args.steps, args.which)
 
 
 if __name__ == "__main__":

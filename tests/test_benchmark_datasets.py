@@ -1,8 +1,14 @@
 """The benchmark dataset recipes do what benchmarks.md says they do (small versions)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import gymnasium as gym
 import minari
 import numpy as np
+import pytest
 
 from benchmarks import datasets
 
@@ -39,3 +45,26 @@ def test_concatenated_rollouts_keep_every_episode(minari_store):
     dataset = datasets.create("local/toy/concatenated-v0", env, first + second)
     assert dataset.total_episodes == 5
     assert [len(e.rewards) for e in dataset.iterate_episodes()] == [1] * 5
+
+
+def test_each_robot_s_three_datasets_come_from_its_own_behaviour_run(tmp_path, monkeypatch):
+    # Walker2d and HalfCheetah are built by Hopper's recipe: the robot is the one thing that changes
+    pytest.importorskip("stable_baselines3", reason="benchmarks/requirements.txt")
+    from benchmarks import behaviour_policies
+
+    behaviour = tmp_path / "behaviour"
+    flags = ["--env", "Walker2d-v5", "--total-steps", "300", "--eval-every", "100", "--eval-episodes", "1"]
+    command = [sys.executable, behaviour_policies.__file__, *flags, "--out", str(behaviour)]
+    subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))  # a store of its own
+    records = datasets.make_locomotion_datasets(str(behaviour), steps=150, name="walker2d")
+    ids = ["local/walker2d/medium-v0", "local/walker2d/medium-replay-v0", "local/walker2d/medium-expert-v0"]
+    assert [r["dataset_id"] for r in records] == ids
+    medium, replay, mixed = (minari.load_dataset(i) for i in ids)
+    assert {d.spec.env_spec.id for d in (medium, replay, mixed)} == {"Walker2d-v5"}
+    medium_step = records[0]["behaviour"]["medium_policy"]["step"]
+    assert replay.total_steps <= medium_step <= replay.total_steps + 1000  # the buffer up to the medium checkpoint
+    assert medium.total_steps >= 150 and mixed.total_steps >= medium.total_steps + 150  # medium's rollouts, then the expert's
+    for ours, theirs in zip(mixed.iterate_episodes(), medium.iterate_episodes()):
+        np.testing.assert_array_equal(ours.actions, theirs.actions)
+    assert records[0]["ref_max_score"] == max(json.loads(line)["return_mean"] for line in open(behaviour / "progress.jsonl"))

@@ -170,6 +170,24 @@ def test_a_run_resumed_in_the_online_phase_keeps_every_stored_transition_once(mi
     assert json.loads((crashed / "summary.json").read_text())["policies"].keys() == {"offline", "concurrent"}
 
 
+def test_without_online_steps_a_run_is_the_offline_run_it_was(minari_store, tmp_path, capsys):
+    summary, checkpoint, episodes = online_run(tmp_path, online_steps=0, policy_extraction="both", posthoc_steps=10)
+    run_dir = tmp_path / summary["run_name"]
+    assert summary["policies"].keys() == {"concurrent", "posthoc"} and episodes == []
+    assert {r["policy"] for r in records(run_dir)} == {"concurrent", "posthoc"}
+    assert {json.loads(line)["phase"] for line in open(run_dir / "metrics.jsonl")} == {"train", "posthoc"}
+    printed = capsys.readouterr().out.splitlines()
+    assert not [line for line in printed if line.startswith(("online", "eval offline"))] and "replay" not in checkpoint
+    assert checkpoint["schedulers"]["concurrent"]["T_max"] == 30  # the offline cosine, over the offline steps
+    # minibatches: each seed's generator draws the dataset rows it drew before there was an online store
+    data = toy_data(np.random.default_rng(0))
+    buffer = iql.DeviceData(data, data.rewards, data.actions, torch.device("cpu"), seeds=[1, 2], online_steps=0)
+    batch = buffer.sample(64)
+    for k, seed in enumerate((1, 2)):
+        rows = torch.as_tensor(data.obs_rows)[torch.randint(50, (64,), generator=torch.Generator().manual_seed(seed))]
+        torch.testing.assert_close(batch.obs[k], torch.as_tensor(data.observations)[rows].to(batch.obs.dtype))
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

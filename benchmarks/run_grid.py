@@ -6,6 +6,9 @@
     python benchmarks/run_grid.py --paper
     # after an interruption: continue every unfinished run under --runs-dir from its checkpoint
     python benchmarks/run_grid.py --resume-all --runs-dir logs/bench_runs
+    # 3 seeds in one process each (iql.py and bc.py's --num-seeds), each finished run archived at once
+    python benchmarks/run_grid.py --datasets local/walker2d/medium-v0 --seeds 1 --num-seeds 3 --steps 300000 \
+        --runs-dir logs/walker2d_300k --archive benchmarks/results
 
 Running a grid's command again continues it: a run already finished under --runs-dir is skipped, one
 with a checkpoint is resumed, and only the runs not yet started (or stopped before any checkpoint) start.
@@ -134,6 +137,17 @@ def run(command: list) -> None:
         sys.exit(f"run_grid.py: a run failed with exit code {code}: {' '.join(command)}")
 
 
+def archive(runs_dir: str, archive_dir: str) -> None:
+    """tables.py --archive --awr-weights of the grid's finished runs, made after each run ends, so that a result outlives
+    a machine lost before the grid's end."""
+    from benchmarks import tables
+
+    store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
+    records = tables.read_records(os.path.join(store, "local_datasets.jsonl"))
+    tables.archive_runs([runs_dir], archive_dir, tables.training_metrics([], [runs_dir]), records, awr_weights=True)
+    print(f"# archived into {archive_dir}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="*", default=[])
@@ -147,6 +161,7 @@ def main():
         "--policy-extraction", choices=["both", "concurrent", "posthoc"], default="both", help="IQL's; BC has none"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--archive", help="after each run, archive the finished runs into this folder (tables.py --archive)")
     parser.add_argument(
         "--resume-all",
         action="store_true",
@@ -167,6 +182,8 @@ def main():
             print(f"python {script} --resume {run_dir}", flush=True)
             if not args.dry_run:
                 run([sys.executable, os.path.join(REPO, script), "--resume", run_dir, *extra])
+                if args.archive:
+                    archive(args.runs_dir, args.archive)
         return
     datasets = PAPER_DATASETS if args.paper else args.datasets
     steps = args.steps or 1_000_000
@@ -184,6 +201,8 @@ def main():
                 print(" ".join(["python", *command]), flush=True)
                 if not args.dry_run:
                     run([sys.executable, os.path.join(REPO, command[0]), *command[1:]])
+                    if args.archive:
+                        archive(args.runs_dir, args.archive)
 
 
 if __name__ == "__main__":

@@ -361,6 +361,8 @@ def test_running_a_grid_again_continues_it_without_repeating_a_run(minari_store,
         "bc10",
         "--runs-dir",
         str(runs),
+        "--archive",
+        str(tmp_path / "archive"),
         *extra,
     ]
     env = {**os.environ, "PYTHONPATH": REPO}
@@ -376,8 +378,12 @@ def test_running_a_grid_again_continues_it_without_repeating_a_run(minari_store,
 
     first = run_grid()
     assert first[0] == f"python iql.py --resume {crashed}"
-    assert [line.split(" --top-fraction ")[1].split()[0] for line in first[1:]] == ["1.0", "0.1"]  # BC and 10% BC start
+    assert [line.split(" --top-fraction ")[1].split()[0] for line in first[2::2]] == ["1.0", "0.1"]  # BC and 10% BC start
+    assert first[1::2] == [f"# archived into {tmp_path / 'archive'}"] * 3  # each run archived as soon as it ends
     assert len(list(runs.glob("*__*"))) == 3 and all((run / "summary.json").exists() for run in runs.glob("*__*"))
+    archived = sorted(p.name for p in (tmp_path / "archive" / "runs").iterdir())
+    assert archived == sorted(run.name for run in runs.glob("*__*"))
+    assert (tmp_path / "archive" / "runs" / crashed.name / "awr_weights.json").exists()  # IQL's, from its final networks
     assert sorted(run_grid()) == sorted(f"# done: {run}" for run in runs.glob("*__*"))
     # the grid's runs come from one version of the code: a checkout at another commit may not add to them
     (runs / "commit.txt").write_text("0" * 40 + "\n")

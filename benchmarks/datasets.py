@@ -1,7 +1,8 @@
 """Build the offline benchmark datasets locally, in Minari format, with the recipes D4RL and Minari used.
 
     python benchmarks/datasets.py toy                    # bandit and two-step MDPs (50/50, 10/90)
-    python benchmarks/datasets.py pointmaze              # PointMaze UMaze, Medium, Large: waypoint controller, stitching too
+    python benchmarks/datasets.py pointmaze              # PointMaze UMaze and Medium, waypoint controller, stitching too
+    python benchmarks/datasets.py pointmaze-large        # PointMaze Large, the same way (about 2 minutes)
     python benchmarks/datasets.py hopper                 # medium, medium-replay, medium-expert, from logs/behaviour/hopper
     python benchmarks/datasets.py walker2d               # the same from logs/behaviour/walker2d; halfcheetah likewise
 
@@ -357,7 +358,7 @@ def make_locomotion_datasets(behaviour_dir: str, steps: int, name="hopper", seed
 
 def main():
     parser = argparse.ArgumentParser(description="Build the local benchmark datasets (see the module docstring).")
-    parser.add_argument("which", choices=["toy", "pointmaze", *ROBOTS])
+    parser.add_argument("which", choices=["toy", "pointmaze", "pointmaze-large", *ROBOTS])
     parser.add_argument("--behaviour", help="robots: the folder of behaviour_policies.py (default: logs/behaviour/{robot})")
     parser.add_argument("--steps", type=int, default=100_000, help="robots: steps per policy's rollouts")
     args = parser.parse_args()
@@ -370,6 +371,7 @@ def main():
         record_summary(make_pointmaze_dataset("Medium", total_steps=200_000, episode_steps=600))
         record_summary(make_stitching_dataset("UMaze", (3, 1), total_steps=100_000, episode_steps=300))
         record_summary(make_stitching_dataset("Medium", (6, 6), total_steps=200_000, episode_steps=600))
+    elif args.which == "pointmaze-large":
         # D4RL's maze2d-large: twice Medium's data, as Medium is twice UMaze's, in Gymnasium's 800-step episodes;
         # the stitching goal is the bottom-right free cell, as in Medium
         record_summary(make_pointmaze_dataset("Large", total_steps=400_000, episode_steps=800))

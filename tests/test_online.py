@@ -38,36 +38,40 @@ def stored(checkpoint: dict, seed_index: int = 0) -> dict:
 
 
 def test_online_transitions_are_stored_as_the_dataset_is(minari_store, tmp_path):
-    summary, checkpoint, episodes = online_run(tmp_path)
-    transitions = stored(checkpoint)
-    assert len(transitions["obs"]) == 60  # one per online step, none lost or repeated
-    # consecutive steps chain (s' of one is s of the next) except where an episode ended and a fresh one began
-    ends = [e["step"] for e in episodes]
-    assert ends, "no online episode ended in 60 steps"
-    for t in range(59):
-        chained = torch.equal(transitions["next_obs"][t], transitions["obs"][t + 1])
-        assert chained == (t + 1 not in ends), t
-    # the mask is 0 only on a termination (a fall before the 40-step limit), 1 on the time limit's truncation
-    masks = transitions["masks"].squeeze(-1)
-    for episode in episodes:
-        assert masks[episode["step"] - 1] == (0.0 if episode["charts/online_length"] < 40 else 1.0)
-    assert masks.sum() == 60 - sum(e["charts/online_length"] < 40 for e in episodes)
-    # rewards take the dataset's transform (locomotion: r x 1000 / range of the dataset's returns), then sum to the return
+    # seed 1's policy keeps Hopper up until the 40-step time limit, seed 2's falls: both ends of an episode occur
+    summary, checkpoint, episodes = online_run(tmp_path, seed=1, num_seeds=2)
     scale, shift = checkpoint["normalization"]["reward_scale"], checkpoint["normalization"]["reward_shift"]
-    assert scale != 1.0 and shift == 0.0
-    start = 0
-    for episode in episodes:
-        rewards = transitions["rewards"][start : episode["step"]].double()
-        assert (rewards.sum() / scale).item() == pytest.approx(episode["charts/online_return"], rel=1e-5)
-        start = episode["step"]
+    assert scale != 1.0 and shift == 0.0  # locomotion: r x 1000 / range of the dataset's returns
+    lengths = [e["charts/online_length"] for e in episodes]
+    assert 40 in lengths and min(lengths) < 40, lengths
+    for k, seed in enumerate((1, 2)):
+        transitions, mine = stored(checkpoint, k), [e for e in episodes if e["seed"] == seed]
+        assert len(transitions["obs"]) == 60  # one per online step, none lost or repeated
+        # consecutive steps chain (s' of one is s of the next) except where an episode ended and a fresh one began
+        ends = [e["step"] for e in mine]
+        for t in range(59):
+            chained = torch.equal(transitions["next_obs"][t], transitions["obs"][t + 1])
+            assert chained == (t + 1 not in ends), t
+        # the mask is 0 only on a termination (a fall before the 40-step limit), 1 on the time limit's truncation
+        masks = transitions["masks"].squeeze(-1)
+        for episode in mine:
+            assert masks[episode["step"] - 1] == (0.0 if episode["charts/online_length"] < 40 else 1.0)
+        assert masks.sum() == 60 - sum(e["charts/online_length"] < 40 for e in mine)
+        # rewards take the dataset's transform, then sum to the episode's return
+        start = 0
+        for episode in mine:
+            rewards = transitions["rewards"][start : episode["step"]].double()
+            assert (rewards.sum() / scale).item() == pytest.approx(episode["charts/online_return"], rel=1e-5)
+            start = episode["step"]
     # actions are mapped to [-1, 1] as the dataset's, clipped inside it; they are samples, not the policy's mean
-    assert transitions["actions"].abs().max() < 1.0
-    actor = iql.Actor(11, 3, (16, 16), 0.0, False)
+    actions = torch.stack([stored(checkpoint, k)["actions"] for k in range(2)])
+    assert actions.abs().max() < 1.0
+    actor = iql.Actor(11, 3, (16, 16), 0.0, False, members=2)
     actor.load_state_dict(checkpoint["networks"]["actor_concurrent"])
     with torch.no_grad():
-        means = actor(transitions["obs"][None])[0][0]
-    assert (transitions["actions"] - means).abs().mean() > 0.1
-    # the offline policy's result beside the fine-tuned one; the phases' updates in the final records
+        means = actor(torch.stack([stored(checkpoint, k)["obs"] for k in range(2)]))[0]
+    assert (actions - means).abs().mean() > 0.1
+    # the offline policy's result beside the fine-tuned one
     assert list(summary["policies"]) == ["offline", "concurrent"]
     assert checkpoint["progress"]["phase"] == "done"
 

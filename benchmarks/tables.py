@@ -60,6 +60,9 @@ def load_runs(runs_dirs: list) -> list:
         run_dir = os.path.dirname(path)
         summary = json.load(open(path))
         args = json.load(open(os.path.join(run_dir, "args.json")))
+        if args.get("online_steps"):  # a fine-tuned policy is not an offline result; benchmarks.md reports those apart
+            print(f"tables.py: {run_dir} was fine-tuned online (--online-steps); left out of the tables", file=sys.stderr)
+            continue
         commit = commit_file(run_dir)
         run = {
             "dir": run_dir,

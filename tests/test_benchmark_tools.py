@@ -572,6 +572,15 @@ def fake_run(runs_dir, name: str, args: dict, summary: Optional[dict], metrics: 
     return str(run_dir)
 
 
+def test_a_fine_tuned_run_is_left_out_of_the_offline_tables_in_one_line(tmp_path, capsys):
+    offline = fake_run(tmp_path, "iql__1", {"online_steps": 0}, {}, [])
+    tuned = fake_run(tmp_path, "iql__2", {"seed": 2, "online_steps": 1000}, {}, [], policy="offline")
+    assert [run["dir"] for run in tables.load_runs([str(tmp_path)])] == [offline]
+    assert capsys.readouterr().err.splitlines() == [
+        f"tables.py: {tuned} was fine-tuned online (--online-steps); left out of the tables"
+    ]
+
+
 def fake_iql_run(runs_dir, seed: int) -> str:
     return fake_run(runs_dir, f"iql__{seed}", {"seed": seed, "posthoc_steps": 1000}, {}, iql_metrics(seed))
 

@@ -527,7 +527,7 @@ class DeviceData:
         self.envs = None  # with --online-steps, the OnlineEnvs that collect the online transitions
 
     def sample(self, batch_size: int) -> Batch:
-        """A minibatch per seed from its own generator, uniform over the data and its online transitions: (seeds, batch, …)"""
+        """A minibatch per seed from its own generator, uniform over data and its online transitions: (seeds, batch, …)"""
         size = len(self.obs_rows) + self.online_count
         draws = [torch.randint(size, (batch_size,), device=g.device, generator=g) for g in self.generators]
         i = torch.stack(draws)

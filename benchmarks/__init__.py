@@ -4,6 +4,12 @@ import os
 import platform
 
 
+def datasets_record() -> str:
+    """The file where benchmarks/datasets.py appends a line per dataset it builds, beside the local Minari store."""
+    store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
+    return os.path.join(store, "local_datasets.jsonl")
+
+
 def processor() -> str:
     """The CPU's model name (Linux), else what `platform` knows. Float results, and so a seeded SAC run, repeat exactly
     only on the same kind of processor."""

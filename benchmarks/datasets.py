@@ -28,6 +28,7 @@ from minari.data_collector import EpisodeBuffer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, when run as a script
 import benchmarks.toy_envs  # noqa: F401  (registers the toy environments)
+from benchmarks import datasets_record
 from iql import stack_observations
 
 with contextlib.redirect_stderr(io.StringIO()):  # its note on Adroit reward functions concerns none of these datasets
@@ -126,9 +127,8 @@ def record_summary(dataset, **extra) -> dict:
         "ref_max_score": metadata.get("ref_max_score"),
         **extra,
     }
-    store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
-    os.makedirs(store, exist_ok=True)
-    with open(os.path.join(store, "local_datasets.jsonl"), "a") as f:
+    os.makedirs(os.path.dirname(datasets_record()), exist_ok=True)
+    with open(datasets_record(), "a") as f:
         f.write(json.dumps(line) + "\n")
     print(line)
     return line

@@ -140,10 +140,9 @@ def run(command: list) -> None:
 def archive(runs_dir: str, archive_dir: str) -> None:
     """tables.py --archive --awr-weights of the grid's finished runs, made after each run ends, so that a result outlives
     a machine lost before the grid's end."""
-    from benchmarks import tables
+    from benchmarks import datasets_record, tables
 
-    store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
-    records = tables.read_records(os.path.join(store, "local_datasets.jsonl"))
+    records = tables.read_records(datasets_record())
     tables.archive_runs([runs_dir], archive_dir, tables.training_metrics([], [runs_dir]), records, awr_weights=True)
     print(f"# archived into {archive_dir}", flush=True)
 

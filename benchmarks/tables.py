@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bc  # noqa: E402  (the scripts at the repository root)
 import iql  # noqa: E402
+from benchmarks import datasets_record  # noqa: E402
 
 COLUMNS = ["BC", "10% BC", "10% BC by episodes", "IQL", "IQL post-hoc"]
 
@@ -749,10 +750,7 @@ def main():
         help="copy the finished runs into this folder with all their tables need, "
         "and make the tables from the folder (see above)",
     )
-    store = os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets"))
-    parser.add_argument(
-        "--datasets-record", default=os.path.join(store, "local_datasets.jsonl"), help="written by benchmarks/datasets.py"
-    )
+    parser.add_argument("--datasets-record", default=datasets_record(), help="written by benchmarks/datasets.py")
     args = parser.parse_args()
     records, metrics = read_records(args.datasets_record), training_metrics(args.train_logs, args.runs_dir)
     trained_on = begun_datasets(args.runs_dir)

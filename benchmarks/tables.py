@@ -610,6 +610,49 @@ def awr_weight_table(runs: list) -> str:
     )
 
 
+def value_history(run: dict, metrics: dict) -> dict:
+    """{step: {metric: value}} of an IQL run's V/Q phase: from training_metrics, else from its archived training.json."""
+    return metrics.get(os.path.abspath(run["dir"])) or {
+        int(step): m for step, m in run.get("training", {}).get("steps", {}).items()
+    }
+
+
+def settling(history: dict, window: int = 10_000, tolerances: tuple = (0.05, 0.02)) -> tuple:
+    """Where IQL's V stops moving: the mean of the logged mean V (each logged step's minibatch) over each `window` gradient
+    steps, the last window's mean, and per tolerance the first window's start from which every window's mean lies within
+    that fraction of the last one's. None where only the last window does: V was still moving when the run ended."""
+    blocks = collections.defaultdict(list)
+    for step, logged in history.items():
+        blocks[(step - 1) // window].append(logged["v_mean"])  # steps 1 to window are the first window
+    starts = sorted(blocks)
+    means = [np.mean(blocks[start]) for start in starts]
+    settled = []
+    for tolerance in tolerances:
+        first = len(means) - 1
+        while first > 0 and abs(means[first - 1] - means[-1]) <= tolerance * abs(means[-1]):
+            first -= 1
+        settled.append(starts[first] * window if first < len(means) - 1 else None)
+    return means[-1], settled
+
+
+def settling_table(runs: list, metrics: dict) -> str:
+    """One row per IQL run with logged V: settling's last-window mean V and the steps from which V stays within 5% and 2%."""
+    rows = [
+        "| dataset | gradient steps | seeds | mean V, last 10,000 steps | within 5% of it from step | within 2% from step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in sorted(runs, key=lambda r: (r["summary"]["env_id"], r["args"]["total_steps"], r["args"]["seed"])):
+        history = value_history(run, metrics)
+        if not history:
+            continue
+        final, settled = settling(history)
+        first, count = run["args"]["seed"], run["args"].get("num_seeds", 1)
+        seeds = f"{first}" if count == 1 else f"{first}-{first + count - 1} (mean)"
+        steps = " | ".join("–" if step is None else f"{step:,}" for step in settled)
+        rows.append(f"| `{run['summary']['env_id']}` | {run['args']['total_steps']:,} | {seeds} | {final:.2f} | {steps} |")
+    return "\n".join(rows)
+
+
 def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
     """One PNG per dataset and step budget: IQL's mean V, mean advantage Q - V and mean AWR weight on the minibatch of each
     logged step against the gradient step, mean with a +-std band over runs (one per seed, or a --num-seeds run's mean over
@@ -625,12 +668,7 @@ def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
         "awr_weight_mean": "mean AWR weight (clipped at exp_adv_max)",
     }
     groups = collections.defaultdict(lambda: collections.defaultdict(list))  # dataset and budget -> label -> runs
-
-    def history(run):
-        return metrics.get(os.path.abspath(run["dir"])) or {
-            int(step): m for step, m in run.get("training", {}).get("steps", {}).items()
-        }
-
+    history = functools.partial(value_history, metrics=metrics)
     for run in runs:
         if history(run):
             groups[run["summary"]["env_id"], run["args"]["total_steps"]][label(run, "concurrent")].append(run)
@@ -741,6 +779,11 @@ def main():
         help="a table of how each IQL run's final AWR weights spread over its dataset (reads the datasets)",
     )
     parser.add_argument(
+        "--v-settling",
+        action="store_true",
+        help="a table of where each IQL run's mean V settles: within 5%% and 2%% of its last 10,000 steps' mean",
+    )
+    parser.add_argument(
         "--late",
         action="store_true",
         help="per budget, a second score table: each seed's mean over its evaluations from half the budget on",
@@ -797,6 +840,14 @@ def main():
                     awr_weight_table(runs),
                 ]
                 if args.awr_weights
+                else []
+            ),
+            *(
+                [
+                    "### Where IQL's mean V settles (mean over each 10,000 steps' logged minibatches)",
+                    settling_table(runs, metrics),
+                ]
+                if args.v_settling
                 else []
             ),
             *(["### Toy two-step MDP: V(s1) against the expectile", toy] if toy else []),

@@ -720,3 +720,29 @@ def test_dataset_overview_without_matplotlib_names_the_install_in_one_line(minar
         "error: the overview draws with matplotlib: pip install -r benchmarks/requirements.txt"
     ]
     assert not (tmp_path / "runs").exists()
+
+
+def plateau_v(step: int) -> float:
+    """Mean V rising to 50 by step 50,000, then 3% short of it until step 100,000, then 50."""
+    return step / 1000 if step <= 50_000 else 48.5 if step <= 100_000 else 50.0
+
+
+def test_settling_names_where_v_stays_within_each_tolerance_and_none_while_it_still_moves():
+    steps = range(1000, 200_001, 1000)
+    assert tables.settling({s: {"v_mean": plateau_v(s)} for s in steps}) == (50.0, [50_000, 100_000])
+    # the 10,000-step window ending at 50,000 averages 45.5, 9% short: V settles at 50,000, not before
+    assert tables.settling({s: {"v_mean": -plateau_v(s)} for s in steps}) == (-50.0, [50_000, 100_000])
+    # still rising at the end: the window before the last averages 185.5, 5.1% below the last (195.5)
+    final, settled = tables.settling({s: {"v_mean": s / 1000} for s in steps})
+    assert (final, settled) == (195.5, [None, None])
+
+
+def test_settling_table_reads_a_runs_metrics_and_names_its_seeds(tmp_path):
+    records = [{"phase": "train", "step": s, "charts/v_mean": plateau_v(s)} for s in range(1000, 200_001, 1000)]
+    records.append({"phase": "posthoc", "step": 1000, "charts/v_mean": 0.0})  # the post-hoc actor's phase has no V
+    args = {"seed": 4, "num_seeds": 3, "total_steps": 200_000, "posthoc_steps": 1000}
+    fake_run(tmp_path, "iql__4-6", args, {}, records)
+    runs = tables.load_runs([str(tmp_path)])
+    table = tables.settling_table(runs, tables.training_metrics([], [str(tmp_path)])).splitlines()
+    assert table[2] == "| `local/fake/medium-v0` | 200,000 | 4-6 (mean) | 50.00 | 50,000 | 100,000 |"
+    assert len(table) == 3

@@ -12,7 +12,8 @@ several); a cell is the mean +- std of that score over seeds, with the number of
 different step budgets are never pooled: there is one score table, and one curve per dataset, for
 each budget. --late adds, per budget, a table of each seed's mean over its evaluations from half the
 budget on, the final one included (TD3+BC, Fujimoto & Gu 2021, reports the mean of its last 10
-evaluations), which one checkpoint's luck moves less. The tables replace the text between
+evaluations), which one checkpoint's luck moves less. --v-settling adds a table of where each IQL run's mean
+V stops moving (settling), the measure by which a budget long enough for V to converge is chosen. The tables replace the text between
 `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->` of --write (--block, default `tables`), so that runs
 of another kind can fill a block of their own.
 

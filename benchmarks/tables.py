@@ -13,7 +13,9 @@ different step budgets are never pooled: there is one score table, and one curve
 each budget. --late adds, per budget, a table of each seed's mean over its evaluations from half the
 budget on, the final one included (TD3+BC, Fujimoto & Gu 2021, reports the mean of its last 10
 evaluations), which one checkpoint's luck moves less. --v-settling adds a table of where each IQL run's mean
-V stops moving (settling), the measure by which a budget long enough for V to converge is chosen. The tables replace the text between
+V stops moving (settling), the measure by which a budget long enough for V to converge is chosen. Runs on
+the local datasets that stand for the nine MuJoCo rows of the IQL paper's Table 1 also get those rows in
+the blog post's shape, beside the paper's and the blog post's numbers. The tables replace the text between
 `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->` of --write (--block, default `tables`), so that runs
 of another kind can fill a block of their own.
 
@@ -47,6 +49,19 @@ import iql  # noqa: E402
 from benchmarks import datasets_record  # noqa: E402
 
 COLUMNS = ["BC", "10% BC", "10% BC by episodes", "IQL", "IQL post-hoc"]
+# BC, 10% BC and IQL on D4RL's datasets: the IQL paper's Table 1 (Kostrikov et al. 2021), then the "mine" columns of Declan
+# Oller's blog post reproducing IQL (<https://declanoller.github.io/iql_1>); the order is the blog post's table's
+PUBLISHED = {
+    "halfcheetah/medium": ((42.6, 42.5, 47.4), (42.4, 42.9, 46.6)),
+    "hopper/medium": ((52.9, 56.9, 66.3), (46.6, 47.4, 54.2)),
+    "walker2d/medium": ((75.3, 75.0, 78.3), (73.7, 75.2, 66.8)),
+    "halfcheetah/medium-replay": ((36.6, 40.6, 44.2), (35.5, 40.3, 43.1)),
+    "hopper/medium-replay": ((18.1, 75.9, 94.7), (11.6, 63.8, 29.0)),
+    "walker2d/medium-replay": ((26.0, 62.5, 73.9), (11.8, 47.6, 62.6)),
+    "halfcheetah/medium-expert": ((55.2, 92.9, 86.7), (48.5, 88.9, 81.1)),
+    "hopper/medium-expert": ((52.5, 110.9, 91.5), (46.2, 86.9, 65.5)),
+    "walker2d/medium-expert": ((107.5, 109.0, 109.6), (96.6, 98.1, 106.0)),
+}
 
 
 def commit_file(run_dir: str) -> Optional[str]:
@@ -117,9 +132,9 @@ def late_score(run: dict, policy: str, result: dict, steps: int) -> Optional[flo
     return float(np.mean(late)) if late and None not in late else None
 
 
-def score_table(runs: list, steps: int, late: bool = False) -> str:
-    """Datasets x methods at one step budget: mean +- std over seeds of the final score (with late: of late_score), and the
-    average row."""
+def final_scores(runs: list, steps: int, late: bool = False) -> tuple:
+    """{(dataset, column): each seed's final score (with late: late_score)} of the scored runs of one step budget, and the
+    runs' commits."""
     scores, commits = collections.defaultdict(list), set()
     for run in runs:
         if run["summary"]["env_id"].startswith("toy/") or run["args"]["total_steps"] != steps:
@@ -130,6 +145,13 @@ def score_table(runs: list, steps: int, late: bool = False) -> str:
                 score = late_score(run, policy, seed, steps) if late else seed["score_mean"]
                 if score is not None:
                     scores[run["summary"]["env_id"], label(run, policy)].append(score)
+    return scores, commits
+
+
+def score_table(runs: list, steps: int, late: bool = False) -> str:
+    """Datasets x methods at one step budget: mean +- std over seeds of the final score (with late: of late_score), and the
+    average row."""
+    scores, commits = final_scores(runs, steps, late)
     datasets = sorted({d for d, _ in scores})
     if not datasets:
         return "no scored runs"
@@ -146,6 +168,31 @@ def score_table(runs: list, steps: int, late: bool = False) -> str:
             + " |"
         )
     return "\n".join(lines) + f"\n\nCode: commit {', '.join(sorted(commits))}."
+
+
+def published_table(runs: list, steps: int) -> Optional[str]:
+    """The nine locomotion rows of the IQL paper's Table 1 in the shape of the blog post's table: per dataset, BC, 10% BC
+    and IQL (the post-hoc actor beside it) of the local datasets' runs at one budget (mean +- std over seeds), then the
+    paper's and the blog post's numbers. None when no run at that budget is on one of the nine."""
+    scores, commits = final_scores(runs, steps)
+    if not any(f"local/{name}-v0" == d for name in PUBLISHED for d, _ in scores):
+        return None
+    lines = [
+        "| dataset | BC | 10% BC | IQL (post-hoc) | paper: BC | 10% BC | IQL | blog: BC | 10% BC | IQL |",
+        "|---" * 10 + "|",
+    ]
+    for name, published in PUBLISHED.items():
+        ours = [f"{mean_std(scores.get((f'local/{name}-v0', c)))}" for c in ("BC", "10% BC", "IQL")]
+        posthoc = scores.get((f"local/{name}-v0", "IQL post-hoc"))
+        ours[2] += f" ({mean_std(posthoc)})" if posthoc else ""
+        numbers = " | ".join(f"{x:.1f}" for row in published for x in row)
+        robot, dataset = name.split("/")
+        lines.append(f"| {robot} `{dataset}` | {' | '.join(ours)} | {numbers} |")
+    return "\n".join(lines) + f"\n\nCode: commit {', '.join(sorted(commits))}."
+
+
+def mean_std(values) -> str:
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if values else "–"
 
 
 def read_records(record_path: str) -> dict:
@@ -829,8 +876,14 @@ def main():
         )
     ]
     toy = toy_table(runs)
+    published = [(steps, table) for steps in budgets(runs) if (table := published_table(runs, steps))]
     block = "\n\n".join(
         [
+            *(
+                part
+                for steps, table in published
+                for part in (f"### The IQL paper's nine MuJoCo rows at {steps:,} gradient steps, beside its numbers", table)
+            ),
             "### Datasets as built",
             datasets_table(records, trained_on) if records else f"no {args.datasets_record}",
             *(part for pair in scores for part in pair),

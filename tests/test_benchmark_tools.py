@@ -746,3 +746,21 @@ def test_settling_table_reads_a_runs_metrics_and_names_its_seeds(tmp_path):
     table = tables.settling_table(runs, tables.training_metrics([], [str(tmp_path)])).splitlines()
     assert table[2] == "| `local/fake/medium-v0` | 200,000 | 4-6 (mean) | 50.00 | 50,000 | 100,000 |"
     assert len(table) == 3
+
+
+def test_the_nine_published_rows_hold_each_local_datasets_runs_beside_the_papers_and_the_blogs(tmp_path):
+    dataset = {"env_id": "local/walker2d/medium-replay-v0"}
+    for seed in (1, 2):  # scores 41 and 42
+        fake_run(tmp_path, f"bc__{seed}", {**dataset, "seed": seed}, {"data_selection": {"top_fraction": 1.0}}, [], "bc")
+    iql_scores = {"concurrent": {"score_mean": 60.0}, "posthoc": {"score_mean": 70.0}}
+    fake_run(tmp_path, "iql__1", dataset, {"policies": iql_scores}, [])
+    fake_run(tmp_path / "other", "bc__9", {"seed": 9}, {"data_selection": {"top_fraction": 1.0}}, [], "bc")  # not one of nine
+    lines = tables.published_table(tables.load_runs([str(tmp_path)]), 15000).splitlines()
+    assert len(lines) == 2 + 9 + 2 and lines[0].startswith("| dataset | BC | 10% BC | IQL (post-hoc) | paper: BC |")
+    assert lines[2] == "| halfcheetah `medium` | – | – | – | 42.6 | 42.5 | 47.4 | 42.4 | 42.9 | 46.6 |"
+    assert (
+        lines[7]
+        == "| walker2d `medium-replay` | 41.5 ± 0.5 | – | 60.0 ± 0.0 (70.0 ± 0.0) | 26.0 | 62.5 | 73.9 | 11.8 | 47.6 | 62.6 |"
+    )
+    assert tables.published_table(tables.load_runs([str(tmp_path / "other")]), 15000) is None
+    assert len(tables.load_runs([str(tmp_path / "other")])) == 1

@@ -113,7 +113,7 @@ def method(run: dict, policy: str) -> str:
 
 
 def cell(values) -> str:
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f} ({len(values)})" if values else "–"
+    return f"{mean_std(values)} ({len(values)})" if values else "–"
 
 
 def budgets(runs: list) -> list:
@@ -182,8 +182,9 @@ def published_table(runs: list, steps: int) -> Optional[str]:
         "|---" * 10 + "|",
     ]
     for name, published in PUBLISHED.items():
-        ours = [f"{mean_std(scores.get((f'local/{name}-v0', c)))}" for c in ("BC", "10% BC", "IQL")]
-        posthoc = scores.get((f"local/{name}-v0", "IQL post-hoc"))
+        dataset_id = f"local/{name}-v0"
+        ours = [mean_std(scores.get((dataset_id, c))) for c in ("BC", "10% BC", "IQL")]
+        posthoc = scores.get((dataset_id, "IQL post-hoc"))
         ours[2] += f" ({mean_std(posthoc)})" if posthoc else ""
         numbers = " | ".join(f"{x:.1f}" for row in published for x in row)
         robot, dataset = name.split("/")

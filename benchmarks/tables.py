@@ -133,13 +133,13 @@ def late_score(run: dict, policy: str, result: dict, steps: int) -> Optional[flo
 
 
 def final_scores(runs: list, steps: int, late: bool = False) -> tuple:
-    """{(dataset, column): each seed's final score (with late: late_score)} of the scored runs of one step budget, and the
-    runs' commits."""
-    scores, commits = collections.defaultdict(list), set()
+    """{(dataset, column): each seed's final score (with late: late_score)} of the scored runs of one step budget, and
+    {commit: the datasets of its runs}."""
+    scores, commits = collections.defaultdict(list), collections.defaultdict(set)
     for run in runs:
         if run["summary"]["env_id"].startswith("toy/") or run["args"]["total_steps"] != steps:
             continue
-        commits.add(run["commit"] or "not recorded")
+        commits[run["commit"] or "not recorded"].add(run["summary"]["env_id"])
         for policy, result in run["summary"]["policies"].items():
             for seed in result.get("seeds", [result]):  # a run of several seeds (--num-seeds) keeps each seed's result
                 score = late_score(run, policy, seed, steps) if late else seed["score_mean"]
@@ -167,7 +167,14 @@ def score_table(runs: list, steps: int, late: bool = False) -> str:
             + " | ".join(f"**{a:.1f}**" for a in averages)
             + " |"
         )
-    return "\n".join(lines) + f"\n\nCode: commit {', '.join(sorted(commits))}."
+    return "\n".join(lines) + "\n\n" + code_line(commits)
+
+
+def code_line(commits: dict) -> str:
+    """The commit under a table; each commit's datasets beside it when the table's runs come from more than one."""
+    if len(commits) == 1:
+        return f"Code: commit {next(iter(commits))}."
+    return "Code: " + "; ".join(f"commit {c} ({', '.join(sorted(commits[c]))})" for c in sorted(commits)) + "."
 
 
 def published_table(runs: list, steps: int) -> Optional[str]:
@@ -189,7 +196,7 @@ def published_table(runs: list, steps: int) -> Optional[str]:
         numbers = " | ".join(f"{x:.1f}" for row in published for x in row)
         robot, dataset = name.split("/")
         lines.append(f"| {robot} `{dataset}` | {' | '.join(ours)} | {numbers} |")
-    return "\n".join(lines) + f"\n\nCode: commit {', '.join(sorted(commits))}."
+    return "\n".join(lines) + "\n\n" + code_line(commits)
 
 
 def mean_std(values) -> str:

@@ -709,6 +709,28 @@ def settling_table(runs: list, metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def wall_time_table(runs: list) -> str:
+    """Hours of wall time per dataset, step budget and method, summed over the method's runs, with their seeds: what each
+    stage of a grid cost. summary.json's wall_time_s; a resumed run adds each stretch it ran, and an IQL run holds its
+    post-hoc actor's steps when it has one."""
+    hours, seeds = collections.defaultdict(float), collections.defaultdict(int)
+    for run in runs:
+        if run["summary"].get("wall_time_s") is None:  # runs made before summaries recorded it
+            continue
+        policy = next(iter(run["summary"]["policies"]))
+        name = "IQL" if policy in ("concurrent", "posthoc") else method(run, policy)
+        key = (run["summary"]["env_id"], run["args"]["total_steps"], name)
+        hours[key] += run["summary"]["wall_time_s"] / 3600
+        seeds[key] += run["args"].get("num_seeds", 1)
+    columns = [c for c in ("BC", "10% BC", "10% BC by episodes", "IQL") if any(k[2] == c for k in hours)]
+    rows = ["| dataset | gradient steps | " + " | ".join(columns) + " | all |", "|---" * (len(columns) + 3) + "|"]
+    for dataset, steps in sorted({k[:2] for k in hours}):
+        cells = [f"{hours[k]:.2f} ({seeds[k]})" if (k := (dataset, steps, c)) in hours else "–" for c in columns]
+        total = sum(hours[dataset, steps, c] for c in columns if (dataset, steps, c) in hours)
+        rows.append(f"| {dataset} | {steps:,} | " + " | ".join(cells) + f" | {total:.2f} |")
+    return "\n".join(rows)
+
+
 def training_curves(runs: list, metrics: dict, out_dir: str) -> list:
     """One PNG per dataset and step budget: IQL's mean V, mean advantage Q - V and mean AWR weight on the minibatch of each
     logged step against the gradient step, mean with a +-std band over runs (one per seed, or a --num-seeds run's mean over
@@ -840,6 +862,11 @@ def main():
         help="a table of where each IQL run's mean V settles: within 5%% and 2%% of its last 10,000 steps' mean",
     )
     parser.add_argument(
+        "--wall-time",
+        action="store_true",
+        help="a table of the hours each dataset's runs of each method took (summed over runs, seeds in brackets)",
+    )
+    parser.add_argument(
         "--late",
         action="store_true",
         help="per budget, a second score table: each seed's mean over its evaluations from half the budget on",
@@ -910,6 +937,11 @@ def main():
                     settling_table(runs, metrics),
                 ]
                 if args.v_settling
+                else []
+            ),
+            *(
+                ["### Wall time (hours, summed over each method's runs; seeds in brackets)", wall_time_table(runs)]
+                if args.wall_time
                 else []
             ),
             *(["### Toy two-step MDP: V(s1) against the expectile", toy] if toy else []),

@@ -775,3 +775,19 @@ def test_the_nine_published_rows_hold_each_local_datasets_runs_beside_the_papers
     )
     assert tables.published_table(tables.load_runs([str(tmp_path / "other")]), 15000) is None
     assert len(tables.load_runs([str(tmp_path / "other")])) == 1
+
+
+def test_wall_time_sums_each_methods_runs_per_dataset_and_budget(tmp_path):
+    bc_selection = {"data_selection": {"top_fraction": 1.0}}
+    for seed in (1, 2):  # two solo BC runs of half an hour each
+        fake_run(tmp_path, f"bc__{seed}", {"seed": seed}, {**bc_selection, "wall_time_s": 1800.0}, [], "bc")
+    fake_run(tmp_path, "iql__1-3", {"num_seeds": 3}, {"wall_time_s": 7200.0}, [])  # three seeds in one run of two hours
+    fake_run(tmp_path, "iql__9", {"seed": 9, "total_steps": 30000}, {"wall_time_s": 900.0}, [])  # another budget
+    fake_run(tmp_path, "bc__8", {"seed": 8}, bc_selection, [], "bc")  # an old summary without wall_time_s
+    lines = tables.wall_time_table(tables.load_runs([str(tmp_path)])).splitlines()
+    assert lines == [
+        "| dataset | gradient steps | BC | IQL | all |",
+        "|---|---|---|---|---|",
+        "| local/fake/medium-v0 | 15,000 | 1.00 (2) | 2.00 (3) | 3.00 |",
+        "| local/fake/medium-v0 | 30,000 | – | 0.25 (1) | 0.25 |",
+    ]

@@ -15,7 +15,8 @@ budget on, the final one included (TD3+BC, Fujimoto & Gu 2021, reports the mean 
 evaluations), which one checkpoint's luck moves less. --v-settling adds a table of where each IQL run's mean
 V stops moving (settling), the measure by which a budget long enough for V to converge is chosen. Runs on
 the local datasets that stand for the nine MuJoCo rows of the IQL paper's Table 1 also get those rows in
-the blog post's shape, beside the paper's and the blog post's numbers. The tables replace the text between
+the blog post's shape, beside the paper's and the blog post's numbers. --wall-time adds the hours each dataset's
+runs of each method took. The tables replace the text between
 `<!-- BLOCK:start -->` and `<!-- BLOCK:end -->` of --write (--block, default `tables`), so that runs
 of another kind can fill a block of their own.
 

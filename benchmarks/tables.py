@@ -723,7 +723,7 @@ def wall_time_table(runs: list) -> str:
         key = (run["summary"]["env_id"], run["args"]["total_steps"], name)
         hours[key] += run["summary"]["wall_time_s"] / 3600
         seeds[key] += run["args"].get("num_seeds", 1)
-    columns = [c for c in ("BC", "10% BC", "10% BC by episodes", "IQL") if any(k[2] == c for k in hours)]
+    columns = [c for c in COLUMNS if any(k[2] == c for k in hours)]
     rows = ["| dataset | gradient steps | " + " | ".join(columns) + " | all |", "|---" * (len(columns) + 3) + "|"]
     for dataset, steps in sorted({k[:2] for k in hours}):
         cells = [f"{hours[k]:.2f} ({seeds[k]})" if (k := (dataset, steps, c)) in hours else "–" for c in columns]

@@ -178,22 +178,25 @@ def code_line(commits: dict) -> str:
     return "Code: " + "; ".join(f"commit {c} ({', '.join(sorted(commits[c]))})" for c in sorted(commits)) + "."
 
 
-def published_table(runs: list, steps: int) -> Optional[str]:
-    """The nine locomotion rows of the IQL paper's Table 1 in the shape of the blog post's table: per dataset, BC, 10% BC
-    and IQL (the post-hoc actor beside it) of the local datasets' runs at one budget (mean +- std over seeds), then the
-    paper's and the blog post's numbers. None when no run at that budget is on one of the nine."""
+def published_table(runs: list, steps: int, records: dict) -> Optional[str]:
+    """The nine locomotion rows of the IQL paper's Table 1 in the shape of the blog post's table: per dataset, its
+    episodes' mean return on the score scale (records: benchmarks/datasets.py's), BC, 10% BC and IQL (the post-hoc actor
+    beside it) of the local datasets' runs at one budget (mean +- std over seeds), then the paper's and the blog post's
+    numbers. None when no run at that budget is on one of the nine."""
     scores, commits = final_scores(runs, steps)
     if not any(f"local/{name}-v0" == d for name in PUBLISHED for d, _ in scores):
         return None
     lines = [
-        "| dataset | BC | 10% BC | IQL (post-hoc) | paper: BC | 10% BC | IQL | blog: BC | 10% BC | IQL |",
-        "|---" * 10 + "|",
+        "| dataset | data | BC | 10% BC | IQL (post-hoc) | paper: BC | 10% BC | IQL | blog: BC | 10% BC | IQL |",
+        "|---" * 11 + "|",
     ]
     for name, published in PUBLISHED.items():
         dataset_id = f"local/{name}-v0"
-        ours = [mean_std(scores.get((dataset_id, c))) for c in ("BC", "10% BC", "IQL")]
+        record = records.get(dataset_id)
+        ours = [normalised_mean(record) if record else "–"]
+        ours += [mean_std(scores.get((dataset_id, c))) for c in ("BC", "10% BC", "IQL")]
         posthoc = scores.get((dataset_id, "IQL post-hoc"))
-        ours[2] += f" ({mean_std(posthoc)})" if posthoc else ""
+        ours[3] += f" ({mean_std(posthoc)})" if posthoc else ""
         numbers = " | ".join(f"{x:.1f}" for row in published for x in row)
         robot, dataset = name.split("/")
         lines.append(f"| {robot} `{dataset}` | {' | '.join(ours)} | {numbers} |")
@@ -202,6 +205,15 @@ def published_table(runs: list, steps: int) -> Optional[str]:
 
 def mean_std(values) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if values else "–"
+
+
+def normalised_mean(record: dict) -> str:
+    """A dataset's mean episode return on the score scale of its reference returns; "–" for a dataset without them."""
+    if record["ref_max_score"] is None:
+        return "–"
+    return (
+        f"{100 * (record['return_mean'] - record['ref_min_score']) / (record['ref_max_score'] - record['ref_min_score']):.1f}"
+    )
 
 
 def read_records(record_path: str) -> dict:
@@ -227,11 +239,6 @@ def datasets_table(records: dict, dataset_ids: set) -> str:
     for r in sorted(records.values(), key=lambda r: r["dataset_id"]):
         scored = r["ref_max_score"] is not None
         refs = f"{r['ref_min_score']:.1f}, {r['ref_max_score']:.1f}" if scored else "–"
-        normalised = (
-            f"{100 * (r['return_mean'] - r['ref_min_score']) / (r['ref_max_score'] - r['ref_min_score']):.1f}"
-            if scored
-            else "–"
-        )
         quartiles = ", ".join(number(q) for q in r["return_quartiles"])
         behaviour = r.get("behaviour")
         policies = (
@@ -245,7 +252,7 @@ def datasets_table(records: dict, dataset_ids: set) -> str:
         lines.append(
             f"| {r['dataset_id']} | {r['episodes']:,} | {r['steps']:,} "
             f"| {number(r['return_mean'])} ({quartiles}; {number(r['return_min'])}, {number(r['return_max'])}) "
-            f"| {normalised} | {refs} | {policies} | {r.get('sha256', '–')[:12]} |"
+            f"| {normalised_mean(r)} | {refs} | {policies} | {r.get('sha256', '–')[:12]} |"
         )
     return "\n".join(lines)
 
@@ -912,7 +919,7 @@ def main():
         )
     ]
     toy = toy_table(runs)
-    published = [(steps, table) for steps in budgets(runs) if (table := published_table(runs, steps))]
+    published = [(steps, table) for steps in budgets(runs) if (table := published_table(runs, steps, records))]
     block = "\n\n".join(
         [
             *(

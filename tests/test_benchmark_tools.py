@@ -756,24 +756,26 @@ def test_the_nine_published_rows_hold_each_local_datasets_runs_beside_the_papers
     fake_run(tmp_path, "iql__1", dataset, {"policies": iql_scores}, [])
     fake_run(tmp_path / "other", "bc__9", {"seed": 9}, {"data_selection": {"top_fraction": 1.0}}, [], "bc")  # not one of nine
     (tmp_path / "commit.txt").write_text("bbbbbbbbbbbbbbbb\n")
-    lines = tables.published_table(tables.load_runs([str(tmp_path)]), 15000).splitlines()
-    assert len(lines) == 2 + 9 + 2 and lines[0].startswith("| dataset | BC | 10% BC | IQL (post-hoc) | paper: BC |")
-    assert lines[2] == "| halfcheetah `medium` | – | – | – | 42.6 | 42.5 | 47.4 | 42.4 | 42.9 | 46.6 |"
-    assert (
-        lines[7]
-        == "| walker2d `medium-replay` | 41.5 ± 0.5 | – | 60.0 ± 0.0 (70.0 ± 0.0) | 26.0 | 62.5 | 73.9 | 11.8 | 47.6 | 62.6 |"
+    # the data column puts the dataset's mean return on the score scale: 100 * (500.6 - 0.4) / (4151.7 - 0.4) = 12.0
+    records = {dataset["env_id"]: {"return_mean": 500.6, "ref_min_score": 0.4, "ref_max_score": 4151.7}}
+    lines = tables.published_table(tables.load_runs([str(tmp_path)]), 15000, records).splitlines()
+    assert len(lines) == 2 + 9 + 2 and lines[0].startswith("| dataset | data | BC | 10% BC | IQL (post-hoc) | paper: BC |")
+    assert lines[2] == "| halfcheetah `medium` | – | – | – | – | 42.6 | 42.5 | 47.4 | 42.4 | 42.9 | 46.6 |"
+    assert lines[7] == (
+        "| walker2d `medium-replay` | 12.0 | 41.5 ± 0.5 | – | 60.0 ± 0.0 (70.0 ± 0.0) "
+        "| 26.0 | 62.5 | 73.9 | 11.8 | 47.6 | 62.6 |"
     )
     assert lines[-1] == "Code: commit bbbbbbbbbbbb."
     # rows made by two versions of the code: each commit names its datasets
     fake_run(tmp_path / "hopper", "iql__1", {"env_id": "local/hopper/medium-v0"}, {"policies": iql_scores}, [])
     (tmp_path / "hopper" / "commit.txt").write_text("aaaaaaaaaaaaaaaa\n")
-    lines = tables.published_table(tables.load_runs([str(tmp_path), str(tmp_path / "hopper")]), 15000).splitlines()
-    assert lines[3].startswith("| hopper `medium` | – | – | 60.0 ± 0.0 (70.0 ± 0.0) |")
+    lines = tables.published_table(tables.load_runs([str(tmp_path), str(tmp_path / "hopper")]), 15000, records).splitlines()
+    assert lines[3].startswith("| hopper `medium` | – | – | – | 60.0 ± 0.0 (70.0 ± 0.0) |")
     assert (
         lines[-1]
         == "Code: commit aaaaaaaaaaaa (local/hopper/medium-v0); commit bbbbbbbbbbbb (local/walker2d/medium-replay-v0)."
     )
-    assert tables.published_table(tables.load_runs([str(tmp_path / "other")]), 15000) is None
+    assert tables.published_table(tables.load_runs([str(tmp_path / "other")]), 15000, records) is None
     assert len(tables.load_runs([str(tmp_path / "other")])) == 1
 
 

@@ -29,6 +29,7 @@ metrics.jsonl or the logs), its AWR-weight statistics from its final networks, i
 episode returns. The tables are then made
 from the archive alone, so that results outlive the runs' folders, logs, checkpoints and datasets (DIR is committed,
 they are not). A run archived earlier keeps what it had; a dataset rebuilt with other contents is refused.
+--archived NAME ... makes the tables from those runs folders of DIR only, so that each block holds its own grids.
 """
 
 import argparse
@@ -884,6 +885,12 @@ def main():
         help="copy the finished runs into this folder with all their tables need, "
         "and make the tables from the folder (see above)",
     )
+    parser.add_argument(
+        "--archived",
+        nargs="+",
+        help="with --archive: make the tables from these of its runs folders only (default: all), "
+        "e.g. one block per group of grids",
+    )
     parser.add_argument("--datasets-record", default=datasets_record(), help="written by benchmarks/datasets.py")
     args = parser.parse_args()
     records, metrics = read_records(args.datasets_record), training_metrics(args.train_logs, args.runs_dir)
@@ -891,6 +898,11 @@ def main():
     if args.archive:
         archive_runs(args.runs_dir, args.archive, metrics, records, args.awr_weights)
         archived_dirs = sorted(glob.glob(os.path.join(args.archive, "*", "")))
+        if args.archived:
+            names = {os.path.basename(os.path.dirname(d)): d for d in archived_dirs}
+            if unknown := sorted(set(args.archived) - set(names)):
+                sys.exit(f"tables.py: {args.archive} has no runs folder {', '.join(unknown)} (it has {', '.join(names)})")
+            archived_dirs = [names[name] for name in sorted(args.archived)]
         runs, metrics = load_runs(archived_dirs), {}
         archived = json.load(open(os.path.join(args.archive, "datasets.json")))
         records = {d: a["record"] for d, a in archived.items() if a["record"]}

@@ -448,6 +448,12 @@ def test_tables_from_the_archive_alone_equal_those_from_the_runs(minari_store, t
     (tmp_path / "grid.log").write_text("")
     monkeypatch.setattr(tables, "dataset_arrays", lambda dataset: pytest.fail("read the dataset"))
     assert block("--archive", str(tmp_path / "archive")) == from_runs
+    # another grid's folder in the archive: --archived keeps each block to its own grids, and a misspelt name stops
+    shutil.copytree(tmp_path / "archive" / "grid", tmp_path / "archive" / "other")
+    assert block("--archive", str(tmp_path / "archive")) != from_runs
+    assert block("--archive", str(tmp_path / "archive"), "--archived", "grid") == from_runs
+    with pytest.raises(SystemExit, match="has no runs folder gird "):
+        block("--archive", str(tmp_path / "archive"), "--archived", "gird")
 
 
 def test_a_dataset_fingerprint_follows_its_contents(minari_store, tmp_path, monkeypatch):

@@ -893,6 +893,8 @@ def main():
     )
     parser.add_argument("--datasets-record", default=datasets_record(), help="written by benchmarks/datasets.py")
     args = parser.parse_args()
+    if args.archived and not args.archive:
+        parser.error("--archived names folders of --archive DIR; give --archive too")
     records, metrics = read_records(args.datasets_record), training_metrics(args.train_logs, args.runs_dir)
     trained_on = begun_datasets(args.runs_dir)
     if args.archive:

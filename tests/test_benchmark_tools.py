@@ -454,6 +454,8 @@ def test_tables_from_the_archive_alone_equal_those_from_the_runs(minari_store, t
     assert block("--archive", str(tmp_path / "archive"), "--archived", "grid") == from_runs
     with pytest.raises(SystemExit, match="has no runs folder gird "):
         block("--archive", str(tmp_path / "archive"), "--archived", "gird")
+    with pytest.raises(SystemExit):  # without --archive it would name nothing and be ignored
+        block("--archived", "grid")
 
 
 def test_a_dataset_fingerprint_follows_its_contents(minari_store, tmp_path, monkeypatch):
